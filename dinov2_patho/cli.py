@@ -1,0 +1,60 @@
+"""`dinov2-patho`: one command line, a subcommand per job.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`run(args) -> int`; the module is imported only when its subcommand runs, so
+`--help` stays instant and a broken optional dependency only breaks its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from dinov2_patho import __version__
+from dinov2_patho.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("dinov2_patho.demo", "make the synthetic cohort, index it, train cpu_smoke, evaluate"),
+    "cohort": ("dinov2_patho.data.synthetic", "generate a synthetic pyramidal-TIFF cohort"),
+    "index": ("dinov2_patho.data.index_cli", "build or inspect a tile index from clustering CSVs"),
+    "tiles": ("dinov2_patho.data.tilestore", "extract tiles into per-slide HDF5 stores"),
+    "sampler": ("dinov2_patho.samplers.cli", "dump a sampler's batches and telemetry"),
+    "train": ("dinov2_patho.train.cli", "DINOv2 pretraining (torchrun-aware)"),
+    "export": ("dinov2_patho.train.export", "export a teacher backbone to DINOv2 hub / timm format"),
+    "eval": ("dinov2_patho.eval.cli", "linear probe, kNN and logistic regression on benchmarks"),
+    "launch": ("dinov2_patho.run.cli", "submit train or eval jobs to SLURM with submitit"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinov2-patho",
+        description="DINOv2 pretraining for pathology on cluster-curated data.",
+    )
+    parser.add_argument("--version", action="version", version=f"dinov2_patho {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    args = build_parser(command).parse_args(argv)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except UserError as e:
+        print(f"dinov2-patho {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

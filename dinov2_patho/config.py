@@ -1,0 +1,102 @@
+"""Configs as in DINOv2: packaged YAML defaults <- a config file <- dot-list overrides.
+
+Every key of the file and the overrides must exist in the defaults; an unknown key is
+an error naming it and the closest valid key. Nodes listed in `open_keys` (say
+`sampler`, whose options depend on the sampler chosen) accept new keys: whoever
+consumes them validates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dinov2_patho.errors import UserError
+from dinov2_patho.registry import did_you_mean
+
+
+class ConfigError(UserError):
+    pass
+
+
+def packaged_config(relpath: str) -> Path:
+    """Path of a YAML shipped in `configs/` (installed as `dinov2_patho.configs`)."""
+    path = Path(str(resources.files("dinov2_patho.configs").joinpath(relpath)))
+    if not path.is_file():
+        raise ConfigError(f"no packaged config {relpath!r} (looked for {path})")
+    return path
+
+
+def read_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError, OSError) as e:  # yaml errors are ValueErrors
+        raise ConfigError(f"{path}: cannot parse: {e}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping, got a {type(cfg).__name__}")
+    return cfg
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {e}") from e
+
+
+def check_keys(cfg: DictConfig, reference: DictConfig, source: str, open_keys: Iterable[str] = (),
+               prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `cfg` that `reference` does not have."""
+    open_keys = set(open_keys)
+    for key in cfg:
+        path = f"{prefix}{key}"
+        if key not in reference:
+            raise ConfigError(f"{source}: unknown key {path!r}{did_you_mean(str(key), reference.keys())}")
+        if path in open_keys:
+            continue
+        sub, ref = cfg._get_node(key), reference._get_node(key)
+        if isinstance(sub, DictConfig) and isinstance(ref, DictConfig) and not ref._is_none():
+            check_keys(sub, ref, source, open_keys, prefix=f"{path}.")
+
+
+def load_config(defaults: str | Path, config_file: str | Path | None = None,
+                overrides: Sequence[str] = (), open_keys: Iterable[str] = ()) -> DictConfig:
+    """Merge `defaults` (a packaged relpath like 'train/default.yaml' or a path), a config
+    file and dot-list overrides, checking every key against the defaults."""
+    defaults_path = Path(defaults)
+    if not defaults_path.is_file():
+        defaults_path = packaged_config(str(defaults))
+    cfg = read_yaml(defaults_path)
+    open_keys = tuple(open_keys)
+    layers: list[tuple[str, DictConfig]] = []
+    if config_file is not None:
+        layers.append((str(config_file), read_yaml(config_file)))
+    if overrides:
+        layers.append(("command line", parse_overrides(overrides)))
+    for source, layer in layers:
+        check_keys(layer, cfg, source, open_keys)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {e}") from e
+    return cfg
+
+
+def to_container(cfg: DictConfig | ListConfig) -> dict | list:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    from dinov2_patho.io import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
