@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -37,7 +38,7 @@ def read_yaml(path: str | Path) -> DictConfig:
         raise ConfigError(f"config file {path} does not exist")
     try:
         cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError, OSError) as e:  # yaml errors are ValueErrors
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as e:
         raise ConfigError(f"{path}: cannot parse: {e}") from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping, got a {type(cfg).__name__}")

@@ -13,7 +13,9 @@ from dinov2_patho.registry import Registry
 @pytest.fixture
 def defaults(tmp_path):
     path = tmp_path / "defaults.yaml"
-    path.write_text("train:\n  batch_size_per_gpu: 4\n  lr: 0.1\nsampler:\n  name: uniform\nmodel:\n  arch: vit_small\n")
+    path.write_text(
+        "train:\n  batch_size_per_gpu: 4\n  lr: 0.1\nsampler:\n  name: uniform\nmodel:\n  arch: vit_small\n"
+    )
     return path
 
 
@@ -95,7 +97,7 @@ def test_every_command_module_exposes_the_protocol():
 
 def test_python_m_and_mapped_packages_import():
     out = subprocess.run(
-        [sys.executable, "-c", "import dinov2_patho.samplers, dinov2_patho.eval, dinov2_patho.configs; import timm"],
+        [sys.executable, "-c", "import dinov2_patho.samplers, dinov2_patho.eval, dinov2_patho.configs, timm"],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
