@@ -1,0 +1,283 @@
+"""A synthetic cohort of H&E-like whole-slide images for tests and the demo.
+
+`make_cohort(out_dir)` writes, deterministically for a seed and in a few seconds:
+
+- `slides/<slide_id>.tiff`: pyramidal tiled JPEG TIFFs laid out like Aperio SVS (level 0, a
+  stripped thumbnail, then 4x-downsampled levels) with an Aperio ImageDescription carrying
+  `MPP = 0.5` and `AppMag = 20`, so OpenSlide (aperio vendor) and tiffslide both read the mpp;
+- `masks/<slide_id>.png`: the tissue mask on the 224-px tile grid (one pixel per tile);
+- `clusters.csv`: `slide_id,tile_x,tile_y,level_1..level_4` for every tissue tile, the paper's format.
+  The tree nests: level_4 = tissue type, level_3 = type x texture variant, level_2 = level_3 x
+  staining site, level_1 = level_2 x slide quadrant;
+- `metadata.csv`: `slide_id,tissue,primary_diagnosis,tissue_diagnosis`;
+- `labels.csv`: `slide_id,tile_x,tile_y,tissue_type`, the ground truth per tissue tile.
+
+Four tissue types with distinct colour and texture statistics, so a small model can separate
+them: tumour (dense large nuclei), stroma (oriented eosin fibres, sparse spindle nuclei),
+adipose (white vacuoles with thin membranes) and mucus (pale blue wisps, few cells). Tissue
+regions follow the tile grid, so every tile has exactly one type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, ImageDraw, ImageFilter
+
+from dinov2_patho.errors import UserError
+from dinov2_patho.logging import get_logger
+
+log = get_logger(__name__)
+
+TISSUE_TYPES = ("tumor", "stroma", "adipose", "mucus")
+MPP = 0.5
+TILE = 224  # level-0 px of a 112 um tile at MPP
+_ATLAS = 768  # texture atlas side; tiles are random crops of it
+_ORGANS = ("colon", "breast")
+_STAINS = (np.array([1.0, 1.0, 1.0]), np.array([0.94, 0.97, 1.04]))  # two staining sites
+
+
+@dataclass(frozen=True)
+class Cohort:
+    root: Path
+    slides_dir: Path
+    masks_dir: Path
+    clusters_csv: Path
+    metadata_csv: Path
+    labels_csv: Path
+    slide_ids: tuple[str, ...]
+
+    @classmethod
+    def at(cls, root: str | Path, slide_ids: tuple[str, ...] = ()) -> Cohort:
+        root = Path(root)
+        return cls(root, root / "slides", root / "masks", root / "clusters.csv", root / "metadata.csv",
+                   root / "labels.csv", slide_ids)
+
+    def slide_path(self, slide_id: str) -> Path:
+        return self.slides_dir / f"{slide_id}.tiff"
+
+
+# --- textures ---------------------------------------------------------------------------------
+
+def _canvas(rgb: tuple[int, int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("RGB", (_ATLAS, _ATLAS), rgb)
+    return img, ImageDraw.Draw(img)
+
+
+def _nuclei(draw: ImageDraw.ImageDraw, rng: np.random.Generator, count: int, r_range: tuple[float, float],
+            elong: float = 1.0) -> None:
+    xs, ys = rng.uniform(0, _ATLAS, (2, count))
+    rs = rng.uniform(*r_range, count)
+    shades = rng.uniform(0.75, 1.15, count)
+    for x, y, r, s in zip(xs, ys, rs, shades):
+        rx, ry = r * elong, r / elong
+        colour = tuple(int(min(255, c * s)) for c in (70, 35, 115))
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=colour)
+
+
+def _tumor(rng: np.random.Generator, variant: int) -> Image.Image:
+    img, draw = _canvas((205, 140, 190))
+    count, radius = ((3200, (6.0, 9.0)), (6000, (3.5, 5.5)))[variant]
+    _nuclei(draw, rng, count, radius)
+    return img
+
+
+def _stroma(rng: np.random.Generator, variant: int) -> Image.Image:
+    img, draw = _canvas((242, 190, 210))
+    angle = np.deg2rad((25.0, 115.0)[variant])
+    n = 2500
+    xs, ys = rng.uniform(-40, _ATLAS + 40, (2, n))
+    th = angle + rng.normal(0, 0.15, n)
+    ln = rng.uniform(30, 90, n)
+    for x, y, t, length in zip(xs, ys, th, ln):
+        dx, dy = np.cos(t) * length / 2, np.sin(t) * length / 2
+        draw.line((x - dx, y - dy, x + dx, y + dy), fill=(215, 105, 155), width=2)
+    _nuclei(draw, rng, 250, (3.0, 4.0), elong=2.5)
+    return img
+
+
+def _adipose(rng: np.random.Generator, variant: int) -> Image.Image:
+    img, draw = _canvas((225, 150, 185))
+    count, radius = ((700, (18.0, 34.0)), (1600, (10.0, 20.0)))[variant]
+    xs, ys = rng.uniform(0, _ATLAS, (2, count))
+    for x, y, r in zip(xs, ys, rng.uniform(*radius, count)):
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(250, 246, 250), outline=(215, 135, 175), width=2)
+    _nuclei(draw, rng, 60, (2.5, 3.5), elong=2.0)
+    return img
+
+
+def _mucus(rng: np.random.Generator, variant: int) -> Image.Image:
+    # Wisps: low-frequency noise stretched along one axis, thresholded into bands.
+    low = rng.normal(size=(12, 48) if variant == 0 else (48, 12)).astype(np.float32)
+    field = np.asarray(Image.fromarray(low).resize((_ATLAS, _ATLAS), Image.BICUBIC))
+    band = np.clip(1.0 - np.abs(np.sin(field * 3.0)) * 1.3, 0, 1)[..., None]
+    base, wisp = np.array([212, 210, 232], np.float32), np.array([160, 150, 205], np.float32)
+    img = Image.fromarray((base + (wisp - base) * band).astype(np.uint8))
+    _nuclei(ImageDraw.Draw(img), rng, 80, (2.5, 4.0))
+    return img
+
+
+_RENDER = (_tumor, _stroma, _adipose, _mucus)
+
+
+def _finish(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """Soften edges and add grain, as a scanner's optics and sensor would."""
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.int16)
+    arr = arr + rng.integers(-6, 7, arr.shape[:2], dtype=np.int16)[..., None]
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _atlases(rng: np.random.Generator) -> np.ndarray:
+    """[type, variant, H, W, 3] texture atlases, plus the glass background as type len(TISSUE_TYPES)."""
+    out = np.empty((len(TISSUE_TYPES) + 1, 2, _ATLAS, _ATLAS, 3), np.uint8)
+    for t, render in enumerate(_RENDER):
+        for v in range(2):
+            out[t, v] = _finish(render(rng, v), rng)
+    glass = np.full((_ATLAS, _ATLAS, 3), (241, 240, 244), np.uint8)
+    out[-1] = _finish(Image.fromarray(glass), rng)
+    return out
+
+
+# --- slide layout ------------------------------------------------------------------------------
+
+def _layout(rng: np.random.Generator, grid_h: int, grid_w: int, types: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per grid cell: tissue mask, tissue type (Voronoi regions), texture variant (per region)."""
+    yy, xx = np.mgrid[0:grid_h, 0:grid_w].astype(np.float32)
+    cy, cx = (grid_h - 1) / 2, (grid_w - 1) / 2
+    ry, rx = grid_h * rng.uniform(0.36, 0.46), grid_w * rng.uniform(0.36, 0.46)
+    wobble = rng.normal(0, 0.12, (grid_h, grid_w))
+    mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 + wobble < 1.0
+    seeds = np.stack([rng.uniform(0, grid_h, len(types)), rng.uniform(0, grid_w, len(types))], 1)
+    dist = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
+    region = dist.argmin(-1)
+    variant = rng.integers(0, 2, len(types))
+    return mask, types[region], variant[region]
+
+
+def _aperio_description(width: int, height: int, tile: int) -> str:
+    return (f"Aperio Image Library v12.0.15 synthetic\r\n{width}x{height} [0,0 {width}x{height}] "
+            f"({tile}x{tile}) JPEG/RGB Q=90|AppMag = 20|MPP = {MPP}|Title = dinov2_patho synthetic")
+
+
+def _write_pyramid(path: Path, level0: np.ndarray, levels: int, tile: int) -> None:
+    height, width = level0.shape[:2]
+    opts = dict(photometric="rgb", compression="jpeg", compressionargs={"level": 90}, metadata=None)
+    pyramid = [Image.fromarray(level0)]
+    for _ in range(levels - 1):
+        pyramid.append(pyramid[-1].reduce(4))  # box filter; ceil(dim / 4) like Aperio's levels
+    thumb = pyramid[-1].copy()
+    thumb.thumbnail((256, 256))
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        tif.write(level0, tile=(tile, tile), description=_aperio_description(width, height, tile),
+                  subfiletype=0, **opts)
+        tif.write(np.asarray(thumb), rowsperstrip=16,
+                  description=f"Aperio thumbnail {thumb.width}x{thumb.height}", **opts)
+        for img in pyramid[1:]:
+            tif.write(np.asarray(img), tile=(tile, tile), subfiletype=0,
+                      description=f"Aperio level {width}x{height} -> {img.width}x{img.height}", **opts)
+
+
+def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid: tuple[int, int] = (10, 10),
+                margin: int = 60, levels: int = 3, tiff_tile: int = 256, overwrite: bool = False) -> Cohort:
+    """Write a cohort of `num_slides` slides of `grid` (rows, cols) 224-px tiles plus `margin` px.
+
+    The directory is built beside `out_dir` and renamed onto it, so it is either complete or absent.
+    """
+    out = Path(out_dir)
+    if num_slides < 1:
+        raise UserError(f"num_slides must be >= 1, got {num_slides}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    rng = np.random.default_rng(seed)
+    plain = _atlases(rng)
+    stained = [np.clip(plain * stain, 0, 255).astype(np.uint8) for stain in _STAINS]
+    for atlases in stained:
+        atlases[-1] = plain[-1]  # the stain varies by site, the glass does not
+    grid_h, grid_w = grid
+    height, width = grid_h * TILE + margin, grid_w * TILE + margin
+    slide_ids = tuple(f"SYN-{seed:03d}-{i:04d}" for i in range(num_slides))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cohort = Cohort.at(tmp, slide_ids)
+        cohort.slides_dir.mkdir()
+        cohort.masks_dir.mkdir()
+        clusters, labels, metadata = [], [], []
+        for i, slide_id in enumerate(slide_ids):
+            # Every type appears across the cohort: each slide holds 3 regions from a rotating palette.
+            types = np.array([(i + k) % len(TISSUE_TYPES) for k in range(3)] + [int(rng.integers(0, 4))])
+            mask, ttype, variant = _layout(rng, grid_h, grid_w, types)
+            site = i % len(_STAINS)
+            atlases = stained[site]
+            level0 = np.empty((height, width, 3), np.uint8)
+            level0[:] = atlases[-1, 0, :1, :1]  # glass
+            for gy in range(grid_h):
+                for gx in range(grid_w):
+                    t, v = (ttype[gy, gx], variant[gy, gx]) if mask[gy, gx] else (len(TISSUE_TYPES), 0)
+                    oy, ox = rng.integers(0, _ATLAS - TILE, 2)
+                    # Half turns only: a quarter turn would swap the orientation-coded texture variants.
+                    patch = np.rot90(atlases[t, v, oy:oy + TILE, ox:ox + TILE], 2 * int(rng.integers(0, 2)))
+                    level0[gy * TILE:(gy + 1) * TILE, gx * TILE:(gx + 1) * TILE] = patch
+            _write_pyramid(cohort.slide_path(slide_id), level0, levels, tiff_tile)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(cohort.masks_dir / f"{slide_id}.png")
+            for gy, gx in zip(*np.nonzero(mask)):
+                t, v = int(ttype[gy, gx]), int(variant[gy, gx])
+                quadrant = int(gy >= grid_h / 2) * 2 + int(gx >= grid_w / 2)
+                l3 = t * 2 + v
+                l2 = l3 * len(_STAINS) + site
+                l1 = l2 * 4 + quadrant
+                x, y = int(gx) * TILE, int(gy) * TILE
+                clusters.append((slide_id, x, y, l1, l2, l3, t))
+                labels.append((slide_id, x, y, TISSUE_TYPES[t]))
+            organ = _ORGANS[i % len(_ORGANS)]
+            diagnosis = "adenocarcinoma" if (mask & (ttype == 0)).any() else "normal"
+            metadata.append((slide_id, organ, diagnosis, f"{organ}_{diagnosis}"))
+        _write_csv(cohort.clusters_csv,
+                   ("slide_id", "tile_x", "tile_y", "level_1", "level_2", "level_3", "level_4"), clusters)
+        _write_csv(cohort.labels_csv, ("slide_id", "tile_x", "tile_y", "tissue_type"), labels)
+        _write_csv(cohort.metadata_csv,
+                   ("slide_id", "tissue", "primary_diagnosis", "tissue_diagnosis"), metadata)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log.info("synthetic cohort: %d slides, %d tissue tiles in %s", num_slides, len(clusters), out)
+    return Cohort.at(out, slide_ids)
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+# --- `dinov2-patho cohort` ---------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory (created; must be empty or absent)")
+    parser.add_argument("--num-slides", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=int, nargs=2, default=(10, 10), metavar=("ROWS", "COLS"),
+                        help="slide size in 224-px tiles")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    cohort = make_cohort(args.out, num_slides=args.num_slides, seed=args.seed, grid=tuple(args.grid),
+                         overwrite=args.overwrite)
+    print(f"wrote {len(cohort.slide_ids)} slides to {cohort.slides_dir}; tiles in {cohort.clusters_csv}")
+    return 0
