@@ -1,0 +1,86 @@
+"""`dinov2-patho sampler dump`: a sampler's first batches as an (N, B) int64 .npy, and telemetry.
+
+    dinov2-patho sampler dump --index DIR --batch-size 2048 --steps 100 --out b.npy \\
+        sampler.name=cluster_stratified sampler.level=4 sampler.seed=0
+    ... --save-state s.pt                        # the sampler state after those batches
+    ... --resume-from s.pt --start-step 100      # the next batches, from that state
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from dinov2_patho.config import parse_overrides, to_container
+from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_path
+
+from .base import SamplerError
+from .build import build_sampler
+from .telemetry import TelemetrySummary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dump = sub.add_parser("dump", help="write the first N global batches and print telemetry")
+    dump.add_argument("--index", required=True, help="tile index directory")
+    dump.add_argument("--batch-size", type=int, required=True, help="global batch size B")
+    dump.add_argument("--steps", type=int, required=True, help="number of batches N")
+    dump.add_argument("--out", required=True, help="output .npy, an (N, B) int64 array of global row ids")
+    dump.add_argument("--world-size", type=int, default=1, help="check B splits over this many ranks")
+    dump.add_argument("--resume-from", help="a sampler state saved by --save-state")
+    dump.add_argument("--start-step", type=int, help="first step to dump (must match --resume-from's state; "
+                      "without it, the batches before are drawn and discarded)")
+    dump.add_argument("--save-state", help="write the sampler state after the dumped batches here")
+    dump.add_argument("overrides", nargs="*", help="sampler options as a dot-list: sampler.name=uniform ...")
+
+
+def sampler_config(overrides: list[str]) -> dict:
+    cfg = to_container(parse_overrides(overrides)) if overrides else {}
+    extra = sorted(set(cfg) - {"sampler"})
+    if extra:
+        raise UserError(f"override {extra[0]!r}: only sampler.* options are accepted here")
+    section = cfg.get("sampler", {})
+    if not isinstance(section, dict):
+        raise UserError("sampler options must be given as sampler.KEY=VALUE")
+    return section
+
+
+def run(args: argparse.Namespace) -> int:
+    from dinov2_patho.data.index import TileIndex
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    index = TileIndex.open(args.index)
+    sampler = build_sampler(sampler_config(args.overrides), index, args.batch_size)
+    sampler.rank_slice(np.empty(args.batch_size), 0, args.world_size)  # B must split over the ranks
+    if args.resume_from:
+        try:
+            state = torch.load(args.resume_from, weights_only=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--resume-from {args.resume_from}: cannot read a sampler state: {e}") from e
+        sampler.load_state_dict(state)
+        if args.start_step is not None and args.start_step != sampler.step:
+            raise SamplerError(f"--start-step {args.start_step} but the state in {args.resume_from} "
+                               f"is at step {sampler.step}")
+    elif args.start_step:
+        for _ in range(args.start_step):
+            sampler.next_batch()
+    first = sampler.step
+    batches = np.empty((args.steps, args.batch_size), dtype=np.int64)
+    summary = TelemetrySummary(sampler)
+    for t in range(args.steps):
+        batches[t] = sampler.next_batch()
+        summary.update(batches[t])
+    with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
+        np.save(f, batches)
+    if args.save_state:
+        with atomic_path(args.save_state) as tmp:
+            torch.save(sampler.state_dict(), tmp)
+    report = {"sampler": sampler.name, "steps": f"{first}..{sampler.step - 1}", "batch_size": args.batch_size,
+              "world_size": args.world_size, **summary.summary()}
+    print(json.dumps(report, indent=1))
+    return 0

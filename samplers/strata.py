@@ -1,0 +1,123 @@
+"""Rows grouped by stratum (a CSR: `order` + `offsets`), built by a chunked counting sort.
+
+A stratum is a (slide group, cluster) pair: without a slide cap there is one slide
+group and the strata are the non-empty clusters. Rows whose label is negative (a slide
+missing from a metadata CSV) belong to no stratum and are never drawn. The build reads
+the labels (and slides) in chunks, so its memory is the `order` array (int32 below 2**31
+rows) plus one chunk; the result can be cached next to the index and memory-mapped back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinov2_patho.logging import get_logger
+
+log = get_logger(__name__)
+
+CHUNK = 1 << 22
+_FILES = ("order", "offsets", "cluster", "group_start")
+
+
+@dataclass(frozen=True)
+class Strata:
+    order: np.ndarray  # view positions, grouped by stratum
+    offsets: np.ndarray  # int64 [S + 1]: stratum s is order[offsets[s]:offsets[s + 1]]
+    cluster: np.ndarray  # int64 [S]: the cluster (label) of each stratum
+    group_start: np.ndarray  # int64 [G + 1]: strata of slide group g are group_start[g]:group_start[g + 1]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_start) - 1
+
+
+def build_strata(num_rows: int, num_labels: int, labels: Callable[[int, int], np.ndarray],
+                 groups: Callable[[int, int], np.ndarray] | None = None, num_groups: int = 1) -> Strata:
+    """Group view rows [0, num_rows) by (group, label).
+
+    `labels(a, b)` / `groups(a, b)` return the label / slide group of rows a..b-1; a
+    negative label drops the row.
+    """
+    bins = num_groups * num_labels
+    if bins >= 2**31 - 1:
+        raise ValueError(f"{num_groups} slide groups x {num_labels} clusters is too many strata")
+    drop = bins  # one extra bin collects dropped rows at the end of `order`
+
+    def keys(a: int, b: int) -> torch.Tensor:
+        lab = np.asarray(labels(a, b)).astype(np.int64)
+        key = lab if groups is None else np.asarray(groups(a, b)).astype(np.int64) * num_labels + lab
+        key[lab < 0] = drop
+        return torch.from_numpy(key.astype(np.int32))
+
+    counts = np.zeros(bins + 1, dtype=np.int64)
+    for a in range(0, num_rows, CHUNK):
+        counts += np.bincount(keys(a, min(a + CHUNK, num_rows)).numpy(), minlength=bins + 1)
+    cursor = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    order = np.empty(num_rows, dtype=np.int32 if num_rows < 2**31 else np.int64)
+    for a in range(0, num_rows, CHUNK):
+        b = min(a + CHUNK, num_rows)
+        # torch's stable int32 sort is a radix sort: ~3x numpy's on 4M keys
+        sorted_keys, idx = torch.sort(keys(a, b), stable=True)
+        sk = sorted_keys.numpy().astype(np.int64)
+        chunk_counts = np.bincount(sk, minlength=bins + 1)
+        first = np.concatenate(([0], np.cumsum(chunk_counts)[:-1]))
+        order[cursor[sk] + np.arange(b - a) - first[sk]] = idx.numpy() + a
+        cursor += chunk_counts
+    kept = np.flatnonzero(counts[:bins])
+    offsets = np.concatenate(([0], np.cumsum(counts[kept]))).astype(np.int64)
+    group_start = np.searchsorted(kept // num_labels, np.arange(num_groups + 1)).astype(np.int64)
+    return Strata(order=order, offsets=offsets, cluster=(kept % num_labels).astype(np.int64),
+                  group_start=group_start)
+
+
+def cache_key(**parts) -> str:
+    """A short digest of what determines the strata (arrays hashed by content)."""
+    h = hashlib.blake2b(digest_size=12)
+    for name in sorted(parts):
+        value = parts[name]
+        h.update(name.encode())
+        if isinstance(value, np.ndarray):
+            for a in range(0, len(value), CHUNK):
+                h.update(np.ascontiguousarray(value[a:a + CHUNK]).tobytes())
+        else:
+            h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def load_or_build(cache_dir: Path | None, key: str, build: Callable[[], Strata]) -> Strata:
+    """Memory-map cached strata from `cache_dir/key`, else build and cache them atomically."""
+    if cache_dir is None:
+        return build()
+    final = cache_dir / key
+    if final.is_dir():
+        try:
+            return Strata(**{f: np.load(final / f"{f}.npy", mmap_mode="r") for f in _FILES})
+        except (OSError, ValueError) as e:  # a damaged cache is rebuilt, never trusted
+            log.warning("sampler cache %s unreadable (%s): rebuilding", final, e)
+    strata = build()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+        for f in _FILES:
+            np.save(tmp / f"{f}.npy", getattr(strata, f))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process cached it first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.warning("cannot cache sampler strata in %s (%s): continuing uncached", cache_dir, e)
+    return strata

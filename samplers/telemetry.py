@@ -1,0 +1,78 @@
+"""Per-batch and summary statistics of a sampler's batches, for logs and `sampler dump`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def batch_stats(index, positions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Distinct clusters at each tree level and slides, and the min / max number of tiles
+    per stratification cluster, for one batch given as view positions."""
+    positions = np.sort(positions)  # sorted reads of memory-mapped columns
+    stats: dict[str, Any] = {}
+    for k in range(1, index.num_levels + 1):
+        stats[f"clusters_level_{k}"] = int(len(np.unique(index.level(k)[positions])))
+    stats["slides"] = int(len(np.unique(index.slides()[positions])))
+    _, counts = np.unique(np.asarray(labels[positions]), return_counts=True)
+    stats["clusters"] = int(len(counts))
+    stats["per_cluster_min"] = int(counts.min())
+    stats["per_cluster_max"] = int(counts.max())
+    return stats
+
+
+class TelemetrySummary:
+    """Accumulates a sampler's batches and summarises coverage and balance over them
+    (cluster coverage and balance at the sampler's stratification level; the coarsest
+    tree level for `uniform`)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.index, self.labels = sampler, sampler.index, sampler.labels
+        self.eligible = sampler.eligible
+        self.counts = np.zeros(sampler.num_labels, dtype=np.int64)
+        self.nonempty = int(np.count_nonzero(_label_sizes(self.labels, sampler.num_labels)))
+        self.seen: list[np.ndarray] = []
+        self.per_batch: list[dict[str, Any]] = []
+
+    def update(self, batch: np.ndarray) -> dict[str, Any]:
+        """Add one global batch (row ids); returns its per-batch statistics."""
+        positions = self.sampler.rows.to_positions(batch)
+        stats = batch_stats(self.index, positions, self.labels)
+        lab = np.asarray(self.labels[np.sort(positions)]).astype(np.int64)
+        uniq, cnt = np.unique(lab, return_counts=True)
+        self.counts[uniq] += cnt
+        self.seen.append(positions)
+        self.per_batch.append(stats)
+        return stats
+
+    def summary(self) -> dict[str, Any]:
+        if not self.per_batch:
+            return {"batches": 0}
+        tiles = np.unique(np.concatenate(self.seen))
+        p = self.counts[self.counts > 0] / self.counts.sum()
+        entropy = float(-(p * np.log(p)).sum())
+        out: dict[str, Any] = {
+            "batches": len(self.per_batch),
+            "samples": int(self.counts.sum()),
+            "cluster_coverage": int(np.count_nonzero(self.counts)) / max(self.nonempty, 1),
+            "tile_coverage": len(tiles) / max(self.eligible, 1),
+            "distinct_tiles": int(len(tiles)),
+            "distinct_slides": int(len(np.unique(self.index.slides()[tiles]))),
+            # 1.0 = every non-empty cluster drawn equally often
+            "balance_entropy": entropy / np.log(self.nonempty) if self.nonempty > 1 else 1.0,
+        }
+        for key in self.per_batch[0]:
+            values = np.array([s[key] for s in self.per_batch])
+            out[f"{key}_mean"] = float(values.mean())
+            out[f"{key}_min"] = int(values.min())
+            out[f"{key}_max"] = int(values.max())
+        return out
+
+
+def _label_sizes(labels: np.ndarray, num_labels: int, chunk: int = 1 << 22) -> np.ndarray:
+    sizes = np.zeros(num_labels, dtype=np.int64)
+    for a in range(0, len(labels), chunk):
+        lab = np.asarray(labels[a:a + chunk]).astype(np.int64)
+        sizes += np.bincount(lab[lab >= 0], minlength=num_labels)
+    return sizes

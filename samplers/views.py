@@ -1,0 +1,45 @@
+"""Between a TileIndex view's row positions (what strata store) and global row ids (what samplers yield)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import SamplerError
+
+CACHE_DIRNAME = ".sampler_cache"
+
+
+class RowMap:
+    def __init__(self, index):
+        rows = index.row_ids()
+        n = len(index)
+        # sorted unique ids from 0 to n-1 are the identity: keep no copy of them
+        self.rows = None if n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1) else rows
+        self.num_rows = n
+
+    def to_global(self, positions: np.ndarray) -> np.ndarray:
+        if self.rows is None:
+            return positions.astype(np.int64)
+        return np.asarray(self.rows[positions], dtype=np.int64)
+
+    def to_positions(self, row_ids: np.ndarray) -> np.ndarray:
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        if self.rows is None:
+            bad = (row_ids < 0) | (row_ids >= self.num_rows)
+            pos = row_ids
+        else:
+            pos = np.minimum(np.searchsorted(self.rows, row_ids), max(self.num_rows - 1, 0))
+            bad = np.asarray(self.rows[pos]) != row_ids
+        if bad.any():
+            raise SamplerError(f"row id {int(row_ids[np.argmax(bad)])} is not in this index view")
+        return pos
+
+
+def cache_dir(index, enabled: bool) -> Path | None:
+    """`<index dir>/.sampler_cache` for an on-disk index, else None (no caching)."""
+    path = getattr(index, "path", None)
+    if not enabled or path is None or not Path(path).is_dir():
+        return None
+    return Path(path) / CACHE_DIRNAME
