@@ -1,0 +1,60 @@
+"""The training config: packaged defaults <- config file <- overrides, then checked
+before any process group, model or DataLoader worker starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from dinov2_patho.config import ConfigError, load_config
+from dinov2_patho.errors import UserError
+
+DEFAULTS = "train/default.yaml"
+# options of the chosen sampler and of the augmentation are validated by their owners
+OPEN_KEYS = ("sampler", "augmentation")
+
+
+def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    return load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS)
+
+
+def global_batch_size(cfg: DictConfig, world_size: int) -> int:
+    return int(cfg.train.batch_size_per_gpu) * world_size
+
+
+def _at_least(cfg: DictConfig, key: str, minimum: int) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
+
+
+def _one_of(cfg: DictConfig, key: str, choices: Sequence[str]) -> None:
+    section, name = key.split(".")
+    if cfg[section][name] not in choices:
+        raise ConfigError(f"{key}={cfg[section][name]!r}: must be one of {', '.join(choices)}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Values and paths: a bad key names itself, a missing path names the path."""
+    minimums = {"train.iterations": 1, "train.batch_size_per_gpu": 1, "train.num_workers": 0,
+                "train.prefetch_factor": 1, "train.log_every": 1, "train.pseudo_epoch_length": 1,
+                "train.seed": 0, "checkpoint.every_n_iterations": 0, "checkpoint.keep_last": 1,
+                "evaluation.every_n_iterations": 0}
+    for key, minimum in minimums.items():
+        _at_least(cfg, key, minimum)
+    _one_of(cfg, "train.device", ("auto", "cuda", "cpu"))
+    _one_of(cfg, "train.distributed", ("ddp",))
+    _one_of(cfg, "data.on_error", ("raise", "skip"))
+    if cfg.data.index is None:
+        raise ConfigError("data.index is required: the TileIndex directory (`dinov2-patho index build`)")
+    for key in ("index", "slides", "tile_store"):
+        value = cfg.data[key]
+        if value is not None and not Path(value).exists():
+            raise UserError(f"data.{key}: {value} does not exist")
+    eval_file = cfg.evaluation.config_file
+    if cfg.evaluation.benchmarks and eval_file is not None and not Path(eval_file).is_file():
+        raise UserError(f"evaluation.config_file: {cfg.evaluation.config_file} does not exist")

@@ -1,0 +1,340 @@
+"""DINOv2 pretraining: one optimizer step per iteration, resumable exactly.
+
+`run_training(cfg, output_dir)` is the whole job (the CLI and the SLURM job call it). It
+joins torch.distributed from env:// when WORLD_SIZE > 1, resumes from
+`output_dir/checkpoints/latest` when there is one, and stops early, after a checkpoint,
+when `request_stop()` was called (a signal handler's job: SIGTERM / SIGUSR2 preemption).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import threading
+import time
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dinov2_patho.config import save_config
+from dinov2_patho.errors import UserError
+from dinov2_patho.logging import get_logger, setup_logging
+from dinov2_patho.train import checkpoint as ckpt
+from dinov2_patho.train.backbone import build_student_backbone, has_custom_size
+from dinov2_patho.train.config import global_batch_size, validate_config
+from dinov2_patho.train.data import (
+    SeededAugmentDataset,
+    StepBatchSampler,
+    build_collate,
+    build_loader,
+    derived_seed,
+)
+from dinov2_patho.train.dist import DistContext, distributed_context
+from dinov2_patho.train.metrics import MetricsWriter
+from dinov2_patho.train.optim import apply_schedule, build_optimizer
+from dinov2_patho.train.schedules import Schedules
+
+log = get_logger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_STOP = threading.Event()
+_RNG_STREAM = 2  # derived_seed stream of the per-rank model RNG (drop path, ...)
+_DDP_PREFIX = re.compile(r"^(student\.[^.]+\.)module\.")
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite: the run stops before the bad step is applied."""
+
+
+def request_stop() -> None:
+    """Ask a running `run_training` to write a checkpoint and return at the next iteration
+    boundary. Safe from a signal handler; any rank's request stops every rank."""
+    _STOP.set()
+
+
+def install_stop_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR2)) -> None:
+    """Make `signals` call `request_stop()` (main thread only)."""
+    for sig in signals:
+        signal.signal(sig, lambda *_: request_stop())
+
+
+def run_training(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Train per `cfg` into `output_dir`. Returns a summary: "iteration" (completed
+    iterations), "losses" (the last iteration's, averaged over ranks), "checkpoint" (the
+    latest checkpoint's path), "stopped" (True when stopped early by `request_stop`)."""
+    output_dir = Path(output_dir)
+    validate_config(cfg)
+    with distributed_context(str(cfg.train.device)) as ctx:
+        setup_logging(output_dir, rank=ctx.rank)
+        trainer = Trainer(cfg, output_dir, ctx)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
+
+
+def _batch_digest(batch: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(batch, dtype=np.int64).tobytes())
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, output_dir: Path, ctx: DistContext):
+        self.cfg, self.output_dir, self.ctx = cfg, output_dir, ctx
+        self.ckpt_root = output_dir / CHECKPOINTS
+        self.total = int(cfg.train.iterations)
+        self.global_batch = global_batch_size(cfg, ctx.world_size)
+        self.seed = int(cfg.train.seed)
+        self.last_checkpoint: Path | None = None
+        self._loader_iter = None
+        self.metrics: MetricsWriter | None = None
+
+        torch.manual_seed(self.seed)  # the same initial weights on every rank
+        self.model, self.optimizer, self.scaler = self._build_model()
+        self.schedules = Schedules(cfg, self.global_batch)
+        self.index, self.sampler = self._build_sampler()
+        self.start = self._resume()
+        if self.start == 0:
+            self._seed_rank_rng()
+        self._wrap_ddp()
+        if ctx.is_main:
+            save_config(cfg, output_dir / "config.yaml")
+        self.batch_sampler = StepBatchSampler(self.sampler, ctx.rank, ctx.world_size, self.start)
+        self.loader = self._build_loader()
+
+    # ------------------------------------------------------------------ construction
+
+    def _build_model(self) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        from dinov2_patho.models import load_pretrained
+        from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
+
+        backbone = None
+        if has_custom_size(self.cfg):
+            backbone = build_student_backbone(self.cfg)
+            if self.cfg.student.pretrained_weights:
+                load_pretrained(backbone, self.cfg.student.pretrained_weights)
+        model = SSLMetaArch(self.cfg, backbone=backbone).to(self.ctx.device)
+        optimizer = build_optimizer(model.get_params_groups(), self.cfg)
+        return model, optimizer, model.grad_scaler
+
+    def _wrap_ddp(self) -> None:
+        """Data parallel: each student module in DDP (SSLMetaArch calls each exactly once per
+        step, through its wrapper); DDP's construction broadcasts rank 0's weights. The teacher
+        follows by EMA of identical students, so it stays identical without communication."""
+        if not self.ctx.distributed:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        for name in list(self.model.student.keys()):
+            self.model.student[name] = DistributedDataParallel(self.model.student[name], device_ids=ids)
+        for tensor in self.model.teacher.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state without DDP's `module.` level, as `load_state_dict` before wrapping wants."""
+        return {_DDP_PREFIX.sub(r"\1", k): v for k, v in self.model.state_dict().items()}
+
+    def _build_sampler(self):
+        from dinov2_patho.data.index import TileIndex
+        from dinov2_patho.samplers import build_sampler
+
+        index = TileIndex.open(self.cfg.data.index)
+        sampler = build_sampler(self.cfg.sampler, index, self.global_batch)
+        return index, sampler
+
+    def _build_loader(self) -> torch.utils.data.DataLoader:
+        from dinov2_patho.data.augment import MultiCropAugmentation
+        from dinov2_patho.data.dataset import TileDataset
+        from dinov2_patho.data.readers import build_tile_source
+
+        cfg = self.cfg
+        tiles = TileDataset(self.index, build_tile_source(cfg.data), transform=None,
+                            on_error=str(cfg.data.on_error))
+        dataset = SeededAugmentDataset(tiles, MultiCropAugmentation.from_config(cfg), self.seed)
+        return build_loader(dataset, self.batch_sampler, build_collate(cfg, self.seed), cfg,
+                            pin_memory=self.ctx.device.type == "cuda")
+
+    def _seed_rank_rng(self) -> None:
+        import random
+
+        seed = derived_seed(self.seed, _RNG_STREAM, self.ctx.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _resume(self) -> int:
+        if not bool(self.cfg.train.resume):
+            return 0
+        path = ckpt.find_latest(self.ckpt_root)
+        if path is None:
+            return 0
+        shared, rank_state = ckpt.load_checkpoint(path, self.ctx.rank)
+        self.model.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.scaler is not None and shared.get("grad_scaler") is not None:
+            self.scaler.load_state_dict(shared["grad_scaler"])
+        self.sampler.load_state_dict(shared["sampler"])
+        iteration = int(shared["iteration"])
+        if rank_state is not None:
+            ckpt.restore_rng_state(rank_state["rng"])
+        else:
+            log.warning("%s has no RNG state for rank %d (saved by %d ranks): reseeding it",
+                        path, self.ctx.rank, shared.get("world_size"))
+            self._seed_rank_rng()
+        self.last_checkpoint = path
+        log.info("resumed from %s at iteration %d", path, iteration)
+        return iteration
+
+    def save(self, iteration: int) -> Path:
+        """Checkpoint after `iteration` completed iterations (collective)."""
+        shared = None
+        if self.ctx.is_main:
+            shared = {
+                "iteration": iteration,
+                "model": self._state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "sampler": self.sampler.state_dict(step=iteration),
+                "world_size": self.ctx.world_size,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            }
+        path = ckpt.save_checkpoint(self.ckpt_root, iteration, shared, {"rng": ckpt.capture_rng_state()},
+                                    self.ctx, keep_last=int(self.cfg.checkpoint.keep_last))
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        every_ckpt = int(cfg.checkpoint.every_n_iterations)
+        every_eval = int(cfg.evaluation.every_n_iterations)
+        self.metrics = MetricsWriter(self.output_dir, start_iteration=self.start, total_iterations=self.total,
+                                     log_every=int(cfg.train.log_every), enabled=ctx.is_main)
+        log.info("training iterations %d..%d, global batch %d over %d rank(s)", self.start, self.total,
+                 self.global_batch, ctx.world_size)
+        self.model.train()
+        self._loader_iter = iter(self.loader)
+        losses: dict[str, float] = {}
+        stopped = False
+        iteration = self.start
+        while iteration < self.total:
+            # data
+            t0 = time.perf_counter()
+            batch = next(self._loader_iter)
+            t_data = time.perf_counter() - t0
+            global_batch = self._check_batch(batch, iteration)
+
+            # step
+            values = self.schedules.at(iteration)
+            apply_schedule(self.optimizer, values)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_dict = self.model.forward_backward(batch, teacher_temp=values.teacher_temp)
+            losses, stop = self._reduce(loss_dict)
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {iteration} ({_fmt(losses)}); last good checkpoint: "
+                    f"{self.last_checkpoint or 'none'}")
+            grad_norm = self._optimizer_step()
+
+            # EMA
+            self.model.update_teacher(values.momentum)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            t_iter = time.perf_counter() - t0
+
+            # logging
+            record = {"iteration": iteration,
+                      "pseudo_epoch": iteration * self.global_batch // int(cfg.train.pseudo_epoch_length),
+                      **losses, **values.as_dict(), "grad_norm": grad_norm,
+                      "data_time": t_data, "step_time": t_iter - t_data, "iter_time": t_iter,
+                      "samples_per_s": self.global_batch / t_iter,
+                      "batch_digest": _batch_digest(global_batch)}
+            if ctx.is_main:
+                record.update({f"sampler/{k}": v for k, v in self.sampler.telemetry(global_batch).items()
+                               if isinstance(v, (int, float))})
+            self.metrics.write(record)
+            iteration += 1
+
+            # checkpoint, evaluation
+            stopped = stop
+            if stopped or iteration == self.total or (every_ckpt > 0 and iteration % every_ckpt == 0):
+                self.save(iteration)
+            if every_eval > 0 and iteration % every_eval == 0 and cfg.evaluation.benchmarks:
+                self.evaluate(iteration)
+            if stopped:
+                log.warning("stop requested: checkpoint %s written, leaving at iteration %d",
+                            self.last_checkpoint, iteration)
+                break
+        if stopped:
+            _STOP.clear()  # honoured; a later run in this process starts afresh
+        return {"iteration": iteration, "losses": losses,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None, "stopped": stopped,
+                "output_dir": str(self.output_dir)}
+
+    def _check_batch(self, batch: dict[str, Any], iteration: int) -> np.ndarray:
+        """The global batch of `iteration`, after checking that the loader delivered it."""
+        if batch["step"] != iteration:
+            raise RuntimeError(f"data loader delivered step {batch['step']} at iteration {iteration}")
+        global_batch = self.batch_sampler.pop_global_batch(iteration)
+        expected = self.sampler.rank_slice(global_batch, self.ctx.rank, self.ctx.world_size)
+        if not np.array_equal(batch["row_ids"].numpy(), expected):
+            raise RuntimeError(f"iteration {iteration}: batch rows differ from the sampler's slice")
+        return global_batch
+
+    def _reduce(self, loss_dict: dict[str, float]) -> tuple[dict[str, float], bool]:
+        """Losses averaged over ranks, and whether any rank was asked to stop: one all-reduce."""
+        names = sorted(loss_dict)
+        values = torch.tensor([float(loss_dict[k]) for k in names] + [float(_STOP.is_set())],
+                              dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(values)
+            values /= self.ctx.world_size
+        out = values.tolist()
+        return dict(zip(names, out[:-1])), out[-1] > 0
+
+    def _optimizer_step(self) -> float:
+        """Clip per student module (as DINOv2), step; the total gradient norm before clipping."""
+        student = self.model.student
+        clip = float(self.cfg.optim.clip_grad)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), clip if clip > 0 else math.inf)
+                 for m in student.values()]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return float(torch.linalg.vector_norm(torch.stack(norms)).item())
+
+    def evaluate(self, iteration: int) -> None:
+        """The configured benchmarks on the teacher backbone (rank 0; others wait)."""
+        from dinov2_patho.eval import run_benchmarks
+        from dinov2_patho.train.dist import barrier
+
+        if self.ctx.is_main:
+            cfg = self.cfg.evaluation
+            eval_cfg = OmegaConf.load(cfg.config_file) if cfg.config_file else None
+            out = self.output_dir / "eval" / ckpt.checkpoint_name(iteration)
+            run_benchmarks(self.model.teacher["backbone"], list(cfg.benchmarks), eval_cfg, out)
+            self.model.train()
+        barrier(self.ctx)
+
+    def close(self) -> None:
+        self._loader_iter = None  # shuts the workers down
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _fmt(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
