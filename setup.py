@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `samplers/`, `eval/` and `configs/` live at the top level of the repository but
 # install under `dinov2_patho.` so there is never a top-level package named `eval`.
@@ -8,17 +8,16 @@ PACKAGE_DIR = {
     "dinov2_patho.eval": "eval",
     "dinov2_patho.configs": "configs",
 }
-PACKAGES = [
-    "dinov2_patho",
-    "dinov2_patho.data",
-    "dinov2_patho.layers",
-    "dinov2_patho.models",
-    "dinov2_patho.loss",
-    "dinov2_patho.train",
-    "dinov2_patho.run",
-    "dinov2_patho.samplers",
-    "dinov2_patho.eval",
-    "dinov2_patho.configs",
+
+
+def mapped_packages(package: str, directory: str) -> list[str]:
+    """`package` and its subpackages, found under `directory`."""
+    return [package] + [f"{package}.{sub}" for sub in find_packages(directory)]
+
+
+PACKAGES = find_packages(include=["dinov2_patho", "dinov2_patho.*"]) + [
+    name for package, directory in PACKAGE_DIR.items() if package != "dinov2_patho"
+    for name in mapped_packages(package, directory)
 ]
 
 setup(
@@ -44,6 +43,7 @@ setup(
         "h5py>=3.10",
         "scikit-learn>=1.4",
         "psutil",
+        "matplotlib",  # eval's results plot
     ],
     extras_require={
         "wsi": ["openslide-python>=1.3", "openslide-bin>=4.0", "tiffslide>=2.4", "tifffile", "imagecodecs"],
