@@ -1,0 +1,292 @@
+"""TileIndex: the clustering CSV, ingested once, read as memory maps; views select rows without copying.
+
+On disk (a directory; `manifest.json` is written last, so its presence marks a complete index):
+- `xy.npy`: per-row coordinates, uint8 [N, 6] (x, y as little-endian 24-bit, when every coordinate is
+  below 2^24 px, always so for a WSI) or int32 [N, 2];
+- `level_k.npy`: per-row dense cluster id, narrowest unsigned dtype; `level_k.sizes.npy` rows per
+  cluster; `level_k.values.npy` the original CSV values by dense id (absent when they are 0..K-1);
+- `slide_offsets.npy` (int64 [S+1], when the CSV lists each slide's rows contiguously) or `slide.npy`
+  (per-row slide index, otherwise); `slides.json` slide index -> slide_id.
+Row i is data row i of the CSV (after `--dedupe`, of the kept rows, in order).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from dinov2_patho.data.index_ingest import FORMAT_VERSION, MANIFEST, SLIDES, build
+from dinov2_patho.data.index_source import read_text_table
+from dinov2_patho.errors import UserError
+
+
+def build_index(
+    csv: str | Path, out: str | Path, *, dedupe: bool = False, progress: bool = True
+) -> TileIndex:
+    """Ingest a `slide_id,tile_x,tile_y,level_1..level_k` CSV (or parquet) into an index at `out`."""
+    build(Path(csv), Path(out), dedupe=dedupe, progress=progress)
+    return TileIndex.open(out)
+
+
+def decode_xy(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 x, y from stored coordinates (24-bit packed or int32 pairs)."""
+    if xy.dtype == np.int32:
+        return np.array(xy[:, 0]), np.array(xy[:, 1])
+    out = []
+    for lo in (0, 3):
+        b = xy[:, lo : lo + 3].astype(np.int32)
+        out.append(b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16))
+    return out[0], out[1]
+
+
+class _Store:
+    """The memory-mapped arrays of one index directory, shared by all its views."""
+
+    def __init__(self, path: Path):
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(
+                f"{path}: not a tile index (no {MANIFEST}); build one with `dinov2-patho index build`"
+            )
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"{path}: index format {self.manifest.get('format_version')}, this code reads "
+                f"{FORMAT_VERSION}; rebuild it"
+            )
+        self.num_rows: int = self.manifest["num_rows"]
+        self.level_names = tuple(self.manifest["level_names"])
+        self.slide_names: list[str] = json.loads((path / SLIDES).read_text())
+        self.xy = np.load(path / "xy.npy", mmap_mode="r")
+        self.levels = [
+            np.load(path / f"level_{k}.npy", mmap_mode="r") for k in range(1, len(self.level_names) + 1)
+        ]
+        self.sizes = [
+            np.load(path / f"level_{k}.sizes.npy").astype(np.int64) for k in range(1, len(self.levels) + 1)
+        ]
+        self.values = []
+        for k, meta in enumerate(self.manifest["levels"], 1):
+            stored = meta["values_stored"]
+            self.values.append(
+                np.load(path / f"level_{k}.values.npy").astype(np.int64)
+                if stored
+                else np.arange(meta["num_clusters"], dtype=np.int64)
+            )
+        self.grouped: bool = self.manifest["grouped_by_slide"]
+        if self.grouped:
+            self.offsets = np.load(path / "slide_offsets.npy")
+        else:
+            self.slide = np.load(path / "slide.npy", mmap_mode="r")
+
+
+class TileIndex:
+    """A full on-disk index, or a view (a sorted subset of its global row ids)."""
+
+    def __init__(self, path: Path, store: _Store, rows: np.ndarray | None = None):
+        self.path = path
+        self._store = store
+        self._rows = rows  # None: every row
+        self._sizes: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> TileIndex:
+        path = Path(path)
+        return cls(path, _Store(path))
+
+    # --- shape --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._store.num_rows if self._rows is None else int(self._rows.size)
+
+    def __repr__(self) -> str:
+        kind = "index" if self._rows is None else "view"
+        return f"TileIndex({str(self.path)!r}, {kind}, rows={len(self)}, levels={self.num_levels})"
+
+    @property
+    def is_view(self) -> bool:
+        return self._rows is not None
+
+    @property
+    def num_levels(self) -> int:
+        return len(self._store.level_names)
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return self._store.level_names
+
+    @property
+    def slide_names(self) -> list[str]:
+        return self._store.slide_names
+
+    @property
+    def grouped_by_slide(self) -> bool:
+        return self._store.grouped
+
+    @property
+    def manifest(self) -> dict:
+        return self._store.manifest
+
+    # --- per-row data ---------------------------------------------------------------------------
+    def row_ids(self) -> np.ndarray:
+        return np.arange(self._store.num_rows, dtype=np.int64) if self._rows is None else self._rows
+
+    def _k(self, k: int) -> int:
+        if not 1 <= k <= self.num_levels:
+            raise ValueError(f"level {k} out of range: this index has levels 1..{self.num_levels}")
+        return k - 1
+
+    def level(self, k: int) -> np.ndarray:
+        col = self._store.levels[self._k(k)]
+        return col if self._rows is None else col[self._rows]
+
+    def num_clusters(self, k: int) -> int:
+        return int(self._store.values[self._k(k)].size)
+
+    def cluster_sizes(self, k: int) -> np.ndarray:
+        i = self._k(k)
+        if self._rows is None:
+            return self._store.sizes[i]
+        if i not in self._sizes:
+            self._sizes[i] = np.bincount(self.level(k), minlength=self.num_clusters(k)).astype(np.int64)
+        return self._sizes[i]
+
+    def cluster_values(self, k: int) -> np.ndarray:
+        return self._store.values[self._k(k)]
+
+    def _slides_of(self, rows: np.ndarray | None) -> np.ndarray:
+        st = self._store
+        if not st.grouped:
+            return np.asarray(st.slide if rows is None else st.slide[rows], dtype=np.int32)
+        if rows is None:
+            return np.repeat(np.arange(len(st.slide_names), dtype=np.int32), np.diff(st.offsets))
+        return (np.searchsorted(st.offsets, rows, side="right") - 1).astype(np.int32)
+
+    def slides(self) -> np.ndarray:
+        return self._slides_of(self._rows)
+
+    def coords(self) -> tuple[np.ndarray, np.ndarray]:
+        xy = self._store.xy
+        return decode_xy(xy if self._rows is None else xy[self._rows])
+
+    def tile(self, row_id: int) -> tuple[str, int, int]:
+        if not 0 <= row_id < self._store.num_rows:
+            raise IndexError(f"row id {row_id} out of range [0, {self._store.num_rows})")
+        x, y = decode_xy(self._store.xy[row_id : row_id + 1])
+        slide = int(self._slides_of(np.array([row_id]))[0])
+        return self._store.slide_names[slide], int(x[0]), int(y[0])
+
+    # --- views ------------------------------------------------------------------------------------
+    def select(self, rows: np.ndarray) -> TileIndex:
+        """A view of these global row ids (sorted, unique, all in this index or view)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"row ids must be 1-D, got shape {rows.shape}")
+        if rows.size:
+            if (np.diff(rows) <= 0).any():
+                raise ValueError("row ids must be sorted and unique")
+            if rows[0] < 0 or rows[-1] >= self._store.num_rows:
+                raise ValueError(f"row ids must lie in [0, {self._store.num_rows})")
+            if self._rows is not None:
+                pos = np.minimum(np.searchsorted(self._rows, rows), self._rows.size - 1)
+                if self._rows.size == 0 or (self._rows[pos] != rows).any():
+                    raise ValueError("row ids must belong to this view")
+        return TileIndex(self.path, self._store, rows)
+
+    def _slide_index(self, slide_ids: Iterable[str]) -> np.ndarray:
+        lookup = {name: i for i, name in enumerate(self._store.slide_names)}
+        out = []
+        for sid in slide_ids:
+            if sid not in lookup:
+                raise UserError(f"{self.path}: unknown slide_id {sid!r} (not in this index)")
+            out.append(lookup[sid])
+        return np.unique(np.asarray(out, dtype=np.int64))
+
+    def _rows_of_slides(self, slides: np.ndarray) -> np.ndarray:
+        st = self._store
+        if st.grouped:
+            starts, ends = st.offsets[slides], st.offsets[slides + 1]
+            lengths = ends - starts
+            # concatenated aranges, in slide order (ascending rows: slide ranges are in slide order)
+            rows = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+        else:
+            rows = np.flatnonzero(np.isin(st.slide, slides))
+        rows = rows.astype(np.int64)
+        return rows if self._rows is None else np.intersect1d(self._rows, rows, assume_unique=True)
+
+    def select_slides(self, slide_ids: Iterable[str]) -> TileIndex:
+        return TileIndex(self.path, self._store, self._rows_of_slides(self._slide_index(slide_ids)))
+
+    def slide_metadata(self, csv: str | Path, column: str) -> tuple[np.ndarray, list[str]]:
+        """Per-slide int32 code of `column` (-1: slide absent from the CSV or its value empty), and the
+        category names (sorted values among this index's slides)."""
+        table = read_text_table(Path(csv))
+        for name in ("slide_id", column):
+            if name not in table.column_names:
+                raise UserError(f"{csv}: no column {name!r}; columns are {', '.join(table.column_names)}")
+        value_of: dict[str, str] = {}
+        for row, (sid, value) in enumerate(zip(table["slide_id"].to_pylist(), table[column].to_pylist()), 1):
+            if value_of.setdefault(sid, value) != value:
+                raise UserError(
+                    f"{csv}: data row {row}: slide_id {sid!r} listed again with {column}={value!r} "
+                    f"(first {value_of[sid]!r})"
+                )
+        per_slide = [value_of.get(name, "") for name in self._store.slide_names]
+        names = sorted({v for v in per_slide if v})
+        code = {v: i for i, v in enumerate(names)}
+        return np.array([code.get(v, -1) for v in per_slide], dtype=np.int32), names
+
+    def metadata_codes(self, csv: str | Path, column: str) -> tuple[np.ndarray, list[str]]:
+        """Per-row int32 code of the row's slide's value in `column` (-1: missing or empty); names by code."""
+        per_slide, names = self.slide_metadata(csv, column)
+        return per_slide[self.slides()], names
+
+    def select_metadata(self, csv: str | Path, column: str, values: Iterable[str]) -> TileIndex:
+        per_slide, names = self.slide_metadata(csv, column)
+        values = list(values)
+        unknown = [v for v in values if v not in names]
+        if unknown:
+            raise UserError(
+                f"{csv}: no slide of {self.path} has {column}={unknown[0]!r}; "
+                f"values are {', '.join(map(repr, names))}"
+            )
+        wanted = np.isin(per_slide, [names.index(v) for v in values])
+        return TileIndex(self.path, self._store, self._rows_of_slides(np.flatnonzero(wanted)))
+
+    # --- summary ----------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """Rows, slides, clusters and cluster-size statistics per level, storage (for `index info`)."""
+        disk = (
+            sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) if self._rows is None else None
+        )
+        levels = []
+        for k, name in enumerate(self.level_names, 1):
+            sizes = self.cluster_sizes(k)
+            nonempty = sizes[sizes > 0] if sizes.any() else np.zeros(1, np.int64)
+            meta = self.manifest["levels"][k - 1]
+            levels.append(
+                {
+                    "name": name,
+                    "clusters": self.num_clusters(k),
+                    "dtype": meta["dtype"],
+                    "nonempty": int((sizes > 0).sum()),
+                    "size_min": int(nonempty.min()),
+                    "size_median": float(np.median(nonempty)),
+                    "size_mean": float(nonempty.mean()),
+                    "size_max": int(nonempty.max()),
+                    "nesting": meta["nesting"],
+                }
+            )
+        return {
+            "path": str(self.path),
+            "rows": len(self),
+            "slides": len(self.slide_names),
+            "grouped_by_slide": self.grouped_by_slide,
+            "coords": self.manifest["coords"],
+            "duplicates_dropped": self.manifest["duplicates_dropped"],
+            "source": self.manifest["source"],
+            "bytes_on_disk": disk,
+            "bytes_per_row": disk / max(len(self), 1) if disk else None,
+            "levels": levels,
+        }
