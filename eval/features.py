@@ -1,0 +1,127 @@
+"""Frozen-backbone feature extraction into a resumable, memory-mapped cache.
+
+Per split, `<cache>/<split>/` holds `cls.npy` and `patch_mean.npy` (float32 [N, D], .npy
+files opened with `np.load(mmap_mode="r")`), `labels.npy` and `meta.json`. Rows are
+written in dataset order; `progress.json` records how many rows are on disk (rewritten
+atomically after the arrays are flushed), so an interrupted extraction resumes at the
+first missing row. `meta.json` appears last, marking the split complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_write_text
+from dinov2_patho.logging import get_logger
+
+log = get_logger(__name__)
+
+TOKENS = ("cls", "patch_mean")
+
+
+def embed(backbone: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """CLS and mean patch token [B, D] from our ViT (`forward_features` dict), a timm ViT
+    (`forward_features` tensor with `num_prefix_tokens`), or any module mapping images to
+    [B, D] (then both are its output: it has no patch tokens to average)."""
+    if hasattr(backbone, "forward_features"):
+        out = backbone.forward_features(images)
+        if isinstance(out, dict):
+            return {"cls": out["x_norm_clstoken"], "patch_mean": out["x_norm_patchtokens"].mean(1)}
+        if out.ndim == 3:
+            prefix = getattr(backbone, "num_prefix_tokens", 1)
+            return {"cls": out[:, 0], "patch_mean": out[:, prefix:].mean(1)}
+    out = backbone(images)
+    if out.ndim != 2:
+        raise UserError(f"backbone {type(backbone).__name__} returned shape {tuple(out.shape)}; "
+                        "expected [B, D]")
+    return {"cls": out, "patch_mean": out}
+
+
+@dataclass(frozen=True)
+class Features:
+    cls: np.ndarray  # [N, D] float32 (memory-mapped)
+    patch_mean: np.ndarray
+    labels: np.ndarray  # [N] int64
+
+    def tokens(self, which: str) -> np.ndarray:
+        """`cls`, `patch_mean`, or `cls+patch_mean` (concatenated, as DINOv2's linear eval)."""
+        if which == "cls+patch_mean":
+            return np.concatenate([self.cls, self.patch_mean], axis=1)
+        if which not in TOKENS:
+            raise UserError(f"features.tokens: unknown {which!r}; valid: cls, patch_mean, cls+patch_mean")
+        return np.asarray(getattr(self, which))
+
+
+def load_features(split_dir: str | Path) -> Features:
+    split_dir = Path(split_dir)
+    if not (split_dir / "meta.json").is_file():
+        raise UserError(f"{split_dir}: no meta.json, the feature extraction of this split is incomplete")
+    return Features(*(np.load(split_dir / f"{name}.npy", mmap_mode="r") for name in (*TOKENS, "labels")))
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                      persistent_workers=False)
+
+
+def _probe_dim(backbone: nn.Module, dataset: Dataset, device: torch.device) -> int:
+    image = dataset[0][0].unsqueeze(0).to(device)
+    with torch.inference_mode():
+        return int(embed(backbone, image)["cls"].shape[1])
+
+
+@torch.inference_mode()
+def extract_features(backbone: nn.Module, dataset: Dataset, split_dir: str | Path, *, batch_size: int = 64,
+                     num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True,
+                     desc: str = "features") -> Features:
+    """Embed every item (image tensor, label) of `dataset` with the frozen `backbone`
+    into `split_dir`, resuming a partial run, returning the cached features."""
+    split_dir = Path(split_dir)
+    if (split_dir / "meta.json").is_file():
+        return load_features(split_dir)
+    device = torch.device(device)
+    backbone = backbone.eval().to(device)
+    n = len(dataset)
+    if n == 0:
+        raise UserError(f"{desc}: the dataset is empty, nothing to extract into {split_dir}")
+    split_dir.mkdir(parents=True, exist_ok=True)
+    progress_file = split_dir / "progress.json"
+    done = json.loads(progress_file.read_text())["rows"] if progress_file.is_file() else 0
+    if done == 0:
+        dim = _probe_dim(backbone, dataset, device)
+        arrays = {name: np.lib.format.open_memmap(split_dir / f"{name}.npy", "w+", np.float32, (n, dim))
+                  for name in TOKENS}
+        arrays["labels"] = np.lib.format.open_memmap(split_dir / "labels.npy", "w+", np.int64, (n,))
+    else:
+        arrays = {name: np.load(split_dir / f"{name}.npy", mmap_mode="r+") for name in (*TOKENS, "labels")}
+        if arrays["labels"].shape[0] != n:
+            raise UserError(f"{split_dir}: cached split has {arrays['labels'].shape[0]} rows but the dataset "
+                            f"has {n}; delete the directory to re-extract")
+        log.info("%s: resuming at row %d of %d", desc, done, n)
+    remaining = Subset(dataset, range(done, n))
+    bar = tqdm(total=n, initial=done, desc=desc, disable=not progress, unit="img")
+    for images, labels in _loader(remaining, batch_size, num_workers):
+        out = embed(backbone, images.to(device))
+        stop = done + images.shape[0]
+        for name in TOKENS:
+            arrays[name][done:stop] = out[name].float().cpu().numpy()
+        arrays["labels"][done:stop] = labels.numpy()
+        for array in arrays.values():
+            array.flush()
+        done = stop
+        atomic_write_text(progress_file, json.dumps({"rows": done}))
+        bar.update(images.shape[0])
+    bar.close()
+    del arrays
+    atomic_write_text(split_dir / "meta.json", json.dumps({"rows": n}))
+    progress_file.unlink()
+    return load_features(split_dir)

@@ -1,0 +1,36 @@
+"""Weighted kNN on cosine similarity, as DINO/DINOv2 evaluate: each of the k nearest
+training features votes for its class with weight exp(similarity / T)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dinov2_patho.eval.metrics import classification_metrics
+
+
+def knn_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int, k: int,
+              temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
+    """Class probabilities [N_test, C]: normalised temperature-weighted votes."""
+    train = F.normalize(torch.as_tensor(x_train, dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(y_train, dtype=torch.int64)
+    test = F.normalize(torch.as_tensor(x_test, dtype=torch.float32), dim=1)
+    k = min(k, train.shape[0])
+    out = torch.empty(test.shape[0], num_classes)
+    for start in range(0, test.shape[0], chunk):
+        sims, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(sims.shape[0], num_classes).scatter_add_(1, labels[idx], weights)
+        out[start:start + chunk] = votes / votes.sum(1, keepdim=True)
+    return out.numpy()
+
+
+def knn_classify(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                 classes: list[str], ks: tuple[int, ...] = (10, 20, 100, 200),
+                 temperature: float = 0.07) -> dict[int, dict]:
+    """Metrics on `test` for each k."""
+    results = {}
+    for k in ks:
+        probs = knn_probs(train[0], train[1], test[0], len(classes), k, temperature)
+        results[k] = classification_metrics(test[1], probs, classes)
+    return results

@@ -1,0 +1,37 @@
+"""scikit-learn logistic regression on standardised features, C chosen on a held-out split."""
+
+from __future__ import annotations
+
+import numpy as np
+from dinov2_patho.eval.metrics import balanced_accuracy, classification_metrics
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter)).fit(x, y)
+
+
+def _probs(model, x: np.ndarray, num_classes: int) -> np.ndarray:
+    # classes missing from the training labels get probability 0
+    probs = np.zeros((x.shape[0], num_classes))
+    probs[:, model.classes_] = model.predict_proba(x)
+    return probs
+
+
+def logistic_regression(train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
+                        test: tuple[np.ndarray, np.ndarray], classes: list[str],
+                        cs: tuple[float, ...] = tuple(10.0 ** np.arange(-4, 5)),
+                        max_iter: int = 1000) -> dict:
+    """Sweep C on `heldout` by balanced accuracy, refit on train + heldout, score `test`."""
+    sweep = {}
+    for c in cs:
+        pred = _fit(*train, c, max_iter).predict(heldout[0])
+        sweep[float(c)] = balanced_accuracy(heldout[1], pred, len(classes))
+    best_c = max(sweep, key=lambda c: (sweep[c], -c))  # ties: the stronger regularisation
+    x = np.concatenate([train[0], heldout[0]])
+    y = np.concatenate([train[1], heldout[1]])
+    model = _fit(x, y, best_c, max_iter)
+    return {**classification_metrics(test[1], _probs(model, test[0], len(classes)), classes),
+            "C": best_c, "sweep": sweep}

@@ -1,0 +1,78 @@
+"""Results as a table (CSV, Markdown) and a bar plot of balanced accuracy."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from dinov2_patho.io import atomic_path, atomic_write_text
+
+COLUMNS = ("benchmark", "head", "balanced_accuracy", "balanced_accuracy_std", "macro_f1", "auroc", "n_train",
+           "n_eval", "eval_split")
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per benchmark and head (kNN: one per k)."""
+    rows = []
+    for name, res in results.items():
+        split = res["eval_split"]
+        common = {"benchmark": name, "n_train": res["sizes"]["train"], "n_eval": res["sizes"][split],
+                  "eval_split": split}
+        heads = []
+        if "linear" in res:
+            heads.append(("linear", res["linear"]))
+        heads += [(f"knn_k{k}", r) for k, r in res.get("knn", {}).items()]
+        if "logreg" in res:
+            heads.append(("logreg", res["logreg"]))
+        for head, r in heads:
+            rows.append({**common, "head": head, "balanced_accuracy": r["balanced_accuracy"],
+                         "balanced_accuracy_std": r.get("balanced_accuracy_std", ""),
+                         "macro_f1": r["macro_f1"], "auroc": r["auroc"]})
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{100 * value:.2f}"
+    return str(value)
+
+
+def write_tables(rows: list[dict], output_dir: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(output_dir / "results.csv", buf.getvalue())
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
+    atomic_write_text(output_dir / "results.md",
+                      "Scores in % (balanced accuracy, macro F1, AUROC); linear: mean ± std over runs.\n\n"
+                      + "\n".join(lines) + "\n")
+
+
+def write_plot(rows: list[dict], output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
+    heads = list(dict.fromkeys(r["head"] for r in rows))
+    width = 0.8 / len(heads)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(benchmarks) + 1), 3.5))
+    for h, head in enumerate(heads):
+        picked = {r["benchmark"]: r for r in rows if r["head"] == head}
+        xs = [b + h * width for b, name in enumerate(benchmarks) if name in picked]
+        values = [100 * picked[name]["balanced_accuracy"] for name in benchmarks if name in picked]
+        errors = [100 * (picked[name]["balanced_accuracy_std"] or 0) for name in benchmarks if name in picked]
+        ax.bar(xs, values, width, yerr=errors, label=head)
+    ax.set_xticks([b + 0.4 - width / 2 for b in range(len(benchmarks))], benchmarks)
+    ax.set_ylabel("balanced accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small", ncols=2)
+    fig.tight_layout()
+    with atomic_path(output_dir / "results.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,125 @@
+"""Evaluate a frozen backbone on benchmarks: extract (cached) features, fit every head,
+write results.{json,csv,md,png}. The CLI and the trainer's periodic evaluation both call
+`run_benchmarks`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from dinov2_patho.eval.benchmarks import Benchmark, build_benchmark
+from dinov2_patho.eval.features import extract_features
+from dinov2_patho.eval.heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
+from dinov2_patho.eval.preprocess import Preprocess
+from dinov2_patho.eval.report import summary_rows, write_plot, write_tables
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dinov2_patho.config import check_keys, load_config
+from dinov2_patho.io import atomic_write_text
+from dinov2_patho.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULTS = "eval/default.yaml"
+OPEN_KEYS = ("datasets", "backbone.model")
+
+
+def eval_config(cfg: DictConfig | dict | None = None) -> DictConfig:
+    """The packaged eval defaults under `cfg` (a full or partial eval config)."""
+    base = load_config(DEFAULTS)
+    if cfg is None:
+        return base
+    layer = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    check_keys(layer, base, "eval config", OPEN_KEYS)
+    return OmegaConf.merge(base, layer)
+
+
+def open_benchmark(name: str, cfg: DictConfig) -> Benchmark:
+    node = cfg.datasets.get(name)
+    options = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+    root = options.pop("root", None) or Path(cfg.data_root) / name
+    return build_benchmark(name, root, **options)
+
+
+def heldout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, heldout) row indices; classes with one row stay in train."""
+    rng = np.random.default_rng(seed)
+    heldout = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        if len(rows) > 1:
+            heldout.append(rows[:max(1, math.floor(fraction * len(rows)))])
+    held = np.sort(np.concatenate(heldout)) if heldout else np.empty(0, np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def evaluate_features(feats: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], eval_split: str,
+                      cfg: DictConfig) -> dict:
+    """Every enabled head on features {split: (x, y)}; early stopping / C sweep on val."""
+    heads = cfg.heads
+    train, val, test = feats["train"], feats["val"], feats[eval_split]
+    out: dict = {}
+    if heads.linear.enabled:
+        params = {k: v for k, v in OmegaConf.to_container(heads.linear).items() if k != "enabled"}
+        probe_cfg = LinearProbeConfig(**params, device=cfg.features.device)
+        out["linear"] = linear_probe(train, val, test, classes, probe_cfg)
+    if heads.knn.enabled:
+        out["knn"] = knn_classify(train, test, classes, tuple(heads.knn.k), heads.knn.temperature)
+    if heads.logreg.enabled:
+        cs = tuple(float(c) for c in heads.logreg.C)
+        if eval_split == "test":
+            out["logreg"] = logistic_regression(train, val, test, classes, cs, heads.logreg.max_iter)
+        else:
+            fit, held = heldout_split(train[1], heads.logreg.heldout_fraction, heads.linear.seed)
+            fit_xy, held_xy = (train[0][fit], train[1][fit]), (train[0][held], train[1][held])
+            out["logreg"] = logistic_regression(fit_xy, held_xy, test, classes, cs, heads.logreg.max_iter)
+    return out
+
+
+def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, output_dir: Path) -> dict:
+    preprocess = Preprocess(benchmark.mpp, cfg.preprocess.target_mpp, cfg.preprocess.size)
+    feats = {}
+    for split_name, split in benchmark.splits.items():
+        features = extract_features(backbone, split.with_transform(preprocess),
+                                    output_dir / "features" / benchmark.name / split_name,
+                                    batch_size=cfg.features.batch_size, num_workers=cfg.features.num_workers,
+                                    device=cfg.features.device, progress=cfg.progress,
+                                    desc=f"{benchmark.name}/{split_name}")
+        feats[split_name] = (features.tokens(cfg.features.tokens), np.asarray(features.labels))
+    result = evaluate_features(feats, list(benchmark.classes), benchmark.eval_split, cfg)
+    result.update(classes=list(benchmark.classes), eval_split=benchmark.eval_split,
+                  sizes={k: len(v[1]) for k, v in feats.items()})
+    return result
+
+
+def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig | dict | None,
+                   output_dir: str | Path) -> dict:
+    """Evaluate `backbone` (frozen here) on each benchmark; write results to `output_dir`.
+
+    `cfg` is an eval config (configs/eval/default.yaml; partial ones are merged over it).
+    Features are cached in `output_dir/features`, so give each checkpoint its own
+    `output_dir` (the trainer: one per evaluation step)."""
+    cfg = eval_config(cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    was_training = backbone.training
+    backbone.eval()
+    results = {}
+    try:
+        for name in benchmarks:
+            results[name] = run_benchmark(backbone, open_benchmark(name, cfg), cfg, output_dir)
+            if "linear" in results[name]:
+                lin = results[name]["linear"]
+                log.info("%s: linear probe balanced accuracy %.2f ± %.2f", name,
+                         100 * lin["balanced_accuracy"], 100 * lin["balanced_accuracy_std"])
+    finally:
+        backbone.train(was_training)
+    rows = summary_rows(results)
+    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=1, default=str))
+    write_tables(rows, output_dir)
+    if cfg.plot and rows:
+        write_plot(rows, output_dir)
+    return results
