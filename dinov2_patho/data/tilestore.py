@@ -1,0 +1,195 @@
+"""HDF5 tile store: pre-extracted tiles, one file per slide, and the `dinov2-patho tiles` command.
+
+`<store>/<slide_id>.h5` holds
+- `tiles`: uint8 [N, 224, 224, 3], raw (uncompressed), one chunk per tile;
+- `coords`: int32 [N, 2], the level-0 (x, y) of each tile, rows sorted by (y, x);
+- attributes `slide_id`, `tile_um`, `tile_px`.
+Each file is written beside its final name and renamed when complete, so extraction resumes
+per slide: a slide whose file exists with the expected coordinates is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dinov2_patho.data.readers import (
+    BACKENDS,
+    TILE_PX,
+    TILE_UM,
+    HandleCache,
+    SlideTileSource,
+    TileReadError,
+    TileSource,
+)
+from dinov2_patho.data.slides import SlideNotFoundError, SlideRegistry
+from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_path
+from dinov2_patho.logging import get_logger
+
+log = get_logger(__name__)
+
+SUFFIX = ".h5"
+
+
+def _key(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One int64 per coordinate pair, ordered by (y, x): row-major reads stay local in the slide."""
+    return (np.asarray(y, np.int64) << 32) | np.asarray(x, np.int64)
+
+
+class _StoreFile:
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = h5py.File(path, "r")
+        self.tiles = self.file["tiles"]
+        coords = self.file["coords"][:]
+        self.rows = dict(zip(_key(coords[:, 0], coords[:, 1]).tolist(), range(len(coords))))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class HDF5TileSource:
+    """Reads tiles written by `extract_tiles`; picklable, each process opens its own files."""
+
+    def __init__(self, root: str | Path, cache_size: int = 16):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"tile store {self.root} is not a directory")
+        self.cache = HandleCache(cache_size)
+
+    def path(self, slide_id: str) -> Path:
+        return self.root / f"{slide_id}{SUFFIX}"
+
+    def read(self, slide_id: str, x: int, y: int) -> np.ndarray:
+        store = self.cache.get(slide_id, lambda: self._open(slide_id, x, y))
+        row = store.rows.get(int(_key(x, y)))
+        if row is None:
+            raise TileReadError(slide_id, x, y, f"not in the tile store file {store.path}")
+        try:
+            return store.tiles[row]
+        except Exception as e:  # h5py raises OSError/KeyError variants for damaged chunks
+            raise TileReadError(slide_id, x, y, f"{store.path}: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def _open(self, slide_id: str, x: int, y: int) -> _StoreFile:
+        path = self.path(slide_id)
+        if not path.is_file():
+            raise SlideNotFoundError(f"slide {slide_id!r} has no file {path} in the tile store "
+                                     f"(run `dinov2-patho tiles extract`)")
+        try:
+            return _StoreFile(path)
+        except Exception as e:
+            raise TileReadError(slide_id, x, y, f"cannot open {path}: {type(e).__name__}: {e}") from e
+
+
+def _slide_coords(index: Any, slide_ids: Iterable[str] | None) -> dict[str, np.ndarray]:
+    """slide_id -> unique level-0 (x, y) int32 [n, 2] of its tiles, sorted by (y, x)."""
+    names = index.slide_names
+    slides = np.asarray(index.slides())
+    xs, ys = index.coords()
+    order = np.argsort(slides, kind="stable")
+    bounds = np.searchsorted(slides[order], np.arange(len(names) + 1))
+    wanted = set(names) if slide_ids is None else set(slide_ids)
+    unknown = wanted - set(names)
+    if unknown:
+        raise UserError(f"slide(s) not in the index {index.path}: {sorted(unknown)[:5]}")
+    out = {}
+    for s, name in enumerate(names):
+        rows = order[bounds[s]:bounds[s + 1]]
+        if name not in wanted or len(rows) == 0:
+            continue
+        keys = np.unique(_key(xs[rows], ys[rows]))
+        out[name] = np.stack([keys & 0xFFFFFFFF, keys >> 32], axis=1).astype(np.int32)
+    return out
+
+
+def _existing_coords(path: Path) -> np.ndarray | None:
+    try:
+        with h5py.File(path, "r") as f:
+            return f["coords"][:]
+    except (OSError, KeyError):
+        return None
+
+
+def extract_slide(source: TileSource, slide_id: str, coords: np.ndarray, path: Path) -> int:
+    """Write one slide's tiles to `path` atomically; return the number of tiles."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        tiles = f.create_dataset("tiles", (len(coords), TILE_PX, TILE_PX, 3), np.uint8,
+                                 chunks=(1, TILE_PX, TILE_PX, 3))
+        f.create_dataset("coords", data=coords)
+        f.attrs.update({"slide_id": slide_id, "tile_um": TILE_UM, "tile_px": TILE_PX})
+        for i, (x, y) in enumerate(coords.tolist()):
+            tiles[i] = source.read(slide_id, x, y)
+    return len(coords)
+
+
+def extract_tiles(index: Any, source: TileSource, out_dir: str | Path, *,
+                  slide_ids: Iterable[str] | None = None, overwrite: bool = False,
+                  workers: int = 1) -> dict[str, int]:
+    """Extract every tile of `index` (or of `slide_ids`) into `out_dir`, one HDF5 file per slide.
+
+    Returns slide_id -> tiles written (0 for a slide already complete, which is skipped).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo, written = [], {}
+    for slide_id, coords in _slide_coords(index, slide_ids).items():
+        path = out / f"{slide_id}{SUFFIX}"
+        if path.exists() and not overwrite:
+            existing = _existing_coords(path)
+            if existing is not None and np.array_equal(existing, coords):
+                written[slide_id] = 0
+                continue
+            raise UserError(f"{path} exists but does not hold this index's tiles for slide {slide_id!r}; "
+                            f"pass --overwrite to replace it")
+        todo.append((slide_id, coords, path))
+    log.info("extracting %d slides (%d already done) into %s", len(todo), len(written), out)
+    if workers <= 1:
+        for slide_id, coords, path in todo:
+            written[slide_id] = extract_slide(source, slide_id, coords, path)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = {sid: pool.submit(extract_slide, source, sid, coords, path)
+                       for sid, coords, path in todo}
+            written.update({sid: f.result() for sid, f in futures.items()})
+    return written
+
+
+# --- `dinov2-patho tiles` ----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    ext = sub.add_parser("extract", help="write the index's tiles into per-slide HDF5 files (resumable)")
+    ext.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
+    ext.add_argument("--slides", required=True, help="slide directory or slide_id,path CSV")
+    ext.add_argument("--out", required=True, help="tile store directory")
+    ext.add_argument("--backend", default="openslide", choices=BACKENDS)
+    ext.add_argument("--fallback", default="tiffslide", choices=(*BACKENDS, "none"))
+    ext.add_argument("--mpp-override", type=float, default=None, help="um/px for every slide")
+    ext.add_argument("--slide-id", action="append", default=None, help="only this slide (repeatable)")
+    ext.add_argument("--workers", type=int, default=1, help="processes, one slide each at a time")
+    ext.add_argument("--overwrite", action="store_true", help="rewrite slides whose files exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dinov2_patho.data.index import TileIndex
+
+    index = TileIndex.open(args.index)
+    source = SlideTileSource(SlideRegistry.from_spec(args.slides), backend=args.backend,
+                             fallback=None if args.fallback == "none" else args.fallback,
+                             mpp_override=args.mpp_override)
+    written = extract_tiles(index, source, args.out, slide_ids=args.slide_id, overwrite=args.overwrite,
+                            workers=args.workers)
+    done = sum(1 for n in written.values() if n)
+    print(f"{done} slides extracted ({sum(written.values())} tiles), {len(written) - done} already complete, "
+          f"in {args.out}")
+    return 0
