@@ -13,8 +13,11 @@ itself, and the training resumes from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
+from dinov2_patho.cli import build_parser
 from dinov2_patho.logging import setup_logging
 from dinov2_patho.run.jobs import CommandJob, TrainJob
 from dinov2_patho.run.submit import (
@@ -59,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.iterations=10")
     evaluate = sub.add_parser("eval", help="evaluation", description="Submit `dinov2-patho eval ARGS`; "
-                              "`%%j` in an argument becomes the job id.")
+                              "`%%j` in an argument becomes the job id; without --output-dir, the "
+                              "results go to the job's output directory.")
     _add_slurm_arguments(evaluate, "dinov2-patho-eval")
     evaluate.add_argument("eval_args", nargs=argparse.REMAINDER, metavar="-- EVAL_ARGS",
                           help="arguments of `dinov2-patho eval`, after `--`")
@@ -73,6 +77,22 @@ def resources_from_args(args: argparse.Namespace) -> SlurmResources:
         signal_delay_s=args.signal_delay, max_timeouts=args.max_timeouts,
         extra=parse_sbatch_options(args.sbatch),
     )
+
+
+def eval_command(eval_args: list[str], output_dir: Path) -> list[str]:
+    """`eval ARGS`, checked now by the eval parser; the job's output directory unless
+    ARGS name one."""
+    eval_args = eval_args[1:] if eval_args[:1] == ["--"] else list(eval_args)
+    if not eval_args:
+        raise LaunchError("launch eval: give the `dinov2-patho eval` arguments after `--`")
+    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in eval_args):
+        eval_args += ["--output-dir", str(output_dir)]
+    argv = ["eval", *eval_args]
+    try:
+        build_parser("eval").parse_args(argv)
+    except SystemExit as e:  # argparse printed the reason
+        raise LaunchError(f"launch eval: `dinov2-patho {shlex.join(argv)}` is not a valid command") from e
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,10 +109,7 @@ def run(args: argparse.Namespace) -> int:
         job, output_dir = submit(TrainJob(to_container(cfg), pattern), resources, args.output_root, args.name,
                                  config=cfg, argv=sys.argv)
     else:
-        eval_args = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
-        if not eval_args:
-            raise LaunchError("launch eval: give the `dinov2-patho eval` arguments after `--`")
-        job, output_dir = submit(CommandJob(["eval", *eval_args]), resources, args.output_root, args.name,
-                                 argv=sys.argv)
+        job, output_dir = submit(CommandJob(eval_command(args.eval_args, pattern)), resources,
+                                 args.output_root, args.name, argv=sys.argv)
     print(f"submitted job {job.job_id}: output {output_dir}")
     return 0

@@ -52,9 +52,9 @@ class SlurmResources:
     extra: dict[str, str] = field(default_factory=dict)  # any other sbatch option
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "timeout_min"):
+        for name, flag in (("nodes", "--nodes"), ("timeout_min", "--timeout")):
             if getattr(self, name) < 1:
-                raise LaunchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise LaunchError(f"{flag} must be at least 1, got {getattr(self, name)}")
         if self.gpus_per_node < 0:
             raise LaunchError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
@@ -126,7 +126,8 @@ def submit(job: Callable[[], Any], resources: SlurmResources, output_root: str |
     try:
         submitted = executor.submit(job)
     except (submitit.core.utils.FailedJobError, OSError) as e:
-        raise LaunchError(f"sbatch refused the job: {e}") from e
+        reason = " | ".join(line for line in str(e).splitlines() if line.strip())
+        raise LaunchError(f"sbatch refused the job: {reason}") from e
     output_dir = Path(str(pattern).replace(JOB_ID, submitted.job_id))
     record = {
         "job_id": submitted.job_id,
