@@ -12,8 +12,8 @@ from dinov2_patho.config import ConfigError, load_config
 from dinov2_patho.errors import UserError
 
 DEFAULTS = "train/default.yaml"
-# options of the chosen sampler and of the augmentation are validated by their owners
-OPEN_KEYS = ("sampler", "augmentation")
+# the chosen sampler's options are validated by the sampler
+OPEN_KEYS = ("sampler",)
 
 
 def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -42,8 +42,8 @@ def validate_config(cfg: DictConfig) -> None:
     """Values and paths: a bad key names itself, a missing path names the path."""
     minimums = {"train.iterations": 1, "train.batch_size_per_gpu": 1, "train.num_workers": 0,
                 "train.prefetch_factor": 1, "train.log_every": 1, "train.pseudo_epoch_length": 1,
-                "train.seed": 0, "checkpoint.every_n_iterations": 0, "checkpoint.keep_last": 1,
-                "evaluation.every_n_iterations": 0}
+                "train.seed": 0, "train.cpu_threads": 0, "checkpoint.every_n_iterations": 0,
+                "checkpoint.keep_last": 1, "evaluation.every_n_iterations": 0}
     for key, minimum in minimums.items():
         _at_least(cfg, key, minimum)
     _one_of(cfg, "train.device", ("auto", "cuda", "cpu"))
@@ -51,7 +51,7 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of(cfg, "data.on_error", ("raise", "skip"))
     if cfg.data.index is None:
         raise ConfigError("data.index is required: the TileIndex directory (`dinov2-patho index build`)")
-    for key in ("index", "slides", "tile_store"):
+    for key in ("index", "subset", "slides", "tile_store"):
         value = cfg.data[key]
         if value is not None and not Path(value).exists():
             raise UserError(f"data.{key}: {value} does not exist")

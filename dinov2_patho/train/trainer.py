@@ -94,6 +94,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._loader_iter = None
         self.metrics: MetricsWriter | None = None
+        if int(cfg.train.cpu_threads) > 0:
+            torch.set_num_threads(int(cfg.train.cpu_threads))
 
         torch.manual_seed(self.seed)  # the same initial weights on every rank
         self.model, self.optimizer, self.scaler = self._build_model()
@@ -146,13 +148,19 @@ class Trainer:
         from dinov2_patho.samplers import build_sampler
 
         index = TileIndex.open(self.cfg.data.index)
+        if self.cfg.data.subset is not None:
+            try:
+                rows = np.load(self.cfg.data.subset)
+            except (OSError, ValueError) as e:
+                raise UserError(f"data.subset: cannot read {self.cfg.data.subset} as a .npy of row ids: "
+                                f"{e}") from e
+            index = index.select(np.unique(rows))
         sampler = build_sampler(self.cfg.sampler, index, self.global_batch)
         return index, sampler
 
     def _build_loader(self) -> torch.utils.data.DataLoader:
         from dinov2_patho.data.augment import MultiCropAugmentation
-        from dinov2_patho.data.dataset import TileDataset
-        from dinov2_patho.data.readers import build_tile_source
+        from dinov2_patho.data.dataset import TileDataset, build_tile_source
 
         cfg = self.cfg
         tiles = TileDataset(self.index, build_tile_source(cfg.data), transform=None,

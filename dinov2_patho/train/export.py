@@ -1,0 +1,91 @@
+"""`dinov2-patho export`: the teacher backbone of a training checkpoint, for downstream use.
+
+    dinov2-patho export --checkpoint RUN_DIR_OR_CHECKPOINT --output-dir OUT [--format dinov2 timm]
+
+writes `OUT/teacher_backbone_dinov2.pth` (DINOv2 hub layout: loads into our ViT and into
+`torch.hub.load("facebookresearch/dinov2", ...)` models of the same size) and
+`OUT/teacher_backbone_timm.pth` with `OUT/timm_model_kwargs.json` (the keyword arguments
+of `timm.models.vision_transformer.VisionTransformer` that take these weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.logging import get_logger
+from dinov2_patho.models import load_pretrained, to_dinov2_state_dict, to_timm_state_dict
+from dinov2_patho.models.weights import timm_model_kwargs
+from dinov2_patho.train import checkpoint as ckpt
+from dinov2_patho.train.backbone import build_student_backbone
+
+log = get_logger(__name__)
+
+FORMATS = ("dinov2", "timm")
+TEACHER_PREFIX = "teacher.backbone."
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest one of a run directory / its checkpoints/."""
+    path = Path(path)
+    if (path / ckpt.SHARED_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = ckpt.find_latest(root)
+        if latest is not None:
+            return latest
+    raise ckpt.CheckpointError(f"{path}: neither a checkpoint (iter_N/{ckpt.SHARED_FILE}) nor a run "
+                               f"directory holding one")
+
+
+def teacher_backbone(checkpoint: str | Path) -> torch.nn.Module:
+    """The teacher backbone of a checkpoint, rebuilt from the config saved with it."""
+    path = resolve_checkpoint(checkpoint)
+    # mmap: only the teacher's tensors are read, not the optimizer's
+    state = torch.load(path / ckpt.SHARED_FILE, map_location="cpu", weights_only=True, mmap=True)
+    cfg = OmegaConf.create(state["config"])
+    cfg.student.drop_path_rate = 0.0
+    cfg.student.pretrained_weights = None
+    weights = {k[len(TEACHER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(TEACHER_PREFIX)}
+    if not weights:
+        raise ckpt.CheckpointError(f"{path / ckpt.SHARED_FILE} holds no {TEACHER_PREFIX}* weights")
+    vit = build_student_backbone(cfg)
+    load_pretrained(vit, weights, format="ours")
+    log.info("teacher backbone of %s (iteration %d)", path, int(state["iteration"]))
+    return vit.eval()
+
+
+def export_teacher(checkpoint: str | Path, output_dir: str | Path,
+                   formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
+    vit = teacher_backbone(checkpoint)
+    output_dir = Path(output_dir)
+    written: dict[str, Path] = {}
+    if "dinov2" in formats:
+        written["dinov2"] = output_dir / "teacher_backbone_dinov2.pth"
+        with atomic_path(written["dinov2"]) as tmp:
+            torch.save(to_dinov2_state_dict(vit), tmp)
+    if "timm" in formats:
+        written["timm"] = output_dir / "teacher_backbone_timm.pth"
+        with atomic_path(written["timm"]) as tmp:
+            torch.save(to_timm_state_dict(vit), tmp)
+        written["timm_kwargs"] = output_dir / "timm_model_kwargs.json"
+        atomic_write_text(written["timm_kwargs"], json.dumps(timm_model_kwargs(vit), indent=1, default=str))
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a checkpoint directory (iter_N) or a training output directory (its latest)")
+    parser.add_argument("--output-dir", required=True, metavar="DIR")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS))
+
+
+def run(args: argparse.Namespace) -> int:
+    for kind, path in export_teacher(args.checkpoint, args.output_dir, tuple(args.format)).items():
+        print(f"{kind}: {path}")
+    return 0
