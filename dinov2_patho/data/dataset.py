@@ -1,0 +1,155 @@
+"""TileDataset: global row id -> (transform(tile), row_id), and the tile source built from config.
+
+The `data:` config section read by `build_tile_source` (other keys of the section are ignored):
+
+    backend: openslide      # openslide | tiffslide (whole-slide files) | hdf5 (a tile store)
+    slides: null            # openslide/tiffslide: slide directory (searched for <slide_id>.<ext>)
+                            #   or a CSV with columns slide_id,path
+    fallback: tiffslide     # openslide/tiffslide: backend tried when `backend` cannot open a slide;
+                            #   null: none
+    mpp_override: null      # openslide/tiffslide: um/px for every slide instead of the slide's own
+    tile_store: null        # hdf5: directory of <slide_id>.h5 (`dinov2-patho tiles extract`)
+    cache_size: 16          # open slides/files kept per process (LRU)
+    on_error: raise         # TileDataset: raise | skip (substitute a tile of the same cluster, counted)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from multiprocessing.context import get_spawning_popen
+from multiprocessing.sharedctypes import RawArray
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from dinov2_patho.data.readers import SlideTileSource, TileReadError, TileSource
+from dinov2_patho.data.slides import SlideRegistry
+from dinov2_patho.data.tilestore import HDF5TileSource
+from dinov2_patho.errors import UserError
+from dinov2_patho.logging import get_logger
+from dinov2_patho.registry import did_you_mean
+
+log = get_logger(__name__)
+
+DATA_DEFAULTS: dict[str, Any] = {
+    "backend": "openslide", "slides": None, "fallback": "tiffslide", "mpp_override": None,
+    "tile_store": None, "cache_size": 16, "on_error": "raise",
+}
+ON_ERROR = ("raise", "skip")
+SOURCES = ("openslide", "tiffslide", "hdf5")
+# Candidates tried, over all levels, before a skip gives up on a tile.
+MAX_SUBSTITUTE_TRIES = 16
+# Substitution counters in shared memory: slot 0 for the main process, 1 + worker id for workers,
+# so each slot has one writer and needs no lock.
+_COUNTER_SLOTS = 1025
+
+
+def build_tile_source(cfg: Mapping[str, Any]) -> TileSource:
+    """The tile source described by a `data:` config section (see the module docstring)."""
+    c = {**DATA_DEFAULTS, **{k: cfg[k] for k in cfg if k in DATA_DEFAULTS}}
+    backend = c["backend"]
+    if backend == "hdf5":
+        if not c["tile_store"]:
+            raise UserError("data.tile_store must name a tile store directory when data.backend is hdf5")
+        return HDF5TileSource(c["tile_store"], cache_size=int(c["cache_size"]))
+    if backend not in ("openslide", "tiffslide"):
+        raise UserError(f"data.backend {backend!r} is unknown{did_you_mean(str(backend), SOURCES)}")
+    if not c["slides"]:
+        raise UserError(f"data.slides must name a slide directory or CSV when data.backend is {backend}")
+    mpp = c["mpp_override"]
+    return SlideTileSource(SlideRegistry.from_spec(c["slides"]), backend=backend, fallback=c["fallback"],
+                           mpp_override=None if mpp is None else float(mpp), cache_size=int(c["cache_size"]))
+
+
+class TileDataset(Dataset):
+    """Map-style dataset indexed by GLOBAL row id of `index` (what the samplers yield).
+
+    Returns `(transform(uint8 tensor [3, 224, 224]), row_id)`. With `on_error="skip"` an unreadable
+    tile is replaced by another tile of the same cluster (finest level first, then coarser ones);
+    every substitution is logged as a warning and counted in `substitutions`, summed over the
+    DataLoader workers. The returned row id is the one asked for, so batches keep the sampler's ids.
+    """
+
+    def __init__(self, index: Any, source: TileSource,
+                 transform: Callable[[torch.Tensor], Any] | None = None, on_error: str = "raise"):
+        if on_error not in ON_ERROR:
+            raise UserError(f"on_error {on_error!r} is unknown{did_you_mean(on_error, ON_ERROR)}")
+        self.index = index
+        self.source = source
+        self.transform = transform
+        self.on_error = on_error
+        self._substitutions = RawArray("q", _COUNTER_SLOTS)
+        self._members: dict[tuple[int, int], np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_members"] = {}
+        if get_spawning_popen() is None:
+            # Plain pickling, not a worker start: shared memory only travels to child processes.
+            state["_substitutions"] = self.substitutions
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_substitutions"], int):
+            counters = RawArray("q", _COUNTER_SLOTS)
+            counters[0] = state["_substitutions"]
+            state["_substitutions"] = counters
+        self.__dict__.update(state)
+
+    @property
+    def substitutions(self) -> int:
+        """Tiles replaced under `on_error="skip"`, over this process and its DataLoader workers."""
+        return int(sum(self._substitutions))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, row_id: int) -> tuple[Any, int]:
+        row_id = int(row_id)
+        try:
+            tile = self._read(row_id)
+        except TileReadError as error:
+            if self.on_error == "raise":
+                raise
+            tile = self._substitute(row_id, error)
+        tensor = torch.from_numpy(tile).permute(2, 0, 1).contiguous()
+        return (self.transform(tensor) if self.transform is not None else tensor), row_id
+
+    def _read(self, row_id: int) -> np.ndarray:
+        slide_id, x, y = self.index.tile(row_id)
+        return self.source.read(slide_id, int(x), int(y))
+
+    def _substitute(self, row_id: int, error: TileReadError) -> np.ndarray:
+        rng = np.random.default_rng(row_id)
+        tried = {row_id}
+        position = int(np.searchsorted(self.index.row_ids(), row_id))
+        for k in range(1, self.index.num_levels + 1):
+            cluster = int(self.index.level(k)[position])
+            members = self._cluster_rows(k, cluster)
+            for candidate in rng.permutation(members)[:MAX_SUBSTITUTE_TRIES].tolist():
+                if candidate in tried:
+                    continue
+                if len(tried) > MAX_SUBSTITUTE_TRIES:
+                    break
+                tried.add(candidate)
+                try:
+                    tile = self._read(candidate)
+                except TileReadError:
+                    continue
+                worker = get_worker_info()
+                self._substitutions[0 if worker is None else 1 + worker.id % (_COUNTER_SLOTS - 1)] += 1
+                log.warning("%s; substituted row %d of the same level_%d cluster (%d substitutions so far)",
+                            error, candidate, k, self.substitutions)
+                return tile
+        raise TileReadError(error.slide_id, error.x, error.y,
+                            f"{error.reason}; and no readable substitute among {len(tried) - 1} tiles of its "
+                            f"clusters") from error
+
+    def _cluster_rows(self, k: int, cluster: int) -> np.ndarray:
+        """Global row ids of the view's rows in cluster `cluster` of level k (cached; errors are rare)."""
+        key = (k, cluster)
+        if key not in self._members:
+            self._members[key] = self.index.row_ids()[np.flatnonzero(self.index.level(k) == cluster)]
+        return self._members[key]
