@@ -14,13 +14,13 @@ import numpy as np
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_ROUNDS = 4
-# distinct odd round constants, precomputed (scalar uint64 products would warn on wrap)
-_ROUND_C = [np.uint64((0x9E3779B97F4A7C15 * (2 * r + 1)) % (1 << 64)) for r in range(_ROUNDS)]
+# six rounds, distinct round-key offsets precomputed (scalar uint64 products would warn on wrap)
+_ROUND_C = [np.uint64((0x9E3779B97F4A7C15 * (2 * r + 1)) % (1 << 64)) for r in range(6)]
 
 
 def _u64(x) -> np.ndarray:
-    return np.atleast_1d(np.asarray(x, dtype=np.uint64))
+    x = np.asarray(x, dtype=np.uint64)
+    return x if x.ndim else x.reshape(1)
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -44,41 +44,49 @@ def uniform01(key: np.ndarray) -> np.ndarray:
     return (mix64(key) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _half_bits(n: np.ndarray) -> np.ndarray:
-    # bit length of n-1 (exact below 2**53), split over two Feistel halves
-    bits = np.frexp((n - np.uint64(1)).astype(np.float64))[1].astype(np.uint64)
-    return (bits + np.uint64(1)) >> np.uint64(1)
+def _round(v: np.ndarray, key: np.ndarray) -> np.ndarray:
+    f = v ^ key
+    f *= _M1
+    f ^= f >> np.uint64(32)
+    f *= _M2
+    return f >> np.uint64(32)
 
 
-def _feistel(x: np.ndarray, half: np.ndarray, key: np.ndarray) -> np.ndarray:
+def _feistel(x: np.ndarray, a: np.ndarray, half: np.ndarray, keys: list[np.ndarray]) -> np.ndarray:
+    """A Feistel network on [0, a * 2**half): x = l * 2**half + r with l in Z_a, r in Z_{2**half};
+    rounds alternately add a keyed hash of one half to the other (each invertible)."""
     mask = (np.uint64(1) << half) - np.uint64(1)
     left, right = x >> half, x & mask
-    for c in _ROUND_C:
-        f = right ^ key
-        f *= _M1
-        f += c
-        f ^= f >> np.uint64(31)
-        f *= _M2
-        f >>= np.uint64(32)
-        f &= mask
-        f ^= left
-        left, right = right, f
+    for k_left, k_right in zip(keys[::2], keys[1::2]):
+        left += _round(right, k_left)
+        left %= a
+        right += _round(left, k_right)
+        right &= mask
     return (left << half) | right
 
 
 def permute(i, n, key) -> np.ndarray:
     """Element `i` of the pseudo-random permutation of [0, n) keyed by `key`.
 
-    A balanced Feistel network over the smallest even number of bits covering n is a
-    bijection of [0, 4**h); cycle walking (re-applying it until the value falls below n)
-    restricts it to a bijection of [0, n). The domain is < 4n, so a walk is short.
+    A mixed-radix Feistel network is a bijection of [0, a * b) with b = 2**h about sqrt(n)
+    and a = ceil(n / b); cycle walking (re-applying it until the value falls below n)
+    restricts it to a bijection of [0, n). a * b < n + b, so few values need a walk.
     Arguments broadcast; i < n >= 1 elementwise. Returns int64.
     """
-    i, n, key = np.broadcast_arrays(_u64(i), _u64(n), _u64(key))
-    half = _half_bits(n)
-    x = _feistel(i, half, key)
+    i, n, key = _u64(i), _u64(n), _u64(key)
+    if not i.shape == n.shape == key.shape:
+        i, n, key = (a.copy() for a in np.broadcast_arrays(i, n, key))
+    bits = np.frexp((n - np.uint64(1)).astype(np.float64))[1].astype(np.uint64)  # of n - 1, exact < 2**53
+    half = bits >> np.uint64(1)
+    a = ((n - np.uint64(1)) >> half) + np.uint64(1)
+    keys = [key + c for c in _ROUND_C]
+    x = _feistel(i, a, half, keys)
     out = np.flatnonzero(x >= n)
     while out.size:
-        x[out] = _feistel(x[out], half[out], key[out])
+        x[out] = _feistel(x[out], a[out], half[out], [k[out] for k in keys])
         out = out[x[out] >= n[out]]
+    # a keyed rotation on top: tiny domains get few distinct Feistel permutations, and
+    # this makes every element's position exactly uniform over keys
+    x += mix64(key) % n
+    x %= n
     return x.astype(np.int64)

@@ -24,8 +24,9 @@ Semantics, with K the number of non-empty clusters available and B the global ba
   absent from a group sits out that pseudo-epoch rather than break the cap.
 * The batch is shuffled last, so each rank's contiguous slice mixes clusters.
 
-Every choice is a hash of (seed, step) or (seed, stratum, pass): the state is the step
-and one draw counter per stratum, and a batch costs O(B) (O(B log K) with alpha != 0).
+Every choice is a function of (seed, step) (a Philox generator keyed by them) or of
+(seed, stratum, pass) (a keyed permutation): the state is the step and one draw counter
+per stratum, and a batch costs O(B) (O(B log K) with alpha != 0).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ import numpy as np
 import torch
 
 from .base import GlobalBatchSampler, SamplerError
-from .permute import hash_key, permute, uniform01
+from .permute import hash_key, mix64, permute
 from .strata import CHUNK, Strata, build_strata, cache_key, load_or_build
 from .telemetry import batch_stats
 from .views import RowMap, cache_dir
 
 # hash domains, one per kind of random choice
-_ORDER, _TILE, _SHUFFLE, _SLIDES, _EPOCH, _OFFSET, _LAYOUT = range(1, 8)
+_ORDER, _TILE, _STEP, _SLIDES, _EPOCH, _LAYOUT = range(1, 7)
 
 
 class ClusterStratifiedSampler(GlobalBatchSampler):
@@ -71,6 +72,9 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         self.eligible = int(self.strata.offsets[-1])
         self.counters = np.zeros(len(self.sizes), dtype=np.int64)
         self._layout = self._alpha_layout() if self.alpha != 0.0 else None
+        self._seed_key = int(hash_key(self.seed, _STEP)[0])
+        # one key per stratum; a pass's permutation key is mix64(stratum key ^ pass)
+        self._stratum_keys = hash_key(self.seed, _TILE, np.arange(len(self.sizes)))
 
     def _build(self, num_labels: int, cache: bool) -> Strata:
         n, labels = len(self.index), self.labels
@@ -107,28 +111,38 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
     def slide_group(self, step: int) -> int:
         """The slide group of the pseudo-epoch holding `step`."""
         num_groups = self.strata.num_groups
+        if num_groups == 1:
+            return 0
         epoch = step // self.epoch_batches
         cycle, within = divmod(epoch, num_groups)
         return int(permute(within, num_groups, hash_key(self.seed, _EPOCH, cycle))[0])
 
-    def quotas(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rng(self, step: int) -> np.random.Generator:
+        """The random numbers of one step: a counter-based generator keyed by (seed, step)."""
+        return np.random.Generator(np.random.Philox(key=np.array([self._seed_key, step], dtype=np.uint64)))
+
+    def quotas(self, step: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The strata drawn at `step` and how many tiles each gives (summing to B)."""
         B = self.batch_size
+        rng = self._rng(step) if rng is None else rng
         g = self.slide_group(step)
         s0, s1 = (int(x) for x in self.strata.group_start[g:g + 2])
         k = s1 - s0
         if self._layout is None:
-            slots = np.arange(min(k, B))
-            strata = s0 + permute(slots, k, hash_key(self.seed, _ORDER, step))
-            return strata, B // k + (slots < B % k)
+            if k <= B:
+                return s0 + rng.permutation(k), B // k + (np.arange(k) < B % k)
+            # B distinct of K > B clusters in O(B): the head of a keyed permutation
+            heads = permute(np.arange(B), k, hash_key(self.seed, _ORDER, step))
+            return s0 + heads, np.ones(B, dtype=np.int64)
         order, cum = self._layout[g]
-        points = (uniform01(hash_key(self.seed, _OFFSET, step))[0] + np.arange(B)) * (cum[-1] / B)
+        points = (rng.random() + np.arange(B)) * (cum[-1] / B)
         picks = np.minimum(np.searchsorted(cum, points, side="right"), k - 1)
         starts = np.flatnonzero(np.r_[True, picks[1:] != picks[:-1]])  # picks are sorted
         return order[picks[starts]], np.diff(np.r_[starts, B])
 
     def _batch(self, step: int) -> tuple[np.ndarray, Any]:
-        strata, quota = self.quotas(step)
+        rng = self._rng(step)
+        strata, quota = self.quotas(step, rng)
         first = self.counters[strata]
         self.counters[strata] += quota
         which = np.repeat(np.arange(len(strata)), quota)
@@ -136,10 +150,10 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         draw = first[which] + np.arange(self.batch_size) - np.repeat(np.cumsum(quota) - quota, quota)
         size = self.sizes[stratum]
         passes = draw // size
-        member = permute(draw - passes * size, size, hash_key(self.seed, _TILE, stratum, passes))
+        keys = mix64(self._stratum_keys[stratum] ^ passes.astype(np.uint64))
+        member = permute(draw - passes * size, size, keys)
         positions = np.asarray(self.strata.order[self.strata.offsets[stratum] + member])
-        shuffle = permute(np.arange(self.batch_size), self.batch_size, hash_key(self.seed, _SHUFFLE, step))
-        return self.rows.to_global(positions[shuffle]), (strata, quota)
+        return self.rows.to_global(positions[rng.permutation(self.batch_size)]), (strata, quota)
 
     def _extra_state(self, undo: Sequence[Any]) -> dict[str, Any]:
         counters = self.counters.copy()
@@ -165,7 +179,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
             full, rest = divmod(int(self.counters[s]), int(self.sizes[s]))
             members = np.asarray(self.strata.order[self.strata.offsets[s]:self.strata.offsets[s + 1]])
             counts[members] += full
-            firsts = permute(np.arange(rest), self.sizes[s], hash_key(self.seed, _TILE, s, full))
+            firsts = permute(np.arange(rest), self.sizes[s], mix64(self._stratum_keys[s] ^ np.uint64(full)))
             counts[members[firsts]] += 1
         return counts
 
