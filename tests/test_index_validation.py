@@ -110,3 +110,10 @@ def test_cli_reports_non_tree_nesting(tmp_path, capsys):
     src.write_text(HEADER + "a,0,0,1,0\na,224,0,1,1\na,448,0,2,1\n")
     assert main(["index", "build", "--csv", str(src), "--out", str(tmp_path / "idx"), "--no-progress"]) == 0
     assert "warning: level_1 -> level_2 is not a tree: 1 of 2 level_1 clusters" in capsys.readouterr().out
+
+
+def test_utf8_bom_and_crlf_are_accepted(tmp_path):
+    src = tmp_path / "c.csv"
+    src.write_bytes(b"\xef\xbb\xbf" + (HEADER + GOOD).replace("\n", "\r\n").encode())
+    index = build_index(src, tmp_path / "idx", progress=False)
+    assert index.tile(1) == ("a", 224, 0)

@@ -149,7 +149,7 @@ def _diagnose_csv(path: Path, header: list[str], start: int, error: Exception) -
 
 
 def _header(path: Path) -> list[str]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # pyarrow skips a BOM too
         return next(csv.reader([f.readline()]), [])
 
 
