@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     spec = cfg.backbone
     model_kwargs = OmegaConf.to_container(spec.model, resolve=True)
     backbone = load_backbone(spec.path, spec.arch, spec.weights_format, **model_kwargs)
+    backbone = backbone.to(cfg.features.device)
     run_benchmarks(backbone, list(cfg.benchmarks), cfg, args.output_dir)
     print((args.output_dir / "results.md").read_text(), end="")
     return 0

@@ -81,15 +81,15 @@ def _probe_dim(backbone: nn.Module, dataset: Dataset, device: torch.device) -> i
 
 @torch.inference_mode()
 def extract_features(backbone: nn.Module, dataset: Dataset, split_dir: str | Path, *, batch_size: int = 64,
-                     num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True,
-                     desc: str = "features") -> Features:
+                     num_workers: int = 0, progress: bool = True, desc: str = "features") -> Features:
     """Embed every item (image tensor, label) of `dataset` with the frozen `backbone`
-    into `split_dir`, resuming a partial run, returning the cached features."""
+    into `split_dir`, resuming a partial run, returning the cached features. Images go to
+    the backbone's device; the backbone is left where it is (the trainer's teacher)."""
     split_dir = Path(split_dir)
     if (split_dir / "meta.json").is_file():
         return load_features(split_dir)
-    device = torch.device(device)
-    backbone = backbone.eval().to(device)
+    device = next(backbone.parameters(), torch.empty(0)).device
+    backbone.eval()
     n = len(dataset)
     if n == 0:
         raise UserError(f"{desc}: the dataset is empty, nothing to extract into {split_dir}")

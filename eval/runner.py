@@ -86,7 +86,7 @@ def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, ou
         features = extract_features(backbone, split.with_transform(preprocess),
                                     output_dir / "features" / benchmark.name / split_name,
                                     batch_size=cfg.features.batch_size, num_workers=cfg.features.num_workers,
-                                    device=cfg.features.device, progress=cfg.progress,
+                                    progress=cfg.progress,
                                     desc=f"{benchmark.name}/{split_name}")
         feats[split_name] = (features.tokens(cfg.features.tokens), np.asarray(features.labels))
     result = evaluate_features(feats, list(benchmark.classes), benchmark.eval_split, cfg)
