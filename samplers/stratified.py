@@ -40,7 +40,7 @@ import torch
 from .base import GlobalBatchSampler, SamplerError
 from .permute import hash_key, mix64, permute
 from .strata import CHUNK, Strata, build_strata, cache_key, load_or_build
-from .telemetry import batch_stats
+from .telemetry import Columns, batch_stats
 from .views import RowMap, cache_dir
 
 # hash domains, one per kind of random choice
@@ -65,6 +65,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         self.max_slides = None if max_slides_per_epoch is None else int(max_slides_per_epoch)
         self.epoch_batches = -(-int(pseudo_epoch_samples) // self.batch_size)
         self.rows = RowMap(index)
+        self.columns = Columns(index)
         self.strata = self._build(num_labels, cache)
         if len(self.strata.cluster) == 0:
             raise SamplerError(f"no drawable rows: every row's {label_name} is missing or the view is empty")
@@ -82,7 +83,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
             key = cache_key(labels=labels, num_labels=num_labels)
             return load_or_build(cache_dir(self.index, cache), key,
                                  lambda: build_strata(n, num_labels, lambda a, b: labels[a:b]))
-        slides = self.index.slides()
+        slides = self.columns.slides()
         present = np.zeros(len(self.index.slide_names), dtype=bool)
         for a in range(0, n, CHUNK):  # slides holding at least one drawable row
             present[np.asarray(slides[a:a + CHUNK])[np.asarray(labels[a:a + CHUNK]) >= 0]] = True
@@ -184,7 +185,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         return counts
 
     def telemetry(self, batch: np.ndarray) -> dict[str, Any]:
-        stats = batch_stats(self.index, self.rows.to_positions(batch), self.labels)
+        stats = batch_stats(self.columns, self.rows.to_positions(batch), self.labels)
         step = max(self.step - 1, 0)
         stats.update(step=step, pseudo_epoch=step // self.epoch_batches, slide_group=self.slide_group(step))
         return stats

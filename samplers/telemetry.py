@@ -7,14 +7,34 @@ from typing import Any
 import numpy as np
 
 
-def batch_stats(index, positions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+class Columns:
+    """An index's per-row level and slide columns, fetched once: a view's (or a slide-grouped
+    index's slide column) are computed arrays, too costly to recompute per batch."""
+
+    def __init__(self, index):
+        self.index = index
+        self._levels: dict[int, np.ndarray] = {}
+        self._slides: np.ndarray | None = None
+
+    def level(self, k: int) -> np.ndarray:
+        if k not in self._levels:
+            self._levels[k] = self.index.level(k)
+        return self._levels[k]
+
+    def slides(self) -> np.ndarray:
+        if self._slides is None:
+            self._slides = self.index.slides()
+        return self._slides
+
+
+def batch_stats(columns: Columns, positions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Distinct clusters at each tree level and slides, and the min / max number of tiles
     per stratification cluster, for one batch given as view positions."""
     positions = np.sort(positions)  # sorted reads of memory-mapped columns
     stats: dict[str, Any] = {}
-    for k in range(1, index.num_levels + 1):
-        stats[f"clusters_level_{k}"] = int(len(np.unique(index.level(k)[positions])))
-    stats["slides"] = int(len(np.unique(index.slides()[positions])))
+    for k in range(1, columns.index.num_levels + 1):
+        stats[f"clusters_level_{k}"] = int(len(np.unique(columns.level(k)[positions])))
+    stats["slides"] = int(len(np.unique(columns.slides()[positions])))
     _, counts = np.unique(np.asarray(labels[positions]), return_counts=True)
     stats["clusters"] = int(len(counts))
     stats["per_cluster_min"] = int(counts.min())
@@ -28,7 +48,7 @@ class TelemetrySummary:
     tree level for `uniform`)."""
 
     def __init__(self, sampler):
-        self.sampler, self.index, self.labels = sampler, sampler.index, sampler.labels
+        self.sampler, self.columns, self.labels = sampler, sampler.columns, sampler.labels
         self.eligible = sampler.eligible
         self.counts = np.zeros(sampler.num_labels, dtype=np.int64)
         self.nonempty = int(np.count_nonzero(_label_sizes(self.labels, sampler.num_labels)))
@@ -38,7 +58,7 @@ class TelemetrySummary:
     def update(self, batch: np.ndarray) -> dict[str, Any]:
         """Add one global batch (row ids); returns its per-batch statistics."""
         positions = self.sampler.rows.to_positions(batch)
-        stats = batch_stats(self.index, positions, self.labels)
+        stats = batch_stats(self.columns, positions, self.labels)
         lab = np.asarray(self.labels[np.sort(positions)]).astype(np.int64)
         uniq, cnt = np.unique(lab, return_counts=True)
         self.counts[uniq] += cnt
@@ -58,7 +78,7 @@ class TelemetrySummary:
             "cluster_coverage": int(np.count_nonzero(self.counts)) / max(self.nonempty, 1),
             "tile_coverage": len(tiles) / max(self.eligible, 1),
             "distinct_tiles": int(len(tiles)),
-            "distinct_slides": int(len(np.unique(self.index.slides()[tiles]))),
+            "distinct_slides": int(len(np.unique(self.columns.slides()[tiles]))),
             # 1.0 = every non-empty cluster drawn equally often
             "balance_entropy": entropy / np.log(self.nonempty) if self.nonempty > 1 else 1.0,
         }

@@ -14,7 +14,7 @@ import numpy as np
 
 from .base import GlobalBatchSampler, SamplerError
 from .permute import hash_key, permute
-from .telemetry import batch_stats
+from .telemetry import Columns, batch_stats
 from .views import RowMap
 
 _PASS = 11  # hash domain
@@ -27,6 +27,7 @@ class UniformSampler(GlobalBatchSampler):
         """`positions`: the view positions (sorted, unique) to draw from; default all rows."""
         super().__init__(batch_size, seed)
         self.index, self.rows, self.positions = index, RowMap(index), positions
+        self.columns = Columns(index)
         self.num_rows = len(index) if positions is None else len(positions)
         if self.num_rows == 0:
             raise SamplerError("uniform sampler: nothing to draw from (empty index view or subset)")
@@ -53,6 +54,6 @@ class UniformSampler(GlobalBatchSampler):
         return None
 
     def telemetry(self, batch: np.ndarray) -> dict[str, Any]:
-        stats = batch_stats(self.index, self.rows.to_positions(batch), self.labels)
+        stats = batch_stats(self.columns, self.rows.to_positions(batch), self.labels)
         stats["step"] = max(self.step - 1, 0)
         return stats

@@ -13,11 +13,14 @@ CACHE_DIRNAME = ".sampler_cache"
 
 class RowMap:
     def __init__(self, index):
-        rows = index.row_ids()
         n = len(index)
+        self.num_rows = n
+        if getattr(index, "is_view", True) is False:  # a full TileIndex: never materialise its ids
+            self.rows = None
+            return
+        rows = index.row_ids()
         # sorted unique ids from 0 to n-1 are the identity: keep no copy of them
         self.rows = None if n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1) else rows
-        self.num_rows = n
 
     def to_global(self, positions: np.ndarray) -> np.ndarray:
         if self.rows is None:

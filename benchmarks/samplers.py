@@ -1,0 +1,242 @@
+"""Sampler throughput, build time and peak memory at TCGA+GTEx scale; and against the paper's generator.
+
+A synthetic 4-level tree (100,000 / 10,000 / 350 / 62 clusters, finest first, nested,
+with skewed sizes and slide-correlated clusters) is laid over the real per-slide tile
+counts of ../shared/data/tiles_per_slide.csv, scaled to the row count asked for, as
+memory-mapped columns under --workdir. Each measurement runs in a fresh process so its
+peak RSS (file-backed pages of the memory-mapped index included) is its own.
+
+(a) build time, samples/s and peak RSS for cluster_stratified at K = 62, 350, 10,000,
+    100,000 (and uniform), B = 2048, at 35M and 350M rows. Limits: >= 2M samples/s,
+    build <= 60 s, peak RSS <= 4 GB at 350M.
+(b) the paper's released schedule generator (swiss-ai/patho-ssl-data-curation,
+    batch_stratification/generate_schedules_stratified_clean.py; give its path with
+    --reference and a Python with pandas with --reference-python; the missing comma is
+    restored in a temporary copy) against ours on the same 1M-tile input: level 4 and 3,
+    800 slides per 350,000-sample pseudo-epoch.
+
+    .venv/bin/python benchmarks/samplers.py --quick                      # 1M and 5M rows, no reference
+    flock /tmp/dinov2_patho_heavy.lock .venv/bin/python benchmarks/samplers.py --reference ... \\
+        --reference-python ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+LEVELS = (100_000, 10_000, 350, 62)  # level_1 (finest) .. level_4
+DTYPES = (np.uint32, np.uint16, np.uint16, np.uint8)
+CHUNK = 1 << 23
+B = 2048
+
+
+class MemmapIndex:
+    """The TileIndex interface over the benchmark's memory-mapped columns (a full index)."""
+
+    def __init__(self, root: Path):
+        meta = json.loads((root / "meta.json").read_text())
+        self.root, self.n = root, meta["rows"]
+        self.num_levels = len(LEVELS)
+        self.slide_names = [f"slide{i}" for i in range(meta["slides"])]
+        self.path = None  # no strata cache: every build is cold
+        self.is_view = False
+
+    def __len__(self) -> int:
+        return self.n
+
+    def level(self, k: int) -> np.ndarray:
+        return np.load(self.root / f"level_{k}.npy", mmap_mode="r")
+
+    def num_clusters(self, k: int) -> int:
+        return LEVELS[k - 1]
+
+    def slides(self) -> np.ndarray:
+        return np.load(self.root / "slides.npy", mmap_mode="r")
+
+    def row_ids(self) -> np.ndarray:
+        return np.arange(self.n, dtype=np.int64)
+
+
+def per_slide_counts(rows: int) -> np.ndarray:
+    counts = np.loadtxt(DATA / "tiles_per_slide.csv", delimiter=",", skiprows=1, usecols=1, dtype=np.int64)
+    if rows >= counts.sum():
+        return counts
+    scaled = np.floor(counts * (rows / counts.sum())).astype(np.int64)
+    scaled[: rows - scaled.sum()] += 1  # exact total
+    return scaled
+
+
+def make_synthetic(rows: int, root: Path) -> Path:
+    if (root / "meta.json").is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    counts = per_slide_counts(rows)
+    n = int(counts.sum())
+    rng = np.random.default_rng(0)
+    # nested tree: each level-k cluster has a parent at level k+1
+    parents = [rng.integers(0, LEVELS[k + 1], LEVELS[k]) for k in range(3)]
+    home = rng.integers(0, LEVELS[0], len(counts))  # clusters correlate with slides
+    cols = {f"level_{k + 1}": np.lib.format.open_memmap(root / f"level_{k + 1}.npy", "w+", DTYPES[k], (n,))
+            for k in range(4)}
+    slides = np.lib.format.open_memmap(root / "slides.npy", "w+", np.int32, (n,))
+    bounds = np.r_[0, np.cumsum(counts)]
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
+        slide = np.searchsorted(bounds, np.arange(a, b), side="right") - 1
+        slides[a:b] = slide
+        # skewed sizes: most tiles near the slide's home cluster, a long tail elsewhere
+        fine = (home[slide] + (rng.random(b - a) ** 4 * LEVELS[0]).astype(np.int64)) % LEVELS[0]
+        for k in range(4):
+            cols[f"level_{k + 1}"][a:b] = fine
+            if k < 3:
+                fine = parents[k][fine]
+    for col in (*cols.values(), slides):
+        col.flush()
+    (root / "meta.json").write_text(json.dumps({"rows": n, "slides": len(counts)}))
+    return root
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure(root: Path, cfg: dict, batches: int) -> dict:
+    """In this (fresh) process: build a sampler, then time `batches` batches."""
+    from dinov2_patho.samplers import build_sampler
+
+    index = MemmapIndex(root)
+    base_rss = peak_rss_gb()
+    t0 = time.perf_counter()
+    sampler = build_sampler(cfg, index, B)
+    build_s = time.perf_counter() - t0
+    sampler.next_batch()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        sampler.next_batch()
+    per_s = batches * B / (time.perf_counter() - t0)
+    return {"build_s": build_s, "samples_per_s": per_s, "peak_rss_gb": peak_rss_gb(),
+            "import_rss_gb": base_rss}
+
+
+REFERENCE_DRIVER = """
+import importlib.util, json, resource, sys, time
+import numpy as np, random
+spec = importlib.util.spec_from_file_location("ref", sys.argv[1]); ref = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ref)
+csv, out, level, budget_s = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+np.random.seed(0); random.seed(0)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+t0 = time.perf_counter()
+samplers = ref.get_cluster2tile_sampler(csv, out, "adaptive_step", int(level))
+build_s = time.perf_counter() - t0
+quota = ref.assign_num_tiles_per_cluster_in_batch(2048, len(samplers))
+open_slides, n, t0 = set(), 0, time.perf_counter()
+while time.perf_counter() - t0 < budget_s and n < 171:   # one 350,000-sample pseudo-epoch at most
+    batch, open_slides = ref.create_batch(quota, open_slides, samplers, 800)
+    n += 1
+dt = time.perf_counter() - t0
+print(json.dumps({"build_s": build_s, "samples_per_s": n * 2048 / dt, "batches": n,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "import_rss_gb": base, "open_slides": len(open_slides)}))
+"""
+
+
+def run_reference(reference: Path, python: str, root: Path, level: int, budget_s: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="patho_ref_") as tmp:
+        tmp = Path(tmp)
+        source = reference.read_text()
+        broken = 'choices=["t1","t2"]\n'
+        if broken not in source:
+            raise SystemExit(f"{reference}: the known syntax error is not there; is this the released file?")
+        (tmp / "ref.py").write_text(source.replace(broken, 'choices=["t1","t2"],\n'))
+        (tmp / "driver.py").write_text(REFERENCE_DRIVER)
+        csv = tmp / "tiles.csv"
+        index = MemmapIndex(root)
+        slides = np.asarray(index.slides())
+        tile_idx = np.arange(len(slides)) - np.searchsorted(slides, slides)  # tile number within slide
+        with open(csv, "w") as f:
+            f.write(f"slide_id,tile_idx,level_{level}\n")
+            lab = np.asarray(index.level(level))
+            for s, t, c in zip(slides.tolist(), tile_idx.tolist(), lab.tolist()):
+                f.write(f"slide{s},{t},{c}\n")
+        (tmp / "out").mkdir()
+        command = [python, str(tmp / "driver.py"), str(tmp / "ref.py"), str(csv), str(tmp / "out"),
+                   str(level), str(budget_s)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(root: Path, cfg: dict, batches: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--measure", str(root), json.dumps(cfg), str(batches)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1M and 5M rows only, no reference run")
+    parser.add_argument("--scales", default="35000000,349664180", help="row counts for (a)")
+    parser.add_argument("--workdir", default="/tmp/dinov2_patho_bench_samplers")
+    parser.add_argument("--batches", type=int, default=500)
+    parser.add_argument("--reference", type=Path, help="path of generate_schedules_stratified_clean.py")
+    parser.add_argument("--reference-python", default=sys.executable)
+    parser.add_argument("--reference-seconds", type=float, default=120.0)
+    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure[0]), json.loads(args.measure[1]), int(args.measure[2]))))
+        return
+    workdir = Path(args.workdir)
+    scales = [1_000_000, 5_000_000] if args.quick else [int(s) for s in args.scales.split(",")]
+    strat = {"name": "cluster_stratified", "cache": False}
+    configs = [(f"cluster_stratified K={LEVELS[k - 1]}", {**strat, "level": k}) for k in (4, 3, 2, 1)]
+    configs += [("cluster_stratified K=62 cap=800", {**strat, "level": 4, "max_slides_per_epoch": 800}),
+                ("cluster_stratified K=62 alpha=0.5", {**strat, "level": 4, "alpha": 0.5}),
+                ("uniform", {"name": "uniform"})]
+    print(f"(a) B={B}; limits at 350M: >= 2.0M samples/s, build <= 60 s, peak RSS <= 4 GB")
+    for rows in scales:
+        t0 = time.perf_counter()
+        root = make_synthetic(rows, workdir / f"rows{rows}")
+        print(f"  {rows:,} rows ({time.perf_counter() - t0:.0f} s to generate or find the synthetic index)")
+        for name, cfg in configs:
+            r = child(root, cfg, args.batches)
+            print(f"  {rows / 1e6:6.0f}M  {name:36s} build {r['build_s']:6.1f} s "
+                  f"({r['build_s'] / 60:4.2f}x limit)  "
+                  f"{r['samples_per_s'] / 1e6:6.2f} M samples/s ({r['samples_per_s'] / 2e6:5.2f}x target)  "
+                  f"peak RSS {r['peak_rss_gb']:5.2f} GB ({r['peak_rss_gb'] / 4:4.2f}x limit; "
+                  f"{r['import_rss_gb']:.2f} GB after imports)", flush=True)
+    if args.reference is None:
+        return
+    print("(b) vs the paper's generate_schedules_stratified_clean.py, same 1M-tile input, B=2048, "
+          "800 slides per 350,000-sample pseudo-epoch")
+    root = make_synthetic(1_000_000, workdir / "rows1000000")
+    for level in (4, 3):
+        ref = run_reference(args.reference, args.reference_python, root, level, args.reference_seconds)
+        ours = child(root, {"name": "cluster_stratified", "level": level, "cache": False,
+                            "max_slides_per_epoch": 800, "pseudo_epoch_samples": 350_000}, args.batches)
+        print(f"  level {level} (K={LEVELS[level - 1]}): reference build {ref['build_s']:.1f} s, "
+              f"{ref['samples_per_s']:,.0f} samples/s over {ref['batches']} batches, peak RSS "
+              f"{ref['peak_rss_gb']:.2f} GB ({ref['open_slides']} slides opened)")
+        print(f"  level {level} (K={LEVELS[level - 1]}): ours      build {ours['build_s']:.1f} s, "
+              f"{ours['samples_per_s']:,.0f} samples/s, peak RSS {ours['peak_rss_gb']:.2f} GB")
+        speed = ours["samples_per_s"] / ref["samples_per_s"]
+        print(f"  level {level}: samples/s ratio ours/reference {speed:,.0f}x; "
+              f"build ratio reference/ours {ref['build_s'] / ours['build_s']:.1f}x; "
+              f"peak RSS ratio reference/ours {ref['peak_rss_gb'] / ours['peak_rss_gb']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""`dinov2-patho sampler dump` and the samplers on a real TileIndex."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from dinov2_patho.samplers import build_sampler
+
+from dinov2_patho.cli import main
+
+index_mod = pytest.importorskip("dinov2_patho.data.index")
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory):
+    """240 tiles over 6 slides, levels of 12 and 3 clusters; metadata for 5 of the slides."""
+    root = tmp_path_factory.mktemp("sampler_cli")
+    rng = np.random.default_rng(0)
+    lines = ["slide_id,tile_x,tile_y,level_1,level_2"]
+    for i in range(240):
+        fine = int(rng.integers(0, 12))
+        lines.append(f"slide{i % 6},{224 * (i // 6)},0,{100 + fine},{fine % 3}")
+    (root / "clusters.csv").write_text("\n".join(lines) + "\n")
+    meta = ["slide_id,tissue_diagnosis"] + [f"slide{s},{'AB'[s % 2]}" for s in range(5)]
+    (root / "metadata.csv").write_text("\n".join(meta) + "\n")
+    index = index_mod.build_index(root / "clusters.csv", root / "index", progress=False)
+    return root, index
+
+
+def dump(root, out, *extra):
+    return main(["sampler", "dump", "--index", str(root / "index"), "--batch-size", "12", "--out", str(out),
+                 *extra])
+
+
+def test_dump_writes_batches_and_telemetry(tiny_index, tmp_path, capsys):
+    root, index = tiny_index
+    opts = ["sampler.name=cluster_stratified", "sampler.level=1", "sampler.seed=3"]
+    assert dump(root, tmp_path / "b.npy", "--steps", "5", "--world-size", "4", *opts) == 0
+    batches = np.load(tmp_path / "b.npy")
+    assert batches.shape == (5, 12) and batches.dtype == np.int64
+    expected = build_sampler({"name": "cluster_stratified", "level": 1, "seed": 3}, index, 12)
+    assert np.array_equal(batches, np.stack([expected.next_batch() for _ in range(5)]))
+    report = json.loads(capsys.readouterr().out)
+    assert report["batches"] == 5 and report["samples"] == 60
+    assert report["clusters_level_1_min"] == 12 and report["cluster_coverage"] == 1.0
+
+
+def test_dump_resume_continues_the_stream(tiny_index, tmp_path):
+    root, _ = tiny_index
+    opts = ["sampler.name=cluster_stratified", "sampler.level=2", "sampler.max_slides_per_epoch=2",
+            "sampler.pseudo_epoch_samples=24"]
+    assert dump(root, tmp_path / "all.npy", "--steps", "7", *opts) == 0
+    state = str(tmp_path / "s.pt")
+    assert dump(root, tmp_path / "head.npy", "--steps", "3", "--save-state", state, *opts) == 0
+    assert dump(root, tmp_path / "tail.npy", "--steps", "4", "--resume-from", str(tmp_path / "s.pt"),
+                "--start-step", "3", *opts) == 0
+    assert np.array_equal(np.load(tmp_path / "all.npy"),
+                          np.concatenate([np.load(tmp_path / "head.npy"), np.load(tmp_path / "tail.npy")]))
+    assert dump(root, tmp_path / "skip.npy", "--steps", "4", "--start-step", "3", *opts) == 0
+    assert np.array_equal(np.load(tmp_path / "skip.npy"), np.load(tmp_path / "tail.npy"))
+    assert dump(root, tmp_path / "x.npy", "--steps", "1", "--resume-from", str(tmp_path / "s.pt"),
+                "--start-step", "2", *opts) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--world-size", "5", "sampler.name=uniform"], "not divisible by world size 5"),
+    (["sampler.name=cluster_stratified", "sampler.levle=1"], "did you mean 'level'"),
+    (["sampler.name=cluster_stratified", "sampler.level=9"], "levels 1..2"),
+    (["trainer.lr=1"], "only sampler"),
+])
+def test_dump_errors_are_one_line(tiny_index, tmp_path, capsys, extra, message):
+    root, _ = tiny_index
+    assert dump(root, tmp_path / "b.npy", "--steps", "1", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "b.npy").exists()
+
+
+def test_real_index_views_and_metadata(tiny_index):
+    root, index = tiny_index
+    view = index.select(np.arange(0, 240, 2))
+    batch = build_sampler({"name": "cluster_stratified", "level": 1}, view, 12).next_batch()
+    assert np.isin(batch, view.row_ids()).all()
+    csv = root / "metadata.csv"
+    sampler = build_sampler({"name": "cluster_stratified", "metadata_csv": str(csv),
+                             "column": "tissue_diagnosis"}, index, 12)
+    codes = index.metadata_codes(csv, "tissue_diagnosis")[0]
+    batch = sampler.next_batch()
+    assert np.array_equal(np.bincount(codes[batch], minlength=2), [6, 6])
+    assert not np.isin(index.slides()[batch], [5]).any()  # slide5 has no metadata
+    meta = build_sampler({"name": "metadata", "metadata_csv": str(csv), "target_size": 50}, index, 10)
+    assert len(np.unique(np.concatenate([meta.next_batch() for _ in range(5)]))) == 50
