@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from dinov2_patho.errors import UserError
 
@@ -129,3 +130,20 @@ class RankBatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """This rank's row ids one by one, for `DataLoader(dataset, sampler=..., batch_size=B // W)`."""
+
+    def __init__(self, sampler: GlobalBatchSampler, rank: int, world_size: int):
+        self.batches = RankBatchSampler(sampler, rank, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.batches:
+            yield from batch
+
+    def state_dict(self, step: int | None = None) -> dict[str, Any]:
+        return self.batches.state_dict(step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)

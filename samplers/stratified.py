@@ -44,7 +44,7 @@ from .telemetry import Columns, batch_stats
 from .views import RowMap, cache_dir
 
 # hash domains, one per kind of random choice
-_ORDER, _TILE, _STEP, _SLIDES, _EPOCH, _LAYOUT = range(1, 7)
+_TILE, _STEP, _SLIDES, _EPOCH, _LAYOUT = range(1, 6)
 
 
 class ClusterStratifiedSampler(GlobalBatchSampler):
@@ -132,9 +132,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         if self._layout is None:
             if k <= B:
                 return s0 + rng.permutation(k), B // k + (np.arange(k) < B % k)
-            # B distinct of K > B clusters in O(B): the head of a keyed permutation
-            heads = permute(np.arange(B), k, hash_key(self.seed, _ORDER, step))
-            return s0 + heads, np.ones(B, dtype=np.int64)
+            return s0 + _distinct(rng, k, B), np.ones(B, dtype=np.int64)
         order, cum = self._layout[g]
         points = (rng.random() + np.arange(B)) * (cum[-1] / B)
         picks = np.minimum(np.searchsorted(cum, points, side="right"), k - 1)
@@ -189,3 +187,15 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         step = max(self.step - 1, 0)
         stats.update(step=step, pseudo_epoch=step // self.epoch_batches, slide_group=self.slide_group(step))
         return stats
+
+
+def _distinct(rng: np.random.Generator, k: int, b: int) -> np.ndarray:
+    """b distinct integers of [0, k) in random order, uniformly, in O(b) for k >> b."""
+    if k <= 4 * b:
+        return rng.permutation(k)[:b]
+    picks = np.empty(0, dtype=np.int64)
+    while len(picks) < b:  # rejection of repeats; about b**2 / 2k of them
+        candidates = np.concatenate([picks, rng.integers(0, k, b - len(picks) + b // 8 + 1)])
+        _, first = np.unique(candidates, return_index=True)
+        picks = candidates[np.sort(first)]  # first occurrences, in draw order
+    return picks[:b]

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dinov2_patho.samplers import RankBatchSampler, SamplerError, build_sampler, rank_slice
+from dinov2_patho.samplers import RankBatchSampler, RankSampler, SamplerError, build_sampler, rank_slice
 from dinov2_patho.samplers.metadata import inverse_frequency_subset
 from dinov2_patho.samplers.permute import hash_key, permute
+from dinov2_patho.samplers.stratified import _distinct
 from dinov2_patho.samplers.telemetry import TelemetrySummary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -236,6 +237,14 @@ def test_deterministic_for_a_seed(params, batch_size, seed):
     assert np.array_equal(first, draw(stratified(index, batch_size, seed=seed), 4))
 
 
+@SETTINGS
+@given(st.integers(1, 5000), st.integers(1, 300), st.integers(0, 100))
+def test_distinct_draws(k, b, seed):
+    b = min(b, k)
+    picks = _distinct(np.random.default_rng(seed), k, b)
+    assert len(picks) == b and len(np.unique(picks)) == b and picks.min() >= 0 and picks.max() < k
+
+
 def test_seeds_differ():
     index = make_index(0, 1000, 20)
     assert not np.array_equal(draw(stratified(index, 32, seed=0), 3), draw(stratified(index, 32, seed=1), 3))
@@ -404,6 +413,10 @@ def test_rank_batch_sampler_in_a_dataloader_with_workers():
         loader = torch.utils.data.DataLoader(Rows(), batch_sampler=batch_sampler, num_workers=2)
         got = [b.numpy() for _, b in zip(range(3), loader)]
         assert np.array_equal(np.stack(got), expected[:, rank * 6:(rank + 1) * 6])
+    per_item = RankSampler(stratified(index, 12, seed=4), 1, 2)
+    loader = torch.utils.data.DataLoader(Rows(), sampler=per_item, batch_size=6, num_workers=2)
+    got = [b.numpy() for _, b in zip(range(3), loader)]
+    assert np.array_equal(np.stack(got), expected[:, 6:])
 
 
 def test_telemetry():
