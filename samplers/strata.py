@@ -98,10 +98,13 @@ def cache_key(**parts) -> str:
     return h.hexdigest()
 
 
-def load_or_build(cache_dir: Path | None, key: str, build: Callable[[], Strata]) -> Strata:
-    """Memory-map cached strata from `cache_dir/key`, else build and cache them atomically."""
+def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], Strata]) -> Strata:
+    """Memory-map cached strata from `cache_dir/<digest of key_parts>`, else build and cache
+    them atomically. The digest covers the labels (and slide groups) by content, so a
+    cache entry can never serve different strata."""
     if cache_dir is None:
         return build()
+    key = cache_key(**key_parts)
     final = cache_dir / key
     if final.is_dir():
         try:

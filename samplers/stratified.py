@@ -39,7 +39,7 @@ import torch
 
 from .base import GlobalBatchSampler, SamplerError
 from .permute import hash_key, mix64, permute
-from .strata import CHUNK, Strata, build_strata, cache_key, load_or_build
+from .strata import CHUNK, Strata, build_strata, load_or_build
 from .telemetry import Columns, batch_stats
 from .views import RowMap, cache_dir
 
@@ -80,8 +80,8 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
     def _build(self, num_labels: int, cache: bool) -> Strata:
         n, labels = len(self.index), self.labels
         if self.max_slides is None:
-            key = cache_key(labels=labels, num_labels=num_labels)
-            return load_or_build(cache_dir(self.index, cache), key,
+            parts = {"labels": labels, "num_labels": num_labels}
+            return load_or_build(cache_dir(self.index, cache), parts,
                                  lambda: build_strata(n, num_labels, lambda a, b: labels[a:b]))
         slides = self.columns.slides()
         present = np.zeros(len(self.index.slide_names), dtype=bool)
@@ -92,8 +92,8 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         group_of_slide = np.zeros(len(present), dtype=np.int32)
         dealt = permute(np.arange(len(ids)), len(ids), hash_key(self.seed, _SLIDES))
         group_of_slide[ids] = dealt % num_groups
-        key = cache_key(labels=labels, num_labels=num_labels, slides=slides, groups=group_of_slide)
-        return load_or_build(cache_dir(self.index, cache), key, lambda: build_strata(
+        parts = {"labels": labels, "num_labels": num_labels, "slides": slides, "groups": group_of_slide}
+        return load_or_build(cache_dir(self.index, cache), parts, lambda: build_strata(
             n, num_labels, lambda a, b: labels[a:b], lambda a, b: group_of_slide[slides[a:b]], num_groups))
 
     def _alpha_layout(self) -> list[tuple[np.ndarray, np.ndarray]]:
