@@ -57,25 +57,33 @@ def build_strata(num_rows: int, num_labels: int, labels: Callable[[int, int], np
         raise ValueError(f"{num_groups} slide groups x {num_labels} clusters is too many strata")
     drop = bins  # one extra bin collects dropped rows at the end of `order`
 
-    def keys(a: int, b: int) -> torch.Tensor:
+    key_dtype = np.uint8 if bins < 2**8 else np.uint16 if bins < 2**16 else np.int32
+
+    def keys(a: int, b: int) -> np.ndarray:
         lab = np.asarray(labels(a, b)).astype(np.int64)
         key = lab if groups is None else np.asarray(groups(a, b)).astype(np.int64) * num_labels + lab
         key[lab < 0] = drop
-        return torch.from_numpy(key.astype(np.int32))
+        return key.astype(key_dtype)
+
+    def stable_argsort(key: np.ndarray) -> np.ndarray:
+        # both are radix sorts: numpy's for keys of <= 16 bits, torch's (3x numpy's timsort) above
+        if key.dtype == np.int32:
+            return torch.sort(torch.from_numpy(key), stable=True)[1].numpy()
+        return np.argsort(key, kind="stable")
 
     counts = np.zeros(bins + 1, dtype=np.int64)
     for a in range(0, num_rows, CHUNK):
-        counts += np.bincount(keys(a, min(a + CHUNK, num_rows)).numpy(), minlength=bins + 1)
+        counts += np.bincount(keys(a, min(a + CHUNK, num_rows)), minlength=bins + 1)
     cursor = np.concatenate(([0], np.cumsum(counts)[:-1]))
     order = np.empty(num_rows, dtype=np.int32 if num_rows < 2**31 else np.int64)
     for a in range(0, num_rows, CHUNK):
         b = min(a + CHUNK, num_rows)
-        # torch's stable int32 sort is a radix sort: ~3x numpy's on 4M keys
-        sorted_keys, idx = torch.sort(keys(a, b), stable=True)
-        sk = sorted_keys.numpy().astype(np.int64)
+        key = keys(a, b)
+        idx = stable_argsort(key)
+        sk = key[idx]
         chunk_counts = np.bincount(sk, minlength=bins + 1)
         first = np.concatenate(([0], np.cumsum(chunk_counts)[:-1]))
-        order[cursor[sk] + np.arange(b - a) - first[sk]] = idx.numpy() + a
+        order[(cursor - first)[sk] + np.arange(b - a)] = idx + a
         cursor += chunk_counts
     kept = np.flatnonzero(counts[:bins])
     offsets = np.concatenate(([0], np.cumsum(counts[kept]))).astype(np.int64)
