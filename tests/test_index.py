@@ -314,3 +314,13 @@ def test_cohort_index(cohort, cohort_index):
     assert (codes >= 0).all()
     for k in range(1, cohort_index.num_levels + 1):
         assert cohort_index.cluster_sizes(k).sum() == len(cohort_index)
+
+
+def test_hash_collisions_are_checked_on_exact_tiles(tmp_path, monkeypatch):
+    """Duplicates are confirmed on (slide, x, y): with every hash equal, only true repeats are dropped."""
+    from dinov2_patho.data import index_ingest
+
+    monkeypatch.setattr(index_ingest, "tile_hash", lambda s, x, y: np.zeros(x.size, np.uint64))
+    rows = [("a", 0, 0, 1), ("a", 0, 224, 1), ("b", 0, 0, 2), ("a", 0, 224, 3), ("c", 5, 5, 1)]
+    index = build_index(write_csv(tmp_path / "c.csv", rows, 1), tmp_path / "idx", dedupe=True, progress=False)
+    check_round_trip(index, [rows[i] for i in (0, 1, 2, 4)], 1)

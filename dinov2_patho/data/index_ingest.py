@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dinov2_patho.data.index_source import Batch, is_parquet, iter_batches, row_error
+from dinov2_patho.data.index_checks import HASH_RECORD, TreeCheck, find_duplicates, tile_hash
+from dinov2_patho.data.index_source import Batch, is_parquet, iter_batches
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 
@@ -33,7 +34,6 @@ _PARTITION_BYTES = 64 << 20  # of input per partition
 _LUT_LIMIT = 1 << 24  # cluster values in [0, 2^24) map through a lookup table, others through a sorted table
 _FLUSH_ROWS = 1 << 20
 _PASS2_ROWS = 1 << 20
-_HASH_REC = np.dtype([("h", "<u8"), ("row", "<u8")])
 
 
 def narrow_unsigned(max_value: int) -> np.dtype:
@@ -101,18 +101,6 @@ class _ValueMap:
         return np.concatenate(self.values) if self.values else np.zeros(0, np.int64)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer (uint64 arithmetic wraps)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def tile_hash(slide: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    key = (x.astype(np.uint64) << np.uint64(32)) | y.astype(np.uint64)
-    return _mix(key ^ _mix(slide.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
-
-
 class _Scratch:
     """Pass-1 output: raw columns appended to files, and (hash, row) records in hash partitions.
 
@@ -145,7 +133,7 @@ class _Scratch:
         h = tile_hash(cols["slide"], cols["x"], cols["y"])
         part = (h >> np.uint64(56)).astype(np.uint8) & np.uint8(self.num_parts - 1)
         order = np.argsort(part, kind="stable")
-        rec = np.empty(h.size, _HASH_REC)
+        rec = np.empty(h.size, HASH_RECORD)
         rec["h"] = h[order]
         rec["row"] = order + self.flushed
         bounds = np.searchsorted(part[order], np.arange(self.num_parts + 1))
@@ -261,7 +249,7 @@ def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
         scratch.close()
         bar.close()
     csv_lines = not is_parquet(src)
-    dropped, num_dropped = _duplicates(
+    dropped, num_dropped = find_duplicates(
         src, scratch, num_rows, list(slide_ids), dedupe=dedupe, csv_lines=csv_lines
     )
     manifest = _pass2(
@@ -287,53 +275,6 @@ def _slide_ids(b: Batch, table: dict[str, int]) -> np.ndarray:
     for i, key in enumerate(b.slide_keys):
         lut[i] = table.setdefault(key, len(table))
     return lut[b.slide_codes]
-
-
-def _duplicates(
-    src: Path, scratch: _Scratch, num_rows: int, slide_names: list[str], *, dedupe: bool, csv_lines: bool
-) -> tuple[np.ndarray | None, int]:
-    """Bitmap (1 bit per row) of repeated (slide, x, y) rows after their first occurrence (or None), and
-    their number.
-
-    Equal hashes are only candidates: they are confirmed on the exact (slide, x, y) values."""
-    xs, ys, ss = (scratch.reader(n, dt) for n, dt in (("x", np.int32), ("y", np.int32), ("slide", np.uint32)))
-    bitmap, first_dup, count = None, None, 0
-    for p in range(scratch.num_parts):
-        rec = np.fromfile(scratch.work / f"part{p:03d}.raw", _HASH_REC)
-        hs = np.sort(rec["h"])
-        dup_h = np.unique(hs[1:][hs[1:] == hs[:-1]])
-        if not dup_h.size:
-            continue
-        rows = np.sort(rec["row"][np.isin(rec["h"], dup_h)]).astype(np.int64)
-        s, x, y = ss.gather(rows), xs.gather(rows), ys.gather(rows)
-        order = np.lexsort((rows, y, x, s))  # equal tiles together, first occurrence first
-        rows, s, x, y = rows[order], s[order], x[order], y[order]
-        same = (s[1:] == s[:-1]) & (x[1:] == x[:-1]) & (y[1:] == y[:-1])
-        if not same.any():
-            continue
-        group_first = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(rows.size), 0))
-        dup = np.flatnonzero(np.r_[False, same])
-        if not dedupe:
-            i = dup[np.argmin(rows[dup])]
-            cand = (int(rows[i]), int(rows[group_first[i]]), int(s[i]), int(x[i]), int(y[i]))
-            first_dup = cand if first_dup is None or cand < first_dup else first_dup
-            continue
-        if bitmap is None:
-            bitmap = np.zeros((num_rows + 7) // 8, np.uint8)
-        np.bitwise_or.at(bitmap, rows[dup] >> 3, (1 << (rows[dup] & 7)).astype(np.uint8))
-        count += dup.size
-    for r in (xs, ys, ss):
-        r.f.close()
-    if first_dup is not None:
-        row, orig, s, x, y = first_dup
-        raise row_error(
-            src,
-            row + 1,
-            f"duplicate tile (slide_id={slide_names[s]!r}, tile_x={x}, tile_y={y}), "
-            f"first at data row {orig + 1}; pass --dedupe to drop repeats",
-            csv_lines=csv_lines,
-        )
-    return bitmap, count
 
 
 def _pass2(
@@ -404,7 +345,7 @@ def _pass2(
         scratch.reader("slide", np.uint32),
         *[scratch.reader(f"level{k}", np.uint32) for k in range(1, len(maps) + 1)],
     ]
-    tree = _TreeCheck([lm["num_clusters"] for lm in levels_meta])
+    tree = TreeCheck([lm["num_clusters"] for lm in levels_meta])
     slide_rows = np.zeros(num_slides, np.int64)
     grouped, last_slide = True, -1
     with tqdm(total=num_rows, unit="row", unit_scale=True, desc="index write", disable=not progress) as bar:
@@ -445,33 +386,3 @@ def _pass2(
         "slide_dtype": None if grouped else slide_dtype.str,
         "levels": levels_meta,
     }
-
-
-class _TreeCheck:
-    """Does every level-k cluster sit in exactly one level-(k+1) cluster?"""
-
-    def __init__(self, num_clusters: list[int]):
-        self.parent = [np.full(n, -1, np.int32) for n in num_clusters[:-1]]
-        self.split = [np.zeros(n, bool) for n in num_clusters[:-1]]
-
-    def update(self, dense: list[np.ndarray]) -> None:
-        for parent, split, child, up in zip(self.parent, self.split, dense[:-1], dense[1:]):
-            seen = parent[child]
-            unset = seen < 0
-            if unset.any():
-                parent[child[unset]] = up[unset]
-                seen = parent[child]
-            split[child[seen != up]] = True
-
-    def report(self, names) -> list[str | None]:
-        out: list[str | None] = []
-        for k, split in enumerate(self.split):
-            bad = int(split.sum())
-            if bad:
-                msg = (
-                    f"{names[k]} -> {names[k + 1]} is not a tree: {bad} of {split.size} {names[k]} clusters "
-                    f"have more than one {names[k + 1]} parent"
-                )
-                log.warning(msg)
-            out.append(msg if bad else None)
-        return [*out, None]
