@@ -324,3 +324,13 @@ def test_hash_collisions_are_checked_on_exact_tiles(tmp_path, monkeypatch):
     rows = [("a", 0, 0, 1), ("a", 0, 224, 1), ("b", 0, 0, 2), ("a", 0, 224, 3), ("c", 5, 5, 1)]
     index = build_index(write_csv(tmp_path / "c.csv", rows, 1), tmp_path / "idx", dedupe=True, progress=False)
     check_round_trip(index, [rows[i] for i in (0, 1, 2, 4)], 1)
+
+
+def test_cluster_values_leaving_the_lookup_table_midway(tmp_path, monkeypatch):
+    """Small values first (lookup table), then huge ones in later blocks (sorted table): same ids."""
+    from dinov2_patho.data import index_source
+
+    monkeypatch.setattr(index_source, "CSV_BLOCK_SIZE", 1 << 12)
+    rows = [("s", i, 0, i % 50 if i < 1000 else (i % 70) * 2**40 + i % 3) for i in range(2000)]
+    index = build_index(write_csv(tmp_path / "c.csv", rows, 1), tmp_path / "idx", progress=False)
+    check_round_trip(index, rows, 1)
