@@ -157,6 +157,24 @@ def test_request_stop_checkpoints_and_returns_at_the_boundary(cohort, cohort_ind
     assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(10))
 
 
+def test_evaluation_hook_runs_benchmarks_on_the_teacher(cohort, cohort_index, tmp_path, monkeypatch):
+    import dinov2_patho.eval as eval_pkg
+
+    calls = []
+
+    def fake_run_benchmarks(backbone, benchmarks, cfg, output_dir):
+        calls.append((backbone, list(benchmarks), cfg, Path(output_dir), backbone.training))
+        return {}
+
+    monkeypatch.setattr(eval_pkg, "run_benchmarks", fake_run_benchmarks)
+    cfg = tiny_cfg(cohort, cohort_index, "train.iterations=4", "train.num_workers=0",
+                   "evaluation.every_n_iterations=2", "evaluation.benchmarks=[bach]")
+    trainer_mod.run_training(cfg, tmp_path)
+    assert [c[3] for c in calls] == [tmp_path / "eval" / "iter_00000002", tmp_path / "eval" / "iter_00000004"]
+    assert all(c[1] == ["bach"] and c[2] is None and not c[4] for c in calls)
+    assert calls[0][0] is not None and calls[0][0].embed_dim == 48
+
+
 # ---------------------------------------------------------------------------- exact resume
 
 
@@ -168,8 +186,10 @@ def _run(args, output_dir):
 def test_sigkill_and_resume_reproduces_batches_and_losses(cohort, cohort_index, tmp_path):
     """A run killed with SIGKILL at a random iteration and resumed gives the same batches and the
     same losses as an uninterrupted run (CPU, fixed seed, DataLoader workers prefetching ahead)."""
+    # stochastic depth: the model's own RNG stream must also continue exactly
     args = [*_data(cohort, cohort_index), *TINY, "train.iterations=12", "checkpoint.every_n_iterations=3",
-            "checkpoint.keep_last=2", "train.num_workers=2", "train.log_every=1"]
+            "checkpoint.keep_last=2", "train.num_workers=2", "train.log_every=1",
+            "student.drop_path_rate=0.2"]
     full = _run(args, tmp_path / "full")
     assert full.returncode == 0, full.stderr
     reference = read_metrics(tmp_path / "full" / "metrics.jsonl")

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from dinov2_patho.config import ConfigError, load_config
 from dinov2_patho.errors import UserError
+from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
 
 DEFAULTS = "train/default.yaml"
 # the chosen sampler's options are validated by the sampler
@@ -46,6 +47,10 @@ def validate_config(cfg: DictConfig) -> None:
                 "checkpoint.keep_last": 1, "evaluation.every_n_iterations": 0}
     for key, minimum in minimums.items():
         _at_least(cfg, key, minimum)
+    lead = cfg.train.num_workers * cfg.train.prefetch_factor
+    if lead >= SAMPLER_HISTORY:
+        raise ConfigError(f"train.num_workers x train.prefetch_factor = {lead}: the loader may run at most "
+                          f"{SAMPLER_HISTORY - 1} batches ahead (the sampler's undo history)")
     _one_of(cfg, "train.device", ("auto", "cuda", "cpu"))
     _one_of(cfg, "train.distributed", ("ddp",))
     _one_of(cfg, "data.on_error", ("raise", "skip"))

@@ -23,8 +23,9 @@ from dinov2_patho.data.augment import MultiCropAugmentation
 from dinov2_patho.data.collate import collate_multicrop
 from dinov2_patho.data.masking import MaskingGenerator
 
-# Streams of the seed derivation: one per kind of draw, so none shares another's seeds.
-_AUGMENT, _MASKS = 0, 1
+# Streams of the seed derivation: one per kind of draw, so none shares another's seeds
+# (2 is the trainer's per-rank model RNG).
+_AUGMENT, _MASKS, _LOADER = 0, 1, 3
 
 
 def derived_seed(*keys: int) -> int:
@@ -103,5 +104,9 @@ def build_loader(dataset: torch.utils.data.Dataset, batch_sampler: StepBatchSamp
                  cfg: DictConfig, pin_memory: bool) -> torch.utils.data.DataLoader:
     workers = int(cfg.train.num_workers)
     extra = {"prefetch_factor": int(cfg.train.prefetch_factor), "persistent_workers": True} if workers else {}
+    # The loader draws its workers' base seed when iterated; from its own generator, not the
+    # global one, so starting the loader (fresh or resumed) leaves the model's RNG stream alone.
+    generator = _generator(int(cfg.train.seed), _LOADER)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
-                                       collate_fn=collate, pin_memory=pin_memory, **extra)
+                                       collate_fn=collate, pin_memory=pin_memory, generator=generator,
+                                       **extra)
