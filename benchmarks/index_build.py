@@ -2,7 +2,8 @@
 
 Generates a t1-like clustering CSV (4 levels nested as a tree: 3.5M / 35,000 / 350 / 62 clusters)
 with the real per-slide tile counts of a 10% sample of ../shared/data/tiles_per_slide.csv
-(~35M rows; `--quick`: 1%, ~3.5M rows) in a temp dir, builds the index in a child process
+(~35M rows; `--quick`: 1%, ~3.5M rows, with 350,000 level_1 clusters to keep ~10 rows per
+level_1 cluster) in a temp dir, builds the index in a child process
 (its peak RSS is the build's alone), and deletes everything after.
 
     flock /tmp/dinov2_patho_heavy.lock .venv/bin/python benchmarks/index_build.py
@@ -46,10 +47,10 @@ print(json.dumps({"open_s": t_open - t_import, "import_s": t_import - t}))
 """
 
 
-def generate(path: Path, counts: np.ndarray, names: list[str], seed: int = 0) -> int:
-    """Rows grouped by slide, tiles in raster order on a 224-px grid, level_1 uniform over T1[0]."""
+def generate(path: Path, counts: np.ndarray, names: list[str], k1: int, seed: int = 0) -> int:
+    """Rows grouped by slide, tiles in raster order on a 224-px grid, level_1 uniform over k1 clusters."""
     rng = np.random.default_rng(seed)
-    k1, k2, k3, k4 = T1
+    _, k2, k3, k4 = T1
     schema = pa.schema(
         [
             ("slide_id", pa.string()),
@@ -103,7 +104,7 @@ def main() -> int:
     csv, out = work / "clusters.csv", work / "index"
     try:
         t = time.perf_counter()
-        rows = generate(csv, counts[pick], [names[i] for i in pick])
+        rows = generate(csv, counts[pick], [names[i] for i in pick], k1=int(T1[0] * frac / 0.10))
         gen_s = time.perf_counter() - t
         csv_bytes = csv.stat().st_size
         done = subprocess.run(
