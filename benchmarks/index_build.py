@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,10 @@ import sys, time, json
 from dinov2_patho.data.index import build_index
 t, cpu = time.perf_counter(), time.process_time()
 ix = build_index(sys.argv[1], sys.argv[2], progress=False)
-print(json.dumps({"build_s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu, "rows": len(ix)}))
+wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's RSS across fork+exec)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"build_s": wall, "cpu_s": cpu, "rows": len(ix), "peak_rss": hwm}))
 """
 _OPEN = """
 import sys, time, json
@@ -111,7 +113,7 @@ def main() -> int:
             [sys.executable, "-c", _BUILD, str(csv), str(out)], check=True, capture_output=True, text=True
         )
         build = json.loads(done.stdout)
-        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+        peak_gb = build["peak_rss"] / 1e9
         opened = json.loads(
             subprocess.run(
                 [sys.executable, "-c", _OPEN, str(out)], check=True, capture_output=True, text=True
