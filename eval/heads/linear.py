@@ -129,9 +129,10 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
     """`n_runs` heads (seeds seed, seed+1, ...) trained on `train`, early-stopped on `val`,
     scored on `test` (eva scores on `val` when a benchmark has no test split: pass it
     twice). Returns per-run metrics and mean/std of the scalar ones."""
-    x_tr, y_tr = torch.as_tensor(train[0]), torch.as_tensor(train[1])
-    x_va, y_va = torch.as_tensor(val[0]), torch.as_tensor(val[1])
-    x_te = torch.as_tensor(test[0])
+    # copies: the inputs may be read-only memory maps of the feature cache
+    x_tr, y_tr = torch.tensor(train[0], dtype=torch.float32), torch.tensor(train[1], dtype=torch.int64)
+    x_va, y_va = torch.tensor(val[0], dtype=torch.float32), torch.tensor(val[1], dtype=torch.int64)
+    x_te = torch.tensor(test[0], dtype=torch.float32)
     runs = []
     with _single_thread(cfg.device):
         for r in range(cfg.n_runs):
