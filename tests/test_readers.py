@@ -71,6 +71,17 @@ def test_tiles_match_level0_pixels(registry, level0, backend, cohort):
         np.testing.assert_array_equal(tile, ref[y:y + 224, x:x + 224])
 
 
+def test_fast_openslide_read_equals_read_region(registry, cohort):
+    """Our OpenSlide read skips read_region's PIL image through openslide-python internals: same pixels."""
+    import openslide
+
+    sid = cohort.slide_ids[4]
+    handle = openslide.OpenSlide(str(registry.path(sid)))
+    for x, y, level, size in [(0, 0, 0, 224), (300, 700, 0, 224), (448, 448, 1, 100), (2300 - 64, 0, 0, 64)]:
+        expected = np.asarray(handle.read_region((x, y), level, (size, size)))
+        np.testing.assert_array_equal(readers._openslide_read(handle, x, y, level, size), expected)
+
+
 def test_backends_agree_on_every_tissue_tile(registry, cohort):
     a = SlideTileSource(registry, backend="openslide", fallback=None)
     b = SlideTileSource(registry, backend="tiffslide", fallback=None)

@@ -66,10 +66,11 @@ def build_tile_source(cfg: Mapping[str, Any]) -> TileSource:
 class TileDataset(Dataset):
     """Map-style dataset indexed by GLOBAL row id of `index` (what the samplers yield).
 
-    Returns `(transform(uint8 tensor [3, 224, 224]), row_id)`. With `on_error="skip"` an unreadable
-    tile is replaced by another tile of the same cluster (finest level first, then coarser ones);
-    every substitution is logged as a warning and counted in `substitutions`, summed over the
-    DataLoader workers. The returned row id is the one asked for, so batches keep the sampler's ids.
+    Returns `(transform(uint8 tensor [3, 224, 224]), row_id)`; the tensor may be a strided view.
+    With `on_error="skip"` an unreadable tile is replaced by another tile of the same cluster
+    (finest level first, then coarser ones); every substitution is logged as a warning and
+    counted in `substitutions`, summed over the DataLoader workers. The returned row id is the one
+    asked for, so batches keep the sampler's ids.
     """
 
     def __init__(self, index: Any, source: TileSource,
@@ -114,7 +115,8 @@ class TileDataset(Dataset):
             if self.on_error == "raise":
                 raise
             tile = self._substitute(row_id, error)
-        tensor = torch.from_numpy(tile).permute(2, 0, 1).contiguous()
+        # A view, no copy: the batch collate or the first augmentation copies anyway.
+        tensor = torch.from_numpy(tile).permute(2, 0, 1)
         return (self.transform(tensor) if self.transform is not None else tensor), row_id
 
     def _read(self, row_id: int) -> np.ndarray:
