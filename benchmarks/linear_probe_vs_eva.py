@@ -62,12 +62,14 @@ def split(name):
                                            split=name)
 
 
+# in-process loading: eva's DataLoader defaults (prefetch, persistent workers) need workers
+loader = {"batch_size": 256, "num_workers": 0, "prefetch_factor": None, "persistent_workers": False}
 data = eva.DataModule(
     datasets=datamodules.schemas.DatasetsSchema(train=split("train"), val=split("val"), test=split("test")),
     dataloaders=datamodules.schemas.DataloadersSchema(
-        train=dataloaders.DataLoader(batch_size=256, shuffle=True, num_workers=0),
-        val=dataloaders.DataLoader(batch_size=256, num_workers=0),
-        test=dataloaders.DataLoader(batch_size=256, num_workers=0)))
+        train=dataloaders.DataLoader(shuffle=True, **loader),
+        val=dataloaders.DataLoader(**loader),
+        test=dataloaders.DataLoader(**loader)))
 trainer.run_evaluation_session(model=model, datamodule=data)
 """
 
