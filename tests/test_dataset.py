@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from dinov2_patho.data.dataset import TileDataset, build_tile_source
@@ -126,8 +127,9 @@ def test_build_tile_source_from_config(cohort, tmp_path):
                              "mpp_override": 0.25, "cache_size": 3, "num_workers": 4})
     assert isinstance(src, SlideTileSource)
     assert src.backends == ("tiffslide",) and src.mpp_override == 0.25 and src.cache.size == 3
-    src = build_tile_source({"slides": str(cohort.slides_dir)})
-    assert src.backends == ("openslide", "tiffslide")
+    cfg = OmegaConf.create({"index": "i", "slides": str(cohort.slides_dir), "fallback": None})
+    src = build_tile_source(cfg)
+    assert src.backends == ("openslide",) and src.mpp_override is None and src.cache.size == 16
     assert isinstance(build_tile_source({"backend": "hdf5", "tile_store": str(tmp_path)}), HDF5TileSource)
     for cfg, match in [({"backend": "hdf5"}, "data.tile_store"), ({"backend": "openslide"}, "data.slides"),
                        ({"backend": "hdf", "slides": "x"}, "did you mean 'hdf5'"),

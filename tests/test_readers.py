@@ -13,6 +13,7 @@ from dinov2_patho.data import readers
 from dinov2_patho.data.readers import (
     TILE_PX,
     TILE_UM,
+    HandleCache,
     MissingMppError,
     SlideTileSource,
     TileReadError,
@@ -185,6 +186,27 @@ def test_bad_settings_are_user_errors(registry):
         SlideTileSource(registry, mpp_override=0)
     with pytest.raises(UserError, match="cache_size"):
         SlideTileSource(registry, cache_size=0)
+
+
+class _Handle:
+    def __init__(self, key, log):
+        self.key, self.log = key, log
+
+    def close(self):
+        self.log.append(self.key)
+
+
+@given(keys=st.lists(st.sampled_from("abcdef"), max_size=40), size=st.integers(1, 4))
+def test_handle_cache_is_an_lru(keys, size):
+    cache, closed, opened, recent = HandleCache(size), [], [], []
+    for k in keys:
+        handle = cache.get(k, lambda k=k: opened.append(k) or _Handle(k, closed))
+        assert handle.key == k
+        recent = [r for r in recent if r != k] + [k]
+    assert len(cache) == min(size, len(set(keys)))
+    # Exactly the evicted handles were closed; the `size` most recently used are still open.
+    assert sorted(opened) == sorted(closed + recent[-size:])
+    assert all(cache.get(k, lambda: pytest.fail("reopened")).key == k for k in recent[-size:])
 
 
 def test_lru_cache_and_pickling(registry, cohort):
