@@ -32,7 +32,11 @@ MUNGE_SOCKET_DIR = Path("/run/munge")
 
 
 class SlurmUnavailable(RuntimeError):
-    """SLURM cannot be installed or started here; the message says why."""
+    """SLURM is not installed and cannot be installed here; the message says why."""
+
+
+class SlurmStartError(RuntimeError):
+    """SLURM is installed but a daemon did not come up: a failure, not a reason to skip."""
 
 
 @dataclass
@@ -42,8 +46,9 @@ class SlurmCluster:
     env: dict[str, str]  # environment for SLURM commands and submissions (SLURM_CONF)
     workdir: Path | None  # our daemons' state and logs; None for a SLURM we did not start
 
-    def run(self, *cmd: str, check: bool = True) -> str:
-        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+    def run(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+        out = subprocess.run(cmd, env=self.env if env is None else env, capture_output=True, text=True,
+                             timeout=60)
         if check and out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()}")
         return out.stdout
@@ -133,7 +138,7 @@ def _wait(condition, what: str, proc: subprocess.Popen, log: Path, timeout: floa
             break
         time.sleep(0.3)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-    raise SlurmUnavailable(f"{what} did not come up (exit code {proc.poll()}); log {log}:\n{tail}")
+    raise SlurmStartError(f"{what} did not come up (exit code {proc.poll()}); log {log}:\n{tail}")
 
 
 def _start_munged(workdir: Path) -> subprocess.Popen:
@@ -243,7 +248,7 @@ def _cancel_jobs(cluster: SlurmCluster) -> None:
 
 @contextlib.contextmanager
 def local_slurm(partition: str = "debug") -> Iterator[SlurmCluster]:
-    """A running SLURM for the duration of the block; raises SlurmUnavailable if there can be none."""
+    """A running SLURM for the duration of the block; SlurmUnavailable when it cannot be installed."""
     with open(LOCK_PATH, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         existing = _answers(dict(os.environ))
