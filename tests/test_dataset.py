@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from dinov2_patho.data import dataset as dataset_module
 from dinov2_patho.data.dataset import TileDataset, build_tile_source
 from dinov2_patho.data.readers import SlideTileSource, TileReadError
 from dinov2_patho.data.slides import SlideRegistry
@@ -75,6 +76,18 @@ def test_skip_substitutes_a_tile_of_the_same_cluster_and_counts_it(cohort_index,
     assert any(np.array_equal(img.permute(1, 2, 0).numpy(), t) for t in reads)
     assert f"slide '{sid}', tile at level-0 (x={x}, y={y})" in caplog.text
     assert "1 substitutions so far" in caplog.text
+
+
+def test_skip_in_a_view_stays_in_the_view(cohort_index, wsi, monkeypatch):
+    monkeypatch.setattr(dataset_module, "_SCAN_CHUNK", 16)  # exercise the chunked, wrapping scan
+    view = cohort_index.select(cohort_index.row_ids()[1::2])
+    row = int(view.row_ids()[20])
+    ds = TileDataset(view, Flaky(wsi, {cohort_index.tile(row)}), on_error="skip")
+    img, rid = ds[row]
+    assert rid == row and ds.substitutions == 1
+    members = set(view.row_ids()[view.level(1) == view.level(1)[20]].tolist()) - {row}
+    assert members and any(np.array_equal(img.permute(1, 2, 0).numpy(), wsi.read(*cohort_index.tile(r)))
+                           for r in members)
 
 
 def test_skip_escalates_to_coarser_levels_then_gives_up(cohort_index, wsi):

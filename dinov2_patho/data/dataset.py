@@ -41,6 +41,7 @@ ON_ERROR = ("raise", "skip")
 SOURCES = ("openslide", "tiffslide", "hdf5")
 # Candidates tried, over all levels, before a skip gives up on a tile.
 MAX_SUBSTITUTE_TRIES = 16
+_SCAN_CHUNK = 1 << 20
 # Substitution counters in shared memory: slot 0 for the main process, 1 + worker id for workers,
 # so each slot has one writer and needs no lock.
 _COUNTER_SLOTS = 1025
@@ -126,15 +127,13 @@ class TileDataset(Dataset):
     def _substitute(self, row_id: int, error: TileReadError) -> np.ndarray:
         rng = np.random.default_rng(row_id)
         tried = {row_id}
-        position = int(np.searchsorted(self.index.row_ids(), row_id))
+        this_row = self.index.select(np.array([row_id], np.int64))  # its clusters, without the whole view
         for k in range(1, self.index.num_levels + 1):
-            cluster = int(self.index.level(k)[position])
-            members = self._cluster_rows(k, cluster)
-            for candidate in rng.permutation(members)[:MAX_SUBSTITUTE_TRIES].tolist():
-                if candidate in tried:
-                    continue
+            for candidate in rng.permutation(self._cluster_rows(k, int(this_row.level(k)[0]), rng)).tolist():
                 if len(tried) > MAX_SUBSTITUTE_TRIES:
                     break
+                if candidate in tried:
+                    continue
                 tried.add(candidate)
                 try:
                     tile = self._read(candidate)
@@ -149,9 +148,22 @@ class TileDataset(Dataset):
                             f"{error.reason}; and no readable substitute among {len(tried) - 1} tiles of its "
                             f"clusters") from error
 
-    def _cluster_rows(self, k: int, cluster: int) -> np.ndarray:
-        """Global row ids of the view's rows in cluster `cluster` of level k (cached; errors are rare)."""
+    def _cluster_rows(self, k: int, cluster: int, rng: np.random.Generator) -> np.ndarray:
+        """Some global row ids of the view's rows in a level-k cluster (cached; errors are rare).
+
+        A chunked scan of the level column from a random chunk, stopping once it has enough: the
+        column may hold 350M rows, and a full index must not materialise its row ids.
+        """
         key = (k, cluster)
         if key not in self._members:
-            self._members[key] = self.index.row_ids()[np.flatnonzero(self.index.level(k) == cluster)]
+            column = self.index.level(k)
+            chunks = range(0, len(column), _SCAN_CHUNK)
+            first = int(rng.integers(len(chunks))) if len(chunks) else 0
+            found: list[int] = []
+            for start in [*chunks[first:], *chunks[:first]]:
+                found += (start + np.flatnonzero(column[start:start + _SCAN_CHUNK] == cluster)).tolist()
+                if len(found) > 2 * MAX_SUBSTITUTE_TRIES:
+                    break
+            positions = np.array(found, np.int64)
+            self._members[key] = self.index.row_ids()[positions] if self.index.is_view else positions
         return self._members[key]
