@@ -3,6 +3,8 @@ made before anything is queued, the batch scripts' finished/not-finished probe."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
 from dinov2_patho.run.cli import eval_command
 from dinov2_patho.run.env import PORT_BASE, PORT_SPAN, distributed_env, master_port, submitit_distributed_env
+from dinov2_patho.run.jobs import CommandJob
 from dinov2_patho.run.status import NOT_FINISHED, training_progress
 from dinov2_patho.run.status import main as status_main
 from dinov2_patho.run.submit import SlurmResources, parse_sbatch_options, submit
@@ -44,14 +47,31 @@ def test_inconsistent_slurm_geometry_is_an_error():
         distributed_env(global_rank=4, local_rank=0, num_tasks=4, num_nodes=1, hostnames=["a"], job_id="5")
 
 
-def test_env_from_a_submitit_task(monkeypatch):
+@pytest.fixture
+def in_submitit_task(monkeypatch):
+    """The variables of task 11 of 16 of SLURM job 4242 under submitit; the env:// variables
+    a job sets are restored afterwards."""
     for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "11",
                        "SLURM_LOCALID": "3", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
                        "SLURM_JOB_NODELIST": "gpu[007-008]"}.items():
         monkeypatch.setenv(key, value)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset")
+
+
+def test_env_from_a_submitit_task(in_submitit_task):
     env = submitit_distributed_env()
     assert env == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
                    "MASTER_ADDR": "gpu007", "MASTER_PORT": str(master_port("4242"))}
+
+
+def test_command_job_substitutes_the_job_id_and_fails_loudly(in_submitit_task, tmp_path):
+    job = CommandJob(["train", "--output-dir", str(tmp_path / "out_%j"),
+                      "--config-file", str(tmp_path / "c_%j.yaml")])
+    with pytest.raises(RuntimeError, match=r"c_4242\.yaml exited with status 2"):
+        job()
+    assert os.environ["RANK"] == "11" and os.environ["MASTER_ADDR"] == "gpu007"
+    assert job.checkpoint().function is job  # requeued as it is
 
 
 def test_resources_one_task_per_gpu_or_per_cpu_slot():
