@@ -88,6 +88,18 @@ def test_resources_one_task_per_gpu_or_per_cpu_slot():
     assert params["setup"] == ["export OMP_NUM_THREADS=1"]
 
 
+def test_resources_render_as_sbatch_options():
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    resources = SlurmResources(nodes=2, gpus_per_node=8, partition="gpu", timeout_min=90, mem_gb=7.5,
+                               account="lab", extra={"mail-type": "END"})
+    script = _make_sbatch_string(command="python -m x", folder="/tmp/logs", **resources.executor_parameters())
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8", "--time=90",
+                 "--mem=7680M", "--partition=gpu", "--account=lab", "--mail-type=END", "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in script
+    assert "export OMP_NUM_THREADS=8" in script
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"nodes": 0}, "--nodes must be at least 1"),
     ({"timeout_min": 0}, "--timeout must be at least 1"),

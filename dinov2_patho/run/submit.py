@@ -88,7 +88,7 @@ class SlurmResources:
             "setup": [f"export OMP_NUM_THREADS={self.ncpus_per_task}"],
         }
         optional = {"gpus_per_node": self.gpus_per_node or None, "partition": self.partition,
-                    "mem": f"{self.mem_gb}GB" if self.mem_gb else None, "account": self.account,
+                    "mem": f"{round(self.mem_gb * 1024)}M" if self.mem_gb else None, "account": self.account,
                     "qos": self.qos, "constraint": self.constraint,
                     "additional_parameters": dict(self.extra) or None}
         params.update({k: v for k, v in optional.items() if v is not None})
