@@ -59,9 +59,10 @@ def check_keys(cfg: DictConfig, reference: DictConfig, source: str, open_keys: I
                prefix: str = "") -> None:
     """Raise ConfigError for the first key of `cfg` that `reference` does not have."""
     open_keys = set(open_keys)
+    known = set(reference.keys())  # `key in reference` is False for a MISSING (???) value
     for key in cfg:
         path = f"{prefix}{key}"
-        if key not in reference:
+        if key not in known:
             raise ConfigError(f"{source}: unknown key {path!r}{did_you_mean(str(key), reference.keys())}")
         if path in open_keys:
             continue

@@ -46,6 +46,14 @@ def test_open_keys_accept_new_options(defaults):
         load_config(defaults, None, ["sampler.level=4"])
 
 
+def test_missing_values_can_be_set_and_must_be(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    path.write_text("data:\n  index: ???\n")
+    assert load_config(path, None, ["data.index=/x"]).data.index == "/x"
+    with pytest.raises(ConfigError, match="unknown key 'data.indx'"):
+        load_config(path, None, ["data.indx=/x"])
+
+
 def test_malformed_override_and_missing_file(defaults, tmp_path):
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(defaults, None, ["train.lr"])
