@@ -81,14 +81,16 @@ def import_reference(repo: Path, device: torch.device):
 
 def time_alternating(steps: dict[str, Callable[[], None]], iters: int,
                      device: torch.device) -> dict[str, tuple[float, float]]:
-    """(best, median) seconds per step of each, run in turn so that load changes hit all alike.
+    """(best, median) seconds per step of each, interleaved so that load changes hit all alike.
 
     The best of N is the figure compared: on a shared machine other jobs only ever add time."""
     for step in steps.values():  # warm-up: allocator, kernels, autotuning
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(iters):
-        for name, step in steps.items():
+    order = list(steps.items())
+    for i in range(iters):
+        # ABBA order: neither model always runs right after the other's allocations
+        for name, step in order if i % 2 == 0 else order[::-1]:
             sync(device)
             t0 = time.perf_counter()
             step()
