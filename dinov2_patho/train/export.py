@@ -5,7 +5,8 @@
 writes `OUT/teacher_backbone_dinov2.pth` (DINOv2 hub layout: loads into our ViT and into
 `torch.hub.load("facebookresearch/dinov2", ...)` models of the same size) and
 `OUT/teacher_backbone_timm.pth` with `OUT/timm_model_kwargs.json` (the keyword arguments
-of `timm.models.vision_transformer.VisionTransformer` that take these weights).
+of `timm.models.vision_transformer.VisionTransformer` that take these weights; a class,
+such as SwiGLU's `mlp_layer`, is written as its import path, e.g. "timm.layers.SwiGLUPacked").
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def export_teacher(checkpoint: str | Path, output_dir: str | Path,
         with atomic_path(written["timm"]) as tmp:
             torch.save(to_timm_state_dict(vit), tmp)
         written["timm_kwargs"] = output_dir / "timm_model_kwargs.json"
-        atomic_write_text(written["timm_kwargs"], json.dumps(timm_model_kwargs(vit), indent=1, default=str))
+        kwargs = {k: f"{v.__module__}.{v.__qualname__}" if isinstance(v, type) else v
+                  for k, v in timm_model_kwargs(vit).items()}
+        atomic_write_text(written["timm_kwargs"], json.dumps(kwargs, indent=1))
     return written
 
 
