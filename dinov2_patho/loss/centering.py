@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from dinov2_patho.distributed import is_initialized
 
@@ -58,3 +59,27 @@ def update_ema_center(center: torch.Tensor, logits: torch.Tensor, momentum: floa
     if count > 0:
         batch_center = (stats[:-1] / count).reshape(center.shape)
         center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
+
+
+class TeacherTargets(nn.Module):
+    """Teacher logits -> target distributions, by EMA centering or Sinkhorn-Knopp; the
+    shared half of the DINO and iBOT losses (each keeps its own center)."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        return softmax_centered(teacher_logits, self.center, teacher_temp)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        update_ema_center(self.center, teacher_logits, self.center_momentum)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float,
+                               n_iterations: int = 3) -> torch.Tensor:
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
