@@ -189,6 +189,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"block indices {sorted(take)} out of range for {len(self.blocks)} blocks")
         return outputs
 
-    def forward(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
-        """The CLS embedding [B, D] after the final norm."""
-        return self.forward_features(x, masks)["x_norm_clstoken"]
+    def forward(self, x: Tensor, masks: Tensor | None = None, is_training: bool = False) -> Tensor | Any:
+        """The CLS embedding [B, D] after the final norm; with `is_training`, all of
+        `forward_features` (as in DINOv2: training goes through `__call__`, so DDP sees it)."""
+        features = self.forward_features(x, masks)
+        return features if is_training else features["x_norm_clstoken"]

@@ -9,8 +9,6 @@ every student module is called exactly once per step, through its wrapper.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,25 +34,10 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-@contextmanager
-def _forward_is_forward_features(module: nn.Module) -> Iterator[None]:
-    # The ViT's forward returns only the CLS token, and a DDP wrapper syncs gradients only of forwards
-    # that go through its own __call__: point the inner module's forward at forward_features meanwhile.
-    inner = unwrap(module)
-    inner.forward = inner.forward_features
-    try:
-        yield
-    finally:
-        del inner.forward
-
-
 def backbone_features(backbone: nn.Module, x: Tensor | list[Tensor],
                       masks: Tensor | list[Tensor | None] | None = None) -> Any:
-    """`forward_features` of a backbone, wrapped or not."""
-    if unwrap(backbone) is backbone:
-        return backbone.forward_features(x, masks)
-    with _forward_is_forward_features(backbone):
-        return backbone(x, masks)
+    """`forward_features` of a backbone, through `__call__` so a DDP wrapper syncs its gradients."""
+    return backbone(x, masks, is_training=True)
 
 
 def autocast_dtype(amp: str | bool, device: torch.device) -> torch.dtype | None:
