@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-# Measured (cpu_smoke, 40 iterations, 80 tiles/split, kNN k=10 on CLS): trained 0.75, random 0.75,
-# so not yet a win; kept, non-strict, until the training length and probe that show it are settled.
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(reason="40 smoke iterations do not yet beat random init",
+# Measured with per-slide stain variation in the cohort (leave-one-slide-out kNN k=20 on CLS, 112 px):
+# 100-150 cpu_smoke iterations, even with hed_scale=0.5 / base_lr=0.02, trained 0.90 vs random 0.86-0.90
+# (cohort seed 0) and 1.00 vs 0.995 (seed 1); on the benchmark's 2 test slides kNN is 0.77 for both.
+# Brief CPU training does not learn the stain invariance yet, so no win; kept non-strict until it does.
+pytestmark = [pytest.mark.slow, pytest.mark.xfail(reason="brief CPU training does not yet beat random init",
                                                   strict=False)]
 
 

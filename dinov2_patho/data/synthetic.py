@@ -15,7 +15,10 @@
 Four tissue types with distinct colour and texture statistics, so a small model can separate
 them: tumour (dense large nuclei), stroma (oriented eosin fibres, sparse spindle nuclei),
 adipose (white vacuoles with thin membranes) and mucus (pale blue wisps, few cells). Tissue
-regions follow the tile grid, so every tile has exactly one type.
+regions follow the tile grid, so every tile has exactly one type. Each slide has its own
+staining and scan (H and E concentrations, brightness), as slides from different sites and
+batches do, so colour alone separates the types within a slide but does not carry over to
+other slides; texture does.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from dinov2_patho.data.augment import hed_jitter
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 
@@ -44,6 +49,10 @@ TILE = 224  # level-0 px of a 112 um tile at MPP
 _ATLAS = 768  # texture atlas side; tiles are random crops of it
 _ORGANS = ("colon", "breast")
 _STAINS = (np.array([1.0, 1.0, 1.0]), np.array([0.94, 0.97, 1.04]))  # two staining sites
+# Per-slide stain and scanner variation (staining batch, section thickness, exposure), drawn per slide:
+# haematoxylin / eosin concentrations times a log-uniform factor in [1/s, s], plus a brightness gain.
+STAIN_SCALE = 2.0
+BRIGHTNESS = (0.8, 1.1)
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,21 @@ def _atlases(rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _restain(atlases: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The tissue atlases as one slide's staining and scan shows them: H and E concentrations
+    rescaled (Ruifrok-Johnston colour deconvolution, as the training augmentation), then a
+    brightness gain. The glass (last atlas) is left as it is."""
+    log_s = np.log(STAIN_SCALE)
+    scale = [*np.exp(rng.uniform(-log_s, log_s, 2)), 1.0]
+    gain = rng.uniform(*BRIGHTNESS)
+    tissue = torch.from_numpy(atlases[:-1]).movedim(-1, 0)  # [3, type, variant, H, W]
+    shape = tissue.shape
+    tissue = hed_jitter(tissue.reshape(3, -1, _ATLAS).float() / 255, scale, (0.0, 0.0, 0.0)) * gain
+    out = atlases.copy()
+    out[:-1] = (tissue.clamp_(0, 1) * 255).round_().to(torch.uint8).reshape(shape).movedim(0, -1).numpy()
+    return out
+
+
 # --- slide layout ------------------------------------------------------------------------------
 
 def _layout(rng: np.random.Generator, grid_h: int, grid_w: int, types: np.ndarray
@@ -199,6 +223,7 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     rng = np.random.default_rng(seed)
+    stain_rng = np.random.default_rng([seed, 1])  # its own stream: the layouts stay those of `seed`
     plain = _atlases(rng)
     stained = [np.clip(plain * stain, 0, 255).astype(np.uint8) for stain in _STAINS]
     for atlases in stained:
@@ -218,7 +243,7 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
             types = np.array([(i + k) % len(TISSUE_TYPES) for k in range(3)] + [int(rng.integers(0, 4))])
             mask, ttype, variant = _layout(rng, grid_h, grid_w, types)
             site = i % len(_STAINS)
-            atlases = stained[site]
+            atlases = _restain(stained[site], stain_rng)
             level0 = np.empty((height, width, 3), np.uint8)
             level0[:] = atlases[-1, 0, :1, :1]  # glass
             for gy in range(grid_h):
