@@ -4,10 +4,12 @@ import torch
 from dinov2_patho.eval.features import embed, extract_features, load_features
 from dinov2_patho.eval.heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
 from dinov2_patho.eval.heads.knn import knn_probs
-from dinov2_patho.eval.heads.linear import train_linear_probe
+from dinov2_patho.eval.heads.linear import _balanced_accuracy, predict_proba, train_linear_probe
 from dinov2_patho.eval.runner import heldout_split
 from torch import nn
 from torch.utils.data import Dataset
+
+from dinov2_patho.errors import UserError
 
 
 def blobs(n_per_class, num_classes=3, dim=16, spread=1.0, seed=0):
@@ -41,6 +43,36 @@ def test_linear_probe_stops_early_and_keeps_the_best_epoch():
     # eva's rule: patience = ceil(0.2 * epochs in max_steps); 90 rows -> 1 step per epoch
     _, info = train_linear_probe(*t, num_classes=3, cfg=LinearProbeConfig(max_steps=50), seed=0)
     assert info["patience"] == 10 and info["steps"] <= 50
+
+
+def test_selection_metric_is_torchmetrics_macro_accuracy():
+    # what eva monitors: a predicted class missing from the targets counts as recall 0
+    y = torch.tensor([0, 0, 1, 1])
+    assert _balanced_accuracy(torch.tensor([0, 0, 2, 1]), y, 3) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert _balanced_accuracy(torch.tensor([0, 1, 1, 1]), y, 3) == pytest.approx((0.5 + 1) / 2)
+
+
+def test_partial_epoch_cut_by_max_steps_is_not_validated():
+    x, y = blobs(100, seed=5)  # 300 rows: 2 steps per epoch (256 + 44)
+    t = [torch.as_tensor(a) for a in (x, y, x, y)]
+    cfg = LinearProbeConfig(lr=0.1, max_steps=3, patience=10)
+    _, info = train_linear_probe(*t, num_classes=3, cfg=cfg, seed=0)
+    assert (info["steps"], info["epochs"], info["best_epoch"]) == (3, 2, 0)
+    with pytest.raises(UserError, match="max_steps=1"):
+        train_linear_probe(*t, num_classes=3, cfg=LinearProbeConfig(max_steps=1), seed=0)
+
+
+def test_binary_probe_has_one_logit_and_complementary_probabilities():
+    train, val, test = (blobs(n, num_classes=2, seed=6, spread=0.5) for n in (40, 10, 10))
+    t = [torch.as_tensor(a) for a in (*train, *val)]
+    head, _ = train_linear_probe(*t, num_classes=2, cfg=FAST, seed=0)
+    assert head.out_features == 1
+    probs = predict_proba(head, torch.as_tensor(test[0]))
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    with torch.no_grad():
+        logit = head(torch.as_tensor(test[0]))[:, 0].numpy()
+    np.testing.assert_array_equal(probs.argmax(1), (logit > 0).astype(int))
+    assert linear_probe(train, val, test, ["a", "b"], FAST)["balanced_accuracy"] > 0.95
 
 
 def test_knn_votes_are_probabilities_and_follow_neighbours():

@@ -1,16 +1,20 @@
 """eva's linear probe on precomputed features.
 
-Protocol (kaiko-eva `HeadModule` + its offline classification configs): one `nn.Linear`,
-cross-entropy, AdamW (lr 3e-4, torch's default weight decay 0.01) under torch's default
-`ConstantLR` (lr/3 for the first 5 epochs, stepped per epoch by Lightning), shuffled
-batches of 256 with a partial last batch, validation every epoch, at most 12,500 steps,
-early stopping on validation balanced accuracy (`min_delta=0`), and the best
-checkpoint's head kept. eva sets patience per dataset; every value in its configs is
-ceil(0.2 x the number of epochs 12,500 steps make), which is the default here.
+Protocol (kaiko-eva 0.4.5 `HeadModule` + its offline classification configs, run by
+Lightning): one `nn.Linear`, freshly initialised per run (eva's configs give the head
+as a class_path dict that each run instantiates anew), cross-entropy, AdamW (lr 3e-4,
+torch's default weight decay 0.01) under torch's default `ConstantLR` (lr/3 for the
+first 5 epochs, stepped per epoch), shuffled batches of 256 with a partial last batch,
+validation after every complete epoch (Lightning does not validate the partial epoch
+cut by `max_steps`), at most 12,500 steps, early stopping on validation balanced
+accuracy (`min_delta=0`: only a strict improvement resets the patience), and the first
+best epoch's head kept (ModelCheckpoint saves on a strict improvement only). eva sets
+patience per dataset; every value in its configs is ceil(0.2 x the number of epochs
+12,500 steps make), which is the default here. Binary tasks use eva's binary configs'
+head: one logit, `BCEWithLogitsLoss`, positive when the logit is > 0.
 
 Features live in one tensor, so a step is a gather and a tiny matmul: thousands of steps
-per second on a CPU. Binary tasks use two logits and softmax where eva uses one logit and
-a sigmoid: the same model class (the logit difference), the same decision rule.
+per second on a CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import numpy as np
 import torch
 from dinov2_patho.eval.metrics import classification_metrics
 from torch import nn
+
+from dinov2_patho.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,25 @@ class LinearProbeConfig:
     device: str = "cpu"
 
 
-def _balanced_accuracy(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
-    cm = torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
-    cm = cm.view(num_classes, num_classes)
+def _num_outputs(num_classes: int) -> int:
+    return 1 if num_classes == 2 else num_classes
+
+
+def _predicted_class(out: torch.Tensor) -> torch.Tensor:
+    return (out[:, 0] > 0).long() if out.shape[1] == 1 else out.argmax(1)
+
+
+def _balanced_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
+    """torchmetrics' macro accuracy, which eva monitors: mean recall over the classes seen
+    in the targets or the predictions (a predicted class absent from the targets scores 0)."""
+    cm = torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
     support = cm.sum(1)
-    present = support > 0
-    return float((cm.diag()[present].float() / support[present].float()).mean())
+    seen = (support > 0) | (cm.sum(0) > 0)
+    return float((cm.diag()[seen].float() / support[seen].clamp(min=1).float()).mean())
 
 
 def _new_head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
-    head = nn.Linear(dim, num_classes)
+    head = nn.Linear(dim, _num_outputs(num_classes))
     # nn.Linear's own initialisation, drawn from our generator so a seed fixes the run
     with torch.no_grad():
         nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=generator)
@@ -68,28 +83,30 @@ def train_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
     generator = torch.Generator().manual_seed(seed)
     head = _new_head(x_train.shape[1], num_classes, generator).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    binary = num_classes == 2
+    loss_fn = nn.BCEWithLogitsLoss() if binary else nn.CrossEntropyLoss()
+    targets = y_train.float().unsqueeze(1) if binary else y_train
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    max_epochs = math.ceil(cfg.max_steps / steps_per_epoch)
     patience = cfg.patience if cfg.patience is not None else math.ceil(0.2 * cfg.max_steps / steps_per_epoch)
     best_score, best_state, best_epoch, waited, step, epoch = -math.inf, None, -1, 0, 0, 0
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(max_epochs):
+    for epoch in range(math.ceil(cfg.max_steps / steps_per_epoch)):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * (cfg.warmup_factor if epoch < cfg.warmup_epochs else 1.0)
         order = torch.randperm(n, generator=generator).to(device)
         head.train()
-        for start in range(0, n, cfg.batch_size):
-            if step == cfg.max_steps:
-                break
+        batches = range(0, n, cfg.batch_size)[:cfg.max_steps - step]
+        for start in batches:
             idx = order[start:start + cfg.batch_size]
-            loss = loss_fn(head(x_train[idx]), y_train[idx])
+            loss = loss_fn(head(x_train[idx]), targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
+        step += len(batches)
+        if len(batches) < steps_per_epoch:
+            break  # max_steps cut this epoch short: Lightning stops without validating it
         head.eval()
         with torch.no_grad():
-            score = _balanced_accuracy(head(x_val), y_val, num_classes)
+            score = _balanced_accuracy(_predicted_class(head(x_val)), y_val, num_classes)
         if score > best_score:
             best_score, best_epoch, waited = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -97,8 +114,9 @@ def train_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
             waited += 1
             if waited >= patience:
                 break
-        if step == cfg.max_steps:
-            break
+    if best_state is None:
+        raise UserError(f"linear probe: max_steps={cfg.max_steps} ends before the first full epoch "
+                        f"({steps_per_epoch} steps): no validated head to keep")
     head.load_state_dict(best_state)
     return head.cpu(), {"steps": step, "epochs": epoch + 1, "best_epoch": best_epoch,
                         "val_balanced_accuracy": best_score, "patience": patience}
@@ -120,8 +138,13 @@ def _single_thread(device: str) -> Iterator[None]:
 
 
 def predict_proba(head: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """[N, classes] probabilities; a one-logit binary head gives [1 - p, p]."""
     with torch.no_grad():
-        return torch.softmax(head(x.float()), dim=1).numpy()
+        out = head(x.float())
+    if out.shape[1] == 1:
+        p = torch.sigmoid(out)
+        return torch.cat([1 - p, p], dim=1).numpy()
+    return torch.softmax(out, dim=1).numpy()
 
 
 def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
