@@ -52,7 +52,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.num_workers x train.prefetch_factor = {lead}: the loader may run at most "
                           f"{SAMPLER_HISTORY - 1} batches ahead (the sampler's undo history)")
     _one_of(cfg, "train.device", ("auto", "cuda", "cpu"))
-    _one_of(cfg, "train.distributed", ("ddp",))
+    _one_of(cfg, "train.distributed", ("ddp", "fsdp"))
+    if cfg.train.distributed == "fsdp" and cfg.compute_precision.amp == "fp16":
+        # fp16 needs loss scaling over sharded gradients; FSDP runs take bf16 (no scaler)
+        raise ConfigError("train.distributed=fsdp with compute_precision.amp=fp16: use bf16, auto or off")
     _one_of(cfg, "data.on_error", ("raise", "skip"))
     if cfg.data.index is None:
         raise ConfigError("data.index is required: the TileIndex directory (`dinov2-patho index build`)")

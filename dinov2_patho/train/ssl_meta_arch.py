@@ -3,7 +3,9 @@ a DINO head (and an iBOT head when `ibot.separate_head`), trained with DINO + iB
 
 `forward_backward` computes the losses and calls backward(), so the trainer only clips and steps
 the optimizer, then calls `update_teacher`. The trainer may wrap `student[name]` modules in DDP:
-every student module is called exactly once per step, through its wrapper.
+every student module is called exactly once per step, through its wrapper. Under FSDP
+(`train/fsdp.py`) student and teacher modules are sharded alike, so `update_teacher`'s foreach ops
+run on matching DTensor shards.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def backbone_features(backbone: nn.Module, x: Tensor | list[Tensor],
                       masks: Tensor | list[Tensor | None] | None = None) -> Any:
-    """`forward_features` of a backbone, through `__call__` so a DDP wrapper syncs its gradients."""
+    """`forward_features` of a backbone, through `__call__` so a DDP wrapper syncs its gradients and
+    FSDP's hooks gather the (student's or teacher's) sharded parameters."""
     return backbone(x, masks, is_training=True)
 
 
@@ -136,7 +139,7 @@ class SSLMetaArch(nn.Module):
                          teacher_temp: float) -> tuple[Tensor, Tensor]:
         """Teacher probabilities for the student's CLS tokens [2B, K] (views swapped: the student's
         view 1 learns from the teacher's view 2 and vice versa) and for its masked patches [M, K']."""
-        out = self.teacher["backbone"].forward_features(global_crops)
+        out = backbone_features(self.teacher["backbone"], global_crops)
         cls_a, cls_b = out["x_norm_clstoken"].chunk(2)
         cls = torch.cat([cls_b, cls_a])
         patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]

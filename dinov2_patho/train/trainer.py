@@ -4,6 +4,8 @@
 joins torch.distributed from env:// when WORLD_SIZE > 1, resumes from
 `output_dir/checkpoints/latest` when there is one, and stops early, after a checkpoint,
 when `request_stop()` was called (a signal handler's job: SIGTERM / SIGUSR2 preemption).
+`train.distributed`: ddp (every rank holds the whole model) or fsdp (sharded, `train/fsdp.py`);
+checkpoints have the same full format under both.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dinov2_patho.config import save_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger, setup_logging
 from dinov2_patho.train import checkpoint as ckpt
+from dinov2_patho.train import fsdp
 from dinov2_patho.train.backbone import build_student_backbone, has_custom_size
 from dinov2_patho.train.config import global_batch_size, validate_config
 from dinov2_patho.train.data import (
@@ -97,8 +100,14 @@ class Trainer:
         if int(cfg.train.cpu_threads) > 0:
             torch.set_num_threads(int(cfg.train.cpu_threads))
 
+        self.fsdp = ctx.distributed and cfg.train.distributed == "fsdp"
         torch.manual_seed(self.seed)  # the same initial weights on every rank
-        self.model, self.optimizer, self.scaler = self._build_model()
+        self.model = self._build_model()
+        if self.fsdp:
+            fsdp.shard_model(self.model, ctx.device)
+        # after sharding, which replaces the parameters
+        self.optimizer = build_optimizer(self.model.get_params_groups(), cfg)
+        self.scaler = self.model.grad_scaler
         self.schedules = Schedules(cfg, self.global_batch)
         self.index, self.sampler = self._build_sampler()
         self.start = self._resume()
@@ -112,7 +121,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
 
-    def _build_model(self) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    def _build_model(self) -> nn.Module:
         from dinov2_patho.models import load_pretrained
         from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
 
@@ -121,15 +130,13 @@ class Trainer:
             backbone = build_student_backbone(self.cfg)
             if self.cfg.student.pretrained_weights:
                 load_pretrained(backbone, self.cfg.student.pretrained_weights)
-        model = SSLMetaArch(self.cfg, backbone=backbone).to(self.ctx.device)
-        optimizer = build_optimizer(model.get_params_groups(), self.cfg)
-        return model, optimizer, model.grad_scaler
+        return SSLMetaArch(self.cfg, backbone=backbone).to(self.ctx.device)
 
     def _wrap_ddp(self) -> None:
         """Data parallel: each student module in DDP (SSLMetaArch calls each exactly once per
         step, through its wrapper); DDP's construction broadcasts rank 0's weights. The teacher
         follows by EMA of identical students, so it stays identical without communication."""
-        if not self.ctx.distributed:
+        if not self.ctx.distributed or self.fsdp:
             return
         from torch.nn.parallel import DistributedDataParallel
 
@@ -140,7 +147,10 @@ class Trainer:
             torch.distributed.broadcast(tensor, src=0)
 
     def _state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state without DDP's `module.` level, as `load_state_dict` before wrapping wants."""
+        """The model's state without DDP's `module.` level, as `load_state_dict` before wrapping wants.
+        Under FSDP: unsharded, on rank 0 only (collective)."""
+        if self.fsdp:
+            return fsdp.full_state_dict(self.model)
         return {_DDP_PREFIX.sub(r"\1", k): v for k, v in self.model.state_dict().items()}
 
     def _build_sampler(self):
@@ -186,8 +196,11 @@ class Trainer:
         if path is None:
             return 0
         shared, rank_state = ckpt.load_checkpoint(path, self.ctx.rank)
-        self.model.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.fsdp:
+            fsdp.load_full_state(self.model, self.optimizer, shared["model"], shared["optimizer"])
+        else:
+            self.model.load_state_dict(shared["model"])
+            self.optimizer.load_state_dict(shared["optimizer"])
         if self.scaler is not None and shared.get("grad_scaler") is not None:
             self.scaler.load_state_dict(shared["grad_scaler"])
         self.sampler.load_state_dict(shared["sampler"])
@@ -204,12 +217,16 @@ class Trainer:
 
     def save(self, iteration: int) -> Path:
         """Checkpoint after `iteration` completed iterations (collective)."""
+        if self.fsdp:
+            model_state, optim_state = fsdp.full_state(self.model, self.optimizer)
+        elif self.ctx.is_main:
+            model_state, optim_state = self._state_dict(), self.optimizer.state_dict()
         shared = None
         if self.ctx.is_main:
             shared = {
                 "iteration": iteration,
-                "model": self._state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optim_state,
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "sampler": self.sampler.state_dict(step=iteration),
                 "world_size": self.ctx.world_size,
@@ -311,12 +328,14 @@ class Trainer:
         return dict(zip(names, out[:-1])), out[-1] > 0
 
     def _optimizer_step(self) -> float:
-        """Clip per student module (as DINOv2), step; the total gradient norm before clipping."""
+        """Clip per student module (as DINOv2), step; the total gradient norm before clipping. Under
+        FSDP the gradients are DTensor shards: clip_grad_norm_ reduces their norms over the ranks."""
         student = self.model.student
         clip = float(self.cfg.optim.clip_grad)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), clip if clip > 0 else math.inf)
+        max_norm = clip if clip > 0 else math.inf
+        norms = [fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm))
                  for m in student.values()]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -326,15 +345,23 @@ class Trainer:
         return float(torch.linalg.vector_norm(torch.stack(norms)).item())
 
     def evaluate(self, iteration: int) -> None:
-        """The configured benchmarks on the teacher backbone (rank 0; others wait)."""
+        """The configured benchmarks on the teacher backbone (rank 0; others wait). Under FSDP, on an
+        unsharded copy gathered to rank 0."""
         from dinov2_patho.eval import run_benchmarks
         from dinov2_patho.train.dist import barrier
 
+        teacher = self.model.teacher["backbone"]
+        if self.fsdp:
+            state = fsdp.full_state_dict(teacher)
+            if self.ctx.is_main:
+                teacher = build_student_backbone(self.cfg)
+                teacher.load_state_dict(state)
+                teacher.to(self.ctx.device).eval()
         if self.ctx.is_main:
             cfg = self.cfg.evaluation
             eval_cfg = OmegaConf.load(cfg.config_file) if cfg.config_file else None
             out = self.output_dir / "eval" / ckpt.checkpoint_name(iteration)
-            run_benchmarks(self.model.teacher["backbone"], list(cfg.benchmarks), eval_cfg, out)
+            run_benchmarks(teacher, list(cfg.benchmarks), eval_cfg, out)
             self.model.train()
         barrier(self.ctx)
 
