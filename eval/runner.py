@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from dinov2_patho.eval.benchmarks import Benchmark, build_benchmark
+from dinov2_patho.eval.benchmarks import Benchmark, BenchmarkError, build_benchmark
 from dinov2_patho.eval.features import extract_features
 from dinov2_patho.eval.heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
 from dinov2_patho.eval.preprocess import Preprocess
@@ -79,7 +79,72 @@ def evaluate_features(feats: dict[str, tuple[np.ndarray, np.ndarray]], classes: 
     return out
 
 
+def group_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The fold of each row: distinct groups (slides, patients) in a seeded random order are
+    dealt to `folds` folds in turn, so no group spans two folds."""
+    names, inverse = np.unique(groups, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    fold_of_group = np.empty(len(names), np.int64)
+    fold_of_group[order] = np.arange(len(names)) % folds
+    return fold_of_group[inverse]
+
+
+def mean_over_folds(results: list):
+    """Fold results averaged leaf by leaf (NaN-aware: a class absent from a fold's test set).
+    Per-run lists, within-fold `*_std` and the chosen `C` do not average; each head's
+    `balanced_accuracy_std` becomes the spread over folds."""
+    first = results[0]
+    if isinstance(first, dict):
+        out = {}
+        for key in first:
+            if isinstance(key, str) and (key.endswith("_std") or key == "C"):
+                continue
+            value = mean_over_folds([r[key] for r in results])
+            if value is not None:
+                out[key] = value
+        if "balanced_accuracy" in first:
+            out["balanced_accuracy_std"] = float(np.std([r["balanced_accuracy"] for r in results]))
+        return out
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        values = np.asarray(results, np.float64)
+        return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+    return None
+
+
+def cross_validate(feats: dict[str, tuple[np.ndarray, np.ndarray]], groups: np.ndarray, classes: list[str],
+                   cfg: DictConfig) -> dict:
+    """Every head on K group-disjoint folds of all the benchmark's rows: fold f is tested,
+    fold f+1 validates (early stopping, C sweep), the others train. Returns the fold mean,
+    with each fold's own result under "folds"."""
+    k = int(cfg.cross_validation.folds)
+    x = np.concatenate([f[0] for f in feats.values()])
+    y = np.concatenate([f[1] for f in feats.values()])
+    fold = group_folds(groups, k, int(cfg.cross_validation.seed))
+    per_fold, sizes = [], []
+    for f in range(k):
+        test, val = fold == f, fold == (f + 1) % k
+        train = ~(test | val)
+        split = {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
+        per_fold.append(evaluate_features(split, classes, "test", cfg))
+        sizes.append([int(train.sum()), int(val.sum()), int(test.sum())])
+    result = mean_over_folds(per_fold)
+    mean_sizes = np.mean(sizes, axis=0).round().astype(int)
+    result.update(folds=per_fold, sizes=dict(zip(("train", "val", "test"), map(int, mean_sizes))))
+    return result
+
+
 def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, output_dir: Path) -> dict:
+    folds = cfg.cross_validation.folds
+    if folds is not None:
+        groups = [split.groups for split in benchmark.splits.values()]
+        if any(g is None for g in groups):
+            raise BenchmarkError(f"benchmark {benchmark.name}: cross_validation.folds needs the slide or "
+                                 "patient of each image, which this adapter does not give")
+        groups = np.concatenate(groups)
+        n_groups = len(np.unique(groups))
+        if not 3 <= int(folds) <= n_groups:
+            raise BenchmarkError(f"benchmark {benchmark.name}: cross_validation.folds={folds} must be "
+                                 f"between 3 and its number of slides/patients ({n_groups})")
     preprocess = Preprocess(benchmark.mpp, cfg.preprocess.target_mpp, cfg.preprocess.size)
     feats = {}
     for split_name, split in benchmark.splits.items():
@@ -89,6 +154,10 @@ def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, ou
                                     progress=cfg.progress,
                                     desc=f"{benchmark.name}/{split_name}")
         feats[split_name] = (features.tokens(cfg.features.tokens), np.asarray(features.labels))
+    if folds is not None:
+        result = cross_validate(feats, groups, list(benchmark.classes), cfg)
+        result.update(classes=list(benchmark.classes), eval_split="test", cv_folds=int(folds))
+        return result
     result = evaluate_features(feats, list(benchmark.classes), benchmark.eval_split, cfg)
     result.update(classes=list(benchmark.classes), eval_split=benchmark.eval_split,
                   sizes={k: len(v[1]) for k, v in feats.items()})

@@ -27,9 +27,12 @@ class ImageSplit(Dataset):
     """One split: `labels` [N] int64 and `read(i)` -> RGB uint8 [H, W, 3].
 
     Indexing yields `(transform(image), label)`; set `transform` with `with_transform`.
+    `groups` [N], where an adapter knows them: the slide or patient of each image, which
+    cross-validation keeps within one fold.
     """
 
     labels: np.ndarray
+    groups: np.ndarray | None = None
     transform: Callable[[np.ndarray], torch.Tensor] | None = None
 
     def read(self, i: int) -> np.ndarray:

@@ -15,6 +15,7 @@ class TileSplit(ImageSplit):
         self.source = source
         self.tiles = tiles
         self.labels = np.asarray(labels, np.int64)
+        self.groups = np.asarray([slide for slide, _, _ in tiles])
 
     def read(self, i: int) -> np.ndarray:
         return self.source.read(*self.tiles[i])
