@@ -142,9 +142,9 @@ def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, ou
                                  "patient of each image, which this adapter does not give")
         groups = np.concatenate(groups)
         n_groups = len(np.unique(groups))
-        if not 3 <= int(folds) <= n_groups:
-            raise BenchmarkError(f"benchmark {benchmark.name}: cross_validation.folds={folds} must be "
-                                 f"between 3 and its number of slides/patients ({n_groups})")
+        if isinstance(folds, bool) or not isinstance(folds, int) or not 3 <= folds <= n_groups:
+            raise BenchmarkError(f"benchmark {benchmark.name}: cross_validation.folds={folds!r} must be an "
+                                 f"integer between 3 and its number of slides/patients ({n_groups})")
     preprocess = Preprocess(benchmark.mpp, cfg.preprocess.target_mpp, cfg.preprocess.size)
     feats = {}
     for split_name, split in benchmark.splits.items():

@@ -120,6 +120,8 @@ def test_cross_validation_needs_slides_per_image_and_enough_of_them(cohort, tmp_
     cfg = {"data_root": str(tmp_path / "data"), "cross_validation": {"folds": 3}, "progress": False}
     with pytest.raises(UserError, match="benchmark folder: cross_validation.folds needs the slide or"):
         run_benchmarks(torch.nn.Identity(), ["folder"], cfg, tmp_path / "o1")
-    cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "cross_validation": {"folds": 9}}
-    with pytest.raises(UserError, match=r"folds=9 must be between 3 and its number of slides/patients \(8\)"):
-        run_benchmarks(torch.nn.Identity(), ["synthetic"], cfg, tmp_path / "o2")
+    for folds in (9, 2, "four"):
+        cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "cross_validation": {"folds": folds}}
+        expected = rf"folds={folds!r} must be an integer between 3 and its number of slides/patients \(8\)"
+        with pytest.raises(UserError, match=expected):
+            run_benchmarks(torch.nn.Identity(), ["synthetic"], cfg, tmp_path / "o2")
