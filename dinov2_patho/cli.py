@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cohort": ("dinov2_patho.data.synthetic", "generate a synthetic pyramidal-TIFF cohort"),
     "index": ("dinov2_patho.data.index_cli", "build or inspect a tile index from clustering CSVs"),
     "tiles": ("dinov2_patho.data.tilestore", "extract tiles into per-slide HDF5 stores"),
+    "curate": ("dinov2_patho.curation.cli", "curation: tissue tiles, embeddings, hierarchical k-means, tree, subsets"),
     "sampler": ("dinov2_patho.samplers.cli", "dump a sampler's batches and telemetry"),
     "train": ("dinov2_patho.train.cli", "DINOv2 pretraining (torchrun-aware)"),
     "export": ("dinov2_patho.train.export", "export a teacher backbone to DINOv2 hub / timm format"),
