@@ -2,8 +2,8 @@
 
     curate tiles   slides -> tissue tile list `slide_id,tile_x,tile_y` (tissue.py)
     curate embed   tile list -> (N, D) float16 embeddings memmap + slide row ranges (embed.py)
-    curate kmeans  embeddings -> hierarchical k-means with resampling, level by level (kmeans.py, hierarchy.py)
-    curate write   tile list + tree -> clustering CSV `slide_id,tile_x,tile_y,level_1..level_k` + tile index (write.py)
+    curate kmeans  embeddings -> hierarchical k-means with resampling, per level (hierarchy.py)
+    curate write   tile list + tree -> clustering CSV + tile index (write.py)
     curate sample  tree -> hierarchical balanced subset of row ids (.npy) for `data.subset` (sampling.py)
 
 Rows are aligned end to end: row i of the tile list is row i of the embeddings, of every

@@ -13,7 +13,7 @@ import importlib
 # action -> (module, one-line help)
 ACTIONS: dict[str, tuple[str, str]] = {
     "tiles": ("dinov2_patho.curation.tissue", "tissue detection: slides -> tile list slide_id,tile_x,tile_y"),
-    "embed": ("dinov2_patho.curation.embed", "embed every tile with a frozen backbone -> (N, D) float16 memmap"),
+    "embed": ("dinov2_patho.curation.embed", "frozen-backbone embeddings of every tile -> (N, D) float16"),
     "kmeans": ("dinov2_patho.curation.hierarchy", "hierarchical k-means with resampling over the embeddings"),
     "write": ("dinov2_patho.curation.write", "the cluster tree as a clustering CSV and a tile index"),
     "sample": ("dinov2_patho.curation.sampling", "hierarchical balanced subset of the tree -> row ids .npy"),
@@ -23,7 +23,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, (module, help_text) in ACTIONS.items():
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        action_parser = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(action_parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -101,10 +101,11 @@ class ClusterTree:
 
     def _check_level(self, level: int) -> None:
         if not 1 <= level <= self.num_levels:
-            raise UserError(f"{self.root}: level {level} does not exist; the tree has levels 1..{self.num_levels}")
+            raise UserError(f"{self.root}: level {level} does not exist; "
+                            f"the tree has levels 1..{self.num_levels}")
 
     def array(self, level: int, name: str) -> np.ndarray:
-        """`centroids`, `assignment`, `distances`, `members` or `member_offsets` of a level (memory-mapped)."""
+        """A level's `centroids`, `assignment`, `distances`, `members` or `member_offsets`, memory-mapped."""
         self._check_level(level)
         return np.load(level_dir(self.root, level) / f"{name}.npy", mmap_mode="r")
 
