@@ -79,6 +79,14 @@ def test_round_trip_preserves_every_row_in_order(tmp_path_factory, rows):
     assert index.grouped_by_slide == grouped
 
 
+def test_zero_level_tile_list_round_trips(tmp_path):
+    """A tile list before clustering (`curate tiles`' output): no level columns, no clusters."""
+    rows = [("s1", 0, 0), ("s1", 224, 0), ("s2", 448, 224)]
+    index = build_index(write_csv(tmp_path / "tiles.csv", rows, 0), tmp_path / "idx", progress=False)
+    check_round_trip(index, rows, 0)
+    assert index.grouped_by_slide and index.summary()["levels"] == []
+
+
 def test_narrow_storage_and_grouped_layout(tmp_path):
     rng = np.random.default_rng(0)
     rows = [

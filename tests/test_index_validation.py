@@ -23,7 +23,7 @@ GOOD = "a,0,0,1,0\na,224,0,2,0\n"
         (HEADER, r"no data rows \(header only\)"),
         ("slide_id,tile_x,level_1\na,0,1\n", r"missing column\(s\) 'tile_y'"),
         ("slide_id,tile_x,tile_y,level_2\na,0,0,1\n", r"missing column\(s\) 'level_1'"),
-        ("slide_id,tile_x,tile_y\na,0,0\n", r"missing column\(s\) 'level_1'"),
+        ("slide_id,tile_x,tile_y,level_3\na,0,0,1\n", r"missing column\(s\) 'level_1', 'level_2'"),
         ("slide_id,tile_x,tile_y,level_1,extra\na,0,0,1,x\n", r"unknown column\(s\) 'extra'"),
         ("slide_id,tile_x,tile_y,level_1,level_1\na,0,0,1,1\n", r"duplicate column\(s\) 'level_1'"),
         (HEADER + GOOD + "a,1.5,0,1,0\n", r"data row 3 \(line 4\): tile_x is '1.5', not an integer"),

@@ -61,18 +61,18 @@ def check_header(path: Path, names: list[str]) -> tuple[str, ...]:
     levels = sorted((int(m.group(1)), n) for n in names if (m := _LEVEL.match(n)))
     missing = [c for c in REQUIRED if c not in names]
     missing += [
-        f"level_{i}" for i in range(1, (levels[-1][0] if levels else 1) + 1) if f"level_{i}" not in names
+        f"level_{i}" for i in range(1, (levels[-1][0] if levels else 0) + 1) if f"level_{i}" not in names
     ]
     if missing:
         raise UserError(
             f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-            "expected slide_id,tile_x,tile_y,level_1..level_k (k >= 1)"
+            "expected slide_id,tile_x,tile_y,level_1..level_k (k >= 0)"
         )
     unknown = [n for n in names if n not in REQUIRED and not _LEVEL.match(n)]
     if unknown:
         raise UserError(
             f"{path}: unknown column(s) {', '.join(map(repr, unknown))}; "
-            "expected slide_id,tile_x,tile_y,level_1..level_k (k >= 1)"
+            "expected slide_id,tile_x,tile_y,level_1..level_k (k >= 0)"
         )
     return tuple(n for _, n in levels)
 
