@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinov2_patho.io import fresh_path
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -122,7 +122,7 @@ def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], S
     strata = build()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+        tmp = fresh_path(cache_dir, f".{key}.", "", directory=True)
         for f in _FILES:
             np.save(tmp / f"{f}.npy", getattr(strata, f))
         try:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from dinov2_patho.data.index_checks import HASH_RECORD, TreeCheck, find_duplicates, tile_hash
 from dinov2_patho.data.index_source import Batch, is_parquet, iter_batches
 from dinov2_patho.errors import UserError
+from dinov2_patho.io import fresh_path
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -202,8 +203,7 @@ def build(src: Path, out: Path, *, dedupe: bool = False, progress: bool = True) 
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not a tile index; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the index is shared like any output directory
+    tmp = fresh_path(out.parent, f".{out.name}.", ".tmp", directory=True)
     try:
         _build_into(src, tmp, dedupe=dedupe, progress=progress)
         _replace_dir(tmp, out)

@@ -28,7 +28,6 @@ import csv
 import io
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dinov2_patho.data.augment import hed_jitter
 from dinov2_patho.errors import UserError
+from dinov2_patho.io import fresh_path
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -232,7 +232,7 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
     height, width = grid_h * TILE + margin, grid_w * TILE + margin
     slide_ids = tuple(f"SYN-{seed:03d}-{i:04d}" for i in range(num_slides))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = fresh_path(out.parent, f".{out.name}.", "", directory=True)
     try:
         cohort = Cohort.at(tmp, slide_ids)
         cohort.slides_dir.mkdir()

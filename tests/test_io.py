@@ -1,0 +1,60 @@
+"""Atomic writes honour the umask: what a run writes is readable by the team, as plain writes are."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dinov2_patho.data.synthetic import make_cohort
+from dinov2_patho.io import atomic_path, atomic_write_bytes, atomic_write_text, fresh_path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask for the test, the process's own restored afterwards."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@settings(max_examples=20, deadline=None)
+@given(mask=st.sampled_from([0o022, 0o002, 0o077, 0o027, 0o000]))
+def test_atomic_writes_get_the_umask_mode(tmp_path_factory, mask):
+    old = os.umask(mask)
+    try:
+        out = tmp_path_factory.mktemp("w")
+        atomic_write_text(out / "results.md", "x")
+        atomic_write_bytes(out / "weights.pth", b"x")
+        with atomic_path(out / "sub" / "metrics.jsonl") as tmp:
+            tmp.write_text("{}")
+        plain = out / "plain.txt"
+        plain.write_text("x")  # what open() would have given
+        for name in ("results.md", "weights.pth", "sub/metrics.jsonl"):
+            assert _mode(out / name) == _mode(plain) == 0o666 & ~mask, name
+        d = fresh_path(out, ".d.", ".tmp", directory=True)
+        assert d.is_dir() and _mode(d) == 0o777 & ~mask
+    finally:
+        os.umask(old)
+
+
+def test_under_umask_022_files_are_0644_and_the_cohort_dir_0755(tmp_path, umask_022):
+    atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    assert _mode(tmp_path / "config.yaml") == 0o644
+    cohort = make_cohort(tmp_path / "cohort", num_slides=1, grid=(2, 2))
+    assert _mode(cohort.root) == 0o755
+    assert _mode(cohort.clusters_csv) == 0o644
+
+
+def test_fresh_path_names_do_not_collide(tmp_path):
+    made = {fresh_path(tmp_path, ".a.", ".tmp") for _ in range(50)}
+    assert len(made) == 50 and all(p.is_file() and p.stat().st_size == 0 for p in made)
