@@ -8,7 +8,7 @@ consumes them validates them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -56,23 +56,27 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def check_keys(cfg: DictConfig, reference: DictConfig, source: str, open_keys: Iterable[str] = (),
-               prefix: str = "") -> None:
-    """Raise ConfigError for the first key of `cfg` that `reference` does not have."""
-    open_keys = set(open_keys)
+               prefix: str = "", moved: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for the first key of `cfg` that `reference` does not have; a key of
+    `moved` (old dotted path -> new one) names its new home."""
+    open_keys, moved = set(open_keys), moved or {}
     known = set(reference.keys())  # `key in reference` is False for a MISSING (???) value
     for key in cfg:
         path = f"{prefix}{key}"
+        if path in moved:
+            raise ConfigError(f"{source}: {path} is now {moved[path]}")
         if key not in known:
             raise ConfigError(f"{source}: unknown key {path!r}{did_you_mean(str(key), reference.keys())}")
         if path in open_keys:
             continue
         sub, ref = cfg._get_node(key), reference._get_node(key)
         if isinstance(sub, DictConfig) and isinstance(ref, DictConfig) and not ref._is_none():
-            check_keys(sub, ref, source, open_keys, prefix=f"{path}.")
+            check_keys(sub, ref, source, open_keys, prefix=f"{path}.", moved=moved)
 
 
 def load_config(defaults: str | Path, config_file: str | Path | None = None,
-                overrides: Sequence[str] = (), open_keys: Iterable[str] = ()) -> DictConfig:
+                overrides: Sequence[str] = (), open_keys: Iterable[str] = (),
+                moved: Mapping[str, str] | None = None) -> DictConfig:
     """Merge `defaults` (a packaged relpath like 'train/default.yaml' or a path), a config
     file and dot-list overrides, checking every key against the defaults."""
     defaults_path = Path(defaults)
@@ -86,7 +90,7 @@ def load_config(defaults: str | Path, config_file: str | Path | None = None,
     if overrides:
         layers.append(("command line", parse_overrides(overrides)))
     for source, layer in layers:
-        check_keys(layer, cfg, source, open_keys)
+        check_keys(layer, cfg, source, open_keys, moved=moved)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:

@@ -45,11 +45,16 @@ class GlobalBatchSampler(ABC):
 
     name: str = ""
 
-    def __init__(self, batch_size: int, seed: int):
+    def __init__(self, batch_size: int, seed: int, pseudo_epoch_samples: int):
         if int(batch_size) < 1:
             raise SamplerError(f"global batch size must be >= 1, got {batch_size}")
+        if int(pseudo_epoch_samples) < 1:
+            raise SamplerError(f"sampler.pseudo_epoch_samples must be >= 1, got {pseudo_epoch_samples}")
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        # a pseudo-epoch is a whole number of batches, ceil(samples / B): the one formula that
+        # the slide cap, the telemetry and the trainer's logs all use (via `pseudo_epoch`)
+        self.epoch_batches = -(-int(pseudo_epoch_samples) // self.batch_size)
         self.step = 0
         self._undo: deque[Any] = deque(maxlen=HISTORY)
 
@@ -70,6 +75,10 @@ class GlobalBatchSampler(ABC):
 
     def rank_slice(self, batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
         return rank_slice(batch, rank, world_size)
+
+    def pseudo_epoch(self, step: int) -> int:
+        """The pseudo-epoch holding global batch `step`."""
+        return int(step) // self.epoch_batches
 
     def fingerprint(self) -> dict[str, Any]:
         """What a saved state must agree on to be loadable here."""

@@ -25,7 +25,8 @@ SAMPLERS = Registry("sampler")
 
 
 @SAMPLERS.register("uniform")
-def uniform(index, batch_size: int, *, seed: int = 0, subset: str | None = None) -> GlobalBatchSampler:
+def uniform(index, batch_size: int, *, seed: int = 0, pseudo_epoch_samples: int = 350_000,
+            subset: str | None = None) -> GlobalBatchSampler:
     """Infinite reshuffled passes over the index, or over `subset` (a .npy of global row ids)."""
     positions = None
     if subset is not None:
@@ -42,7 +43,8 @@ def uniform(index, batch_size: int, *, seed: int = 0, subset: str | None = None)
             positions = RowMap(index).to_positions(rows)
         except SamplerError as e:
             raise SamplerError(f"sampler.subset {path}: {e}") from e
-    return UniformSampler(index, batch_size, seed=seed, positions=positions)
+    return UniformSampler(index, batch_size, seed=seed, pseudo_epoch_samples=pseudo_epoch_samples,
+                          positions=positions)
 
 
 def _labels(index, level: int | None, metadata_csv: str | None, column: str | None) -> tuple[Any, int, str]:
@@ -82,7 +84,8 @@ def metadata(index, batch_size: int, *, metadata_csv: str, target_size: int, see
     codes, names = index.metadata_codes(metadata_csv, column)
     subset = inverse_frequency_subset(codes, int(target_size), seed)
     if not stratify:
-        return UniformSampler(index, batch_size, seed=seed, positions=subset)
+        return UniformSampler(index, batch_size, seed=seed, pseudo_epoch_samples=pseudo_epoch_samples,
+                              positions=subset)
     labels = np.full(len(index), -1, dtype=np.int32)
     labels[subset] = np.asarray(codes[subset])
     return ClusterStratifiedSampler(index, batch_size, seed=seed, labels=labels, num_labels=len(names),

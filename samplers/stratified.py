@@ -14,7 +14,7 @@ Semantics, with K the number of non-empty clusters available and B the global ba
   pass = j div n, a fresh pseudo-random permutation per pass. No tile is drawn a second
   time before every tile of its cluster was drawn once: use counts within a cluster never
   differ by more than 1 (with a slide cap: within a (cluster, slide group) stratum).
-* Pseudo-epochs: ceil(pseudo_epoch_samples / B) batches each.
+* Pseudo-epochs: ceil(pseudo_epoch_samples / B) batches each (`GlobalBatchSampler.pseudo_epoch`).
 * Slide cap (max_slides_per_epoch = S, a hard bound): the slides that hold drawable rows
   are dealt, in a seeded random order, into G = ceil(slides / S) groups of at most S
   slides; each cycle of G pseudo-epochs visits every group once, in a fresh order. A
@@ -51,19 +51,16 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
     name = "cluster_stratified"
 
     def __init__(self, index, batch_size: int, *, seed: int, labels: np.ndarray, num_labels: int,
-                 label_name: str, alpha: float = 0.0, max_slides_per_epoch: int | None = None,
-                 pseudo_epoch_samples: int = 350_000, cache: bool = True):
-        super().__init__(batch_size, seed)
+                 label_name: str, alpha: float, max_slides_per_epoch: int | None, pseudo_epoch_samples: int,
+                 cache: bool):
+        super().__init__(batch_size, seed, pseudo_epoch_samples)
         if len(labels) != len(index):
             raise SamplerError(f"{len(labels)} labels for an index view of {len(index)} rows")
-        if int(pseudo_epoch_samples) < 1:
-            raise SamplerError(f"sampler.pseudo_epoch_samples must be >= 1, got {pseudo_epoch_samples}")
         if max_slides_per_epoch is not None and int(max_slides_per_epoch) < 1:
             raise SamplerError(f"sampler.max_slides_per_epoch must be >= 1, got {max_slides_per_epoch}")
         self.index, self.labels, self.label_name, self.num_labels = index, labels, label_name, num_labels
         self.alpha = float(alpha)
         self.max_slides = None if max_slides_per_epoch is None else int(max_slides_per_epoch)
-        self.epoch_batches = -(-int(pseudo_epoch_samples) // self.batch_size)
         self.rows = RowMap(index)
         self.columns = Columns(index)
         self.strata = self._build(num_labels, cache)
@@ -114,7 +111,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         num_groups = self.strata.num_groups
         if num_groups == 1:
             return 0
-        epoch = step // self.epoch_batches
+        epoch = self.pseudo_epoch(step)
         cycle, within = divmod(epoch, num_groups)
         return int(permute(within, num_groups, hash_key(self.seed, _EPOCH, cycle))[0])
 
@@ -185,7 +182,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
     def telemetry(self, batch: np.ndarray) -> dict[str, Any]:
         stats = batch_stats(self.columns, self.rows.to_positions(batch), self.labels)
         step = max(self.step - 1, 0)
-        stats.update(step=step, pseudo_epoch=step // self.epoch_batches, slide_group=self.slide_group(step))
+        stats.update(step=step, pseudo_epoch=self.pseudo_epoch(step), slide_group=self.slide_group(step))
         return stats
 
 

@@ -23,9 +23,10 @@ _PASS = 11  # hash domain
 class UniformSampler(GlobalBatchSampler):
     name = "uniform"
 
-    def __init__(self, index, batch_size: int, *, seed: int, positions: np.ndarray | None = None):
+    def __init__(self, index, batch_size: int, *, seed: int, pseudo_epoch_samples: int,
+                 positions: np.ndarray | None = None):
         """`positions`: the view positions (sorted, unique) to draw from; default all rows."""
-        super().__init__(batch_size, seed)
+        super().__init__(batch_size, seed, pseudo_epoch_samples)
         self.index, self.rows, self.positions = index, RowMap(index), positions
         self.columns = Columns(index)
         self.num_rows = len(index) if positions is None else len(positions)
@@ -55,5 +56,6 @@ class UniformSampler(GlobalBatchSampler):
 
     def telemetry(self, batch: np.ndarray) -> dict[str, Any]:
         stats = batch_stats(self.columns, self.rows.to_positions(batch), self.labels)
-        stats["step"] = max(self.step - 1, 0)
+        step = max(self.step - 1, 0)
+        stats.update(step=step, pseudo_epoch=self.pseudo_epoch(step))
         return stats

@@ -436,3 +436,20 @@ def test_telemetry():
     assert out["batches"] == 10 and out["samples"] == 320
     assert out["cluster_coverage"] == 1.0 and out["balance_entropy"] == pytest.approx(1.0)
     assert out["tile_coverage"] == out["distinct_tiles"] / 1000
+
+
+@SETTINGS
+@given(st.sampled_from(["uniform", "cluster_stratified", "metadata"]), st.integers(1, 40),
+       st.integers(1, 100))
+def test_every_sampler_counts_pseudo_epochs_of_whole_batches(name, batch_size, samples):
+    """A pseudo-epoch is the first ceil(samples / B) batches, then the next: at least `samples`
+    tiles, fewer than samples + B, for every sampler alike."""
+    index = make_index(0, 300, 6, metadata={"tissue_diagnosis": np.arange(7) % 2})
+    options = {"uniform": {}, "cluster_stratified": {"level": 1, "cache": False},
+               "metadata": {"metadata_csv": "m.csv", "target_size": 50}}[name]
+    sampler = build_sampler({"name": name, "pseudo_epoch_samples": samples, **options}, index, batch_size)
+    steps = 3 * samples // batch_size + 3
+    epochs = [sampler.telemetry(sampler.next_batch())["pseudo_epoch"] for _ in range(steps)]
+    per_epoch = -(-samples // batch_size)
+    assert epochs == [t // per_epoch for t in range(steps)]
+    assert [sampler.pseudo_epoch(t) for t in range(steps)] == epochs

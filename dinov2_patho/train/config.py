@@ -15,10 +15,12 @@ from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
 DEFAULTS = "train/default.yaml"
 # the chosen sampler's options are validated by the sampler
 OPEN_KEYS = ("sampler",)
+# keys that a config written for an earlier version may still set
+MOVED = {"train.pseudo_epoch_length": "sampler.pseudo_epoch_samples"}
 
 
 def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    return load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS)
+    return load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS, moved=MOVED)
 
 
 def global_batch_size(cfg: DictConfig, world_size: int) -> int:
@@ -42,7 +44,7 @@ def _one_of(cfg: DictConfig, key: str, choices: Sequence[str]) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Values and paths: a bad key names itself, a missing path names the path."""
     minimums = {"train.iterations": 1, "train.batch_size_per_gpu": 1, "train.num_workers": 0,
-                "train.prefetch_factor": 1, "train.log_every": 1, "train.pseudo_epoch_length": 1,
+                "train.prefetch_factor": 1, "train.log_every": 1,
                 "train.seed": 0, "train.cpu_threads": 0, "checkpoint.every_n_iterations": 0,
                 "checkpoint.keep_last": 1, "evaluation.every_n_iterations": 0}
     for key, minimum in minimums.items():

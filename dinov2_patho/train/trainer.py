@@ -279,7 +279,7 @@ class Trainer:
 
             # logging
             record = {"iteration": iteration,
-                      "pseudo_epoch": iteration * self.global_batch // int(cfg.train.pseudo_epoch_length),
+                      "pseudo_epoch": self.sampler.pseudo_epoch(iteration),
                       **losses, **values.as_dict(), "grad_norm": grad_norm,
                       "data_time": t_data, "step_time": t_iter - t_data, "iter_time": t_iter,
                       "samples_per_s": self.global_batch / t_iter,
