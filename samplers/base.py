@@ -114,8 +114,12 @@ class GlobalBatchSampler(ABC):
         self._undo.clear()
 
     @abstractmethod
-    def telemetry(self, batch: np.ndarray) -> dict[str, Any]:
-        """Per-batch statistics (see telemetry.py)."""
+    def telemetry(self, batch: np.ndarray, step: int | None = None) -> dict[str, Any]:
+        """Per-batch statistics (see telemetry.py) of `batch`, drawn at `step`: by default the
+        last batch drawn, but a prefetching DataLoader runs ahead, so a trainer names the step."""
+
+    def _telemetry_step(self, step: int | None) -> int:
+        return max(self.step - 1, 0) if step is None else int(step)
 
 
 class RankBatchSampler:

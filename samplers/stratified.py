@@ -179,9 +179,9 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
             counts[members[firsts]] += 1
         return counts
 
-    def telemetry(self, batch: np.ndarray) -> dict[str, Any]:
+    def telemetry(self, batch: np.ndarray, step: int | None = None) -> dict[str, Any]:
         stats = batch_stats(self.columns, self.rows.to_positions(batch), self.labels)
-        step = max(self.step - 1, 0)
+        step = self._telemetry_step(step)
         stats.update(step=step, pseudo_epoch=self.pseudo_epoch(step), slide_group=self.slide_group(step))
         return stats
 

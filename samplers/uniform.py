@@ -54,8 +54,8 @@ class UniformSampler(GlobalBatchSampler):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         return None
 
-    def telemetry(self, batch: np.ndarray) -> dict[str, Any]:
+    def telemetry(self, batch: np.ndarray, step: int | None = None) -> dict[str, Any]:
         stats = batch_stats(self.columns, self.rows.to_positions(batch), self.labels)
-        step = max(self.step - 1, 0)
+        step = self._telemetry_step(step)
         stats.update(step=step, pseudo_epoch=self.pseudo_epoch(step))
         return stats

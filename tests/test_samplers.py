@@ -453,3 +453,19 @@ def test_every_sampler_counts_pseudo_epochs_of_whole_batches(name, batch_size, s
     per_epoch = -(-samples // batch_size)
     assert epochs == [t // per_epoch for t in range(steps)]
     assert [sampler.pseudo_epoch(t) for t in range(steps)] == epochs
+
+
+def test_telemetry_describes_the_step_named_not_the_live_state():
+    """A prefetching DataLoader draws batches ahead of training: telemetry for step k is k's,
+    however far the sampler has run (pseudo-epoch and slide group included)."""
+    index = make_index(0, 1000, 8, slides=12)
+    sampler = stratified(index, 8, max_slides_per_epoch=3, pseudo_epoch_samples=16)
+    batches = draw(sampler, 9)
+    for k in range(6):
+        stats = sampler.telemetry(batches[k], k)
+        assert (stats["step"], stats["pseudo_epoch"], stats["slide_group"]) == (k, k // 2,
+                                                                                  sampler.slide_group(k))
+    assert sampler.telemetry(batches[-1])["step"] == 8  # no step named: the last batch drawn
+    uniform = build_sampler({"name": "uniform", "seed": 0}, index, 8)
+    ahead = draw(uniform, 4)
+    assert uniform.telemetry(ahead[1], 1)["step"] == 1

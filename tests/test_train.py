@@ -77,6 +77,15 @@ def test_cpu_smoke_config_trains_and_loss_falls(cohort, cohort_index, tmp_path):
     assert (tmp_path / "config.yaml").is_file()
 
 
+def test_sampler_telemetry_is_the_trained_batchs_not_the_prefetched_ones(cohort, cohort_index, tmp_path):
+    # one worker, two batches in flight: the sampler's live state runs ahead of the iteration
+    cfg = tiny_cfg(cohort, cohort_index, "train.iterations=4", "train.num_workers=1",
+                   "train.prefetch_factor=2", "checkpoint.every_n_iterations=0")
+    trainer_mod.run_training(cfg, tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["sampler/step"] for r in records] == [r["iteration"] for r in records] == list(range(4))
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

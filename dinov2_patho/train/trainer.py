@@ -285,7 +285,8 @@ class Trainer:
                       "samples_per_s": self.global_batch / t_iter,
                       "batch_digest": _batch_digest(global_batch)}
             if ctx.is_main:
-                record.update({f"sampler/{k}": v for k, v in self.sampler.telemetry(global_batch).items()
+                record.update({f"sampler/{k}": v
+                               for k, v in self.sampler.telemetry(global_batch, iteration).items()
                                if isinstance(v, (int, float))})
             self.metrics.write(record)
             iteration += 1
