@@ -65,16 +65,27 @@ def auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(np.nanmean(scores)) if len(scores) > 1 else float("nan")
 
 
+def quadratic_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Cohen's kappa with quadratic weights over ordered classes 0..C-1 (PANDA's ISUP grade metric)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    return float(cohen_kappa_score(y_true, y_pred, labels=np.arange(num_classes), weights="quadratic"))
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
-                           classes: list[str] | tuple[str, ...]) -> dict:
-    """Every metric we report, from targets [N] and class probabilities [N, C]."""
+                           classes: list[str] | tuple[str, ...], ordinal: bool = False) -> dict:
+    """Every metric we report, from targets [N] and class probabilities [N, C]; for `ordinal`
+    classes (listed in order) also the quadratic-weighted kappa."""
     num_classes = len(classes)
     y_pred = np.asarray(probs).argmax(axis=1)
     cm = confusion(y_true, y_pred, num_classes)
     recall = per_class_recall(cm)
-    return {
+    out = {
         "balanced_accuracy": float(np.nanmean(recall)),
         "macro_f1": macro_f1(y_true, y_pred, num_classes),
         "auroc": auroc(y_true, probs),
         "per_class_recall": {name: float(r) for name, r in zip(classes, recall)},
     }
+    if ordinal:
+        out["quadratic_kappa"] = quadratic_kappa(y_true, y_pred, num_classes)
+    return out
