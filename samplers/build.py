@@ -1,17 +1,21 @@
 """The sampler registry and `build_sampler(cfg, index, global_batch_size)`.
 
-Config keys (`sampler:` section) are the keyword arguments of the registered
-constructors below; an unknown key is an error naming the closest valid one.
+Config keys (`sampler:` section) are the fields of the registered options dataclasses
+below, which are also the only home of their defaults. An unknown key is an error naming
+the closest valid one; so is a key that the chosen branch would ignore (say
+`max_slides_per_epoch` for an unstratified `metadata` sampler).
 """
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dinov2_patho.registry import Registry, did_you_mean
 
@@ -22,15 +26,70 @@ from .uniform import UniformSampler
 from .views import RowMap
 
 SAMPLERS = Registry("sampler")
+OPTIONS: dict[str, type] = {}
 
 
-@SAMPLERS.register("uniform")
-def uniform(index, batch_size: int, *, seed: int = 0, pseudo_epoch_samples: int = 350_000,
-            subset: str | None = None) -> GlobalBatchSampler:
+@dataclass
+class SamplerOptions:
+    """What every sampler takes."""
+
+    name: str = MISSING
+    seed: int = 0
+    # samples per pseudo-epoch, ceil(this / global batch) batches: the paper's unit of the
+    # slide cap and of `pseudo_epoch` in metrics.jsonl
+    pseudo_epoch_samples: int = 350_000
+
+
+@dataclass
+class StratifiedOptions(SamplerOptions):
+    """What stratified batches take (see stratified.py)."""
+
+    alpha: float = 0.0                       # cluster weights size**alpha; 0: equal quotas (the paper)
+    max_slides_per_epoch: int | None = None  # hard cap on distinct slides per pseudo-epoch (paper: 800)
+    cache: bool = True                       # keep the strata in <index>/.sampler_cache
+
+
+@dataclass
+class UniformOptions(SamplerOptions):
+    subset: str | None = None                # a .npy of global row ids to draw from
+
+
+@dataclass
+class ClusterStratifiedOptions(StratifiedOptions):
+    level: int | None = None                 # a tree level of the index, or:
+    metadata_csv: str | None = None          # a slide metadata CSV and
+    column: str | None = None                # its column (e.g. tissue_diagnosis)
+
+
+@dataclass
+class MetadataOptions(StratifiedOptions):
+    metadata_csv: str = MISSING
+    target_size: int = MISSING               # rows in the inverse-frequency subset
+    column: str = "tissue_diagnosis"
+    stratify: bool = False                   # batches stratified by `column`; else uniform over the subset
+
+
+def register(name: str, options: type) -> Callable:
+    """Register a factory `(index, batch_size, options, given) -> sampler` under `name`."""
+    OPTIONS[name] = options
+    return SAMPLERS.register(name)
+
+
+def _unused(name: str, given: Iterable[str], branch_only: type, why: str) -> None:
+    """Reject the given options that only `branch_only` (a branch not taken) would use."""
+    common = {f.name for f in fields(SamplerOptions)}
+    ignored = [f.name for f in fields(branch_only) if f.name in set(given) - common]
+    if ignored:
+        names = ", ".join(f"sampler.{k}" for k in ignored)
+        raise SamplerError(f"{names}: not used by sampler {name!r} {why}")
+
+
+@register("uniform", UniformOptions)
+def uniform(index, batch_size: int, opts: UniformOptions, given: set[str]) -> GlobalBatchSampler:
     """Infinite reshuffled passes over the index, or over `subset` (a .npy of global row ids)."""
     positions = None
-    if subset is not None:
-        path = Path(subset)
+    if opts.subset is not None:
+        path = Path(opts.subset)
         try:
             rows = np.load(path)
         except (OSError, ValueError) as e:
@@ -43,15 +102,19 @@ def uniform(index, batch_size: int, *, seed: int = 0, pseudo_epoch_samples: int 
             positions = RowMap(index).to_positions(rows)
         except SamplerError as e:
             raise SamplerError(f"sampler.subset {path}: {e}") from e
-    return UniformSampler(index, batch_size, seed=seed, pseudo_epoch_samples=pseudo_epoch_samples,
+    return UniformSampler(index, batch_size, seed=opts.seed, pseudo_epoch_samples=opts.pseudo_epoch_samples,
                           positions=positions)
 
 
-def _labels(index, level: int | None, metadata_csv: str | None, column: str | None) -> tuple[Any, int, str]:
+def _labels(index, opts: ClusterStratifiedOptions) -> tuple[Any, int, str]:
+    level, metadata_csv, column = opts.level, opts.metadata_csv, opts.column
     if (level is None) == (metadata_csv is None):
         raise SamplerError("cluster_stratified: give either sampler.level or sampler.metadata_csv + "
                            "sampler.column")
     if level is not None:
+        if column is not None:
+            raise SamplerError("sampler.column: not used by sampler 'cluster_stratified' with sampler.level "
+                               "(it names a column of sampler.metadata_csv)")
         if not 1 <= int(level) <= index.num_levels:
             raise SamplerError(f"sampler.level={level}: the index has levels 1..{index.num_levels}")
         return index.level(int(level)), index.num_clusters(int(level)), f"level_{int(level)}"
@@ -62,52 +125,57 @@ def _labels(index, level: int | None, metadata_csv: str | None, column: str | No
     return codes, len(names), column
 
 
-@SAMPLERS.register("cluster_stratified")
-def cluster_stratified(index, batch_size: int, *, seed: int = 0, level: int | None = None,
-                       metadata_csv: str | None = None, column: str | None = None, alpha: float = 0.0,
-                       max_slides_per_epoch: int | None = None, pseudo_epoch_samples: int = 350_000,
-                       cache: bool = True) -> GlobalBatchSampler:
+def _stratified(index, batch_size: int, opts: StratifiedOptions, labels, num_labels: int,
+                label_name: str) -> ClusterStratifiedSampler:
+    return ClusterStratifiedSampler(index, batch_size, seed=opts.seed, labels=labels, num_labels=num_labels,
+                                    label_name=label_name, alpha=opts.alpha,
+                                    max_slides_per_epoch=opts.max_slides_per_epoch,
+                                    pseudo_epoch_samples=opts.pseudo_epoch_samples, cache=opts.cache)
+
+
+@register("cluster_stratified", ClusterStratifiedOptions)
+def cluster_stratified(index, batch_size: int, opts: ClusterStratifiedOptions,
+                       given: set[str]) -> GlobalBatchSampler:
     """Stratified batches over tree level `level`, or over a metadata column (see stratified.py)."""
-    labels, num_labels, name = _labels(index, level, metadata_csv, column)
-    return ClusterStratifiedSampler(index, batch_size, seed=seed, labels=labels, num_labels=num_labels,
-                                    label_name=name, alpha=alpha, max_slides_per_epoch=max_slides_per_epoch,
-                                    pseudo_epoch_samples=pseudo_epoch_samples, cache=cache)
+    labels, num_labels, name = _labels(index, opts)
+    return _stratified(index, batch_size, opts, labels, num_labels, name)
 
 
-@SAMPLERS.register("metadata")
-def metadata(index, batch_size: int, *, metadata_csv: str, target_size: int, seed: int = 0,
-             column: str = "tissue_diagnosis", stratify: bool = False, alpha: float = 0.0,
-             max_slides_per_epoch: int | None = None, pseudo_epoch_samples: int = 350_000,
-             cache: bool = True) -> GlobalBatchSampler:
+@register("metadata", MetadataOptions)
+def metadata(index, batch_size: int, opts: MetadataOptions, given: set[str]) -> GlobalBatchSampler:
     """The paper's metadata baseline: an inverse-frequency subset of `target_size` rows, drawn
     uniformly, or (`stratify`) in batches stratified by `column`."""
-    codes, names = index.metadata_codes(metadata_csv, column)
-    subset = inverse_frequency_subset(codes, int(target_size), seed)
-    if not stratify:
-        return UniformSampler(index, batch_size, seed=seed, pseudo_epoch_samples=pseudo_epoch_samples,
-                              positions=subset)
+    if not opts.stratify:
+        _unused("metadata", given, StratifiedOptions, "with sampler.stratify=false (uniform over the subset)")
+    codes, names = index.metadata_codes(opts.metadata_csv, opts.column)
+    subset = inverse_frequency_subset(codes, int(opts.target_size), opts.seed)
+    if not opts.stratify:
+        return UniformSampler(index, batch_size, seed=opts.seed,
+                              pseudo_epoch_samples=opts.pseudo_epoch_samples, positions=subset)
     labels = np.full(len(index), -1, dtype=np.int32)
     labels[subset] = np.asarray(codes[subset])
-    return ClusterStratifiedSampler(index, batch_size, seed=seed, labels=labels, num_labels=len(names),
-                                    label_name=column, alpha=alpha, max_slides_per_epoch=max_slides_per_epoch,
-                                    pseudo_epoch_samples=pseudo_epoch_samples, cache=cache)
+    return _stratified(index, batch_size, opts, labels, len(names), opts.column)
 
 
 def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> GlobalBatchSampler:
     """A sampler from its config section: `{name: ..., seed: ..., <options>}`."""
     options = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
-    name = options.pop("name", None)
+    name = options.get("name")
     if name is None:
         raise SamplerError(f"sampler.name is missing; valid: {', '.join(SAMPLERS.names())}")
     if name not in SAMPLERS:
         raise SamplerError(f"unknown sampler.name {name!r}{did_you_mean(str(name), SAMPLERS.names())}")
-    factory = SAMPLERS.get(name)
-    params = {p.name: p for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    schema = OPTIONS[name]
+    valid = [f.name for f in fields(schema)]
     for key in options:
-        if key not in params:
-            hint = did_you_mean(str(key), params)
+        if key not in valid:
+            hint = did_you_mean(str(key), valid)
             raise SamplerError(f"sampler.{key}: not an option of sampler {name!r}{hint}")
-    for key, p in params.items():
-        if p.default is inspect.Parameter.empty and key not in options:
-            raise SamplerError(f"sampler {name!r} needs sampler.{key}")
-    return factory(index, global_batch_size, **options)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), options)
+    except OmegaConfBaseException as e:
+        raise SamplerError(f"sampler.{e.key}: {e.msg}") from e
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise SamplerError(f"sampler {name!r} needs sampler.{missing[0]}")
+    return SAMPLERS.get(name)(index, global_batch_size, OmegaConf.to_object(merged), set(options))

@@ -375,10 +375,10 @@ def test_inverse_frequency_balances_rare_values():
 def test_metadata_sampler_uniform_and_stratified():
     index = make_index(0, 2000, 10, slides=6, metadata={"tissue_diagnosis": np.array([0, 0, 0, 0, 1, -1])})
     codes = index.metadata_codes("m.csv", "tissue_diagnosis")[0]
-    cfg = {"name": "metadata", "metadata_csv": "m.csv", "target_size": 100, "seed": 3, "cache": False}
+    cfg = {"name": "metadata", "metadata_csv": "m.csv", "target_size": 100, "seed": 3}
     flat = draw(build_sampler(cfg, index, 20), 5).ravel()
     assert len(np.unique(flat)) == 100 and (codes[flat] >= 0).all()  # one pass over the subset
-    strat = draw(build_sampler({**cfg, "stratify": True}, index, 20), 5)
+    strat = draw(build_sampler({**cfg, "stratify": True, "cache": False}, index, 20), 5)
     assert np.isin(strat, flat).all()
     assert all(np.array_equal(np.bincount(codes[b], minlength=2), [10, 10]) for b in strat)
 
@@ -395,6 +395,35 @@ def test_unknown_option_names_the_closest():
         build_sampler({"name": "cluster_stratified", "level": 3}, index, 8)
     with pytest.raises(UserError, match="needs sampler.target_size"):
         build_sampler({"name": "metadata", "metadata_csv": "m.csv"}, index, 8)
+
+
+def test_options_the_chosen_branch_ignores_are_errors_naming_them():
+    index = make_index(0, 100, 5, metadata={"tissue_diagnosis": np.arange(7) % 2})
+    meta = {"name": "metadata", "metadata_csv": "m.csv", "target_size": 50}
+    with pytest.raises(UserError, match=r"sampler.alpha, sampler.max_slides_per_epoch: not used .*=false"):
+        build_sampler({**meta, "max_slides_per_epoch": 800, "alpha": 1.0}, index, 8)
+    build_sampler({**meta, "stratify": True, "max_slides_per_epoch": 800, "cache": False}, index, 8)
+    with pytest.raises(UserError, match=r"sampler.column: not used .*with sampler.level"):
+        build_sampler({"name": "cluster_stratified", "level": 1, "column": "tissue_diagnosis"}, index, 8)
+    with pytest.raises(UserError, match=r"sampler.max_slides_per_epoch: not an option of sampler 'uniform'"):
+        build_sampler({"name": "uniform", "max_slides_per_epoch": 800}, index, 8)
+    with pytest.raises(UserError, match=r"sampler.alpha: .*could not be converted"):
+        build_sampler({"name": "cluster_stratified", "level": 1, "alpha": "high"}, index, 8)
+
+
+def test_shipped_train_configs_build_their_samplers():
+    from dinov2_patho.train.config import load_train_config
+
+    index = make_index(0, 400, 5, metadata={"tissue_diagnosis": np.arange(7) % 2})
+    configs = sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        section = load_train_config(path).sampler
+        if section.name == "metadata":
+            section.merge_with({"metadata_csv": "m.csv", "target_size": 100})
+        if "level" in section:
+            section.level = min(section.level, index.num_levels)
+        build_sampler(section, index, 64)  # an in-memory index: nothing cached
 
 
 def test_rank_batch_sampler_in_a_dataloader_with_workers():
