@@ -1,0 +1,382 @@
+"""`curate kmeans`: hierarchical k-means with resampling (Vo et al. 2024) over the embeddings.
+
+Level 1 clusters the tiles' embeddings, level k clusters level k-1's centroids. A level runs
+`resampling_steps` steps: step 0 clusters all its points; each later step runs a fresh k-means
+on the `sample_per_cluster` points of each cluster closest to its centroid (or random ones),
+then reassigns every point. A level with `split: m` is built in two stages instead: k clusters,
+then each split into min(m, its size) (both paper trees' level 1: 100,000 x 35).
+
+Small cohorts: a level with `min_mean_cluster_size: r` gets min(clusters, ceil(M / r)) clusters,
+M being its number of points (tiles, or the previous level's clusters); for a split level the
+first stage shrinks, to min(k, ceil(M / (r * m))). r is the paper tree's own points per cluster.
+
+Every level is written through `tree.write_level`; a kill resumes at the first level without
+done.json, and inside a level after the last finished resampling step. Under torchrun, level 1
+is sharded over the ranks; the levels above (small) run on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from dinov2_patho.curation import tree
+from dinov2_patho.curation.config import add_config_arguments, config_from_args
+from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_path, atomic_write_text
+
+LEVEL_KEYS = {"clusters", "split", "iterations", "init", "resampling_steps", "sample_per_cluster", "strategy",
+              "min_mean_cluster_size"}
+STEPS_DIR = "steps"  # per-level checkpoints of finished resampling steps, removed once the level is done
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    clusters: int  # k (the first stage's k for a split level)
+    split: int = 1  # m: split each of the k clusters into m (two-stage level)
+    iterations: int = 50
+    init: str = "kmeans++"
+    resampling_steps: int = 1  # step 0 on all points + (steps - 1) resampled steps
+    sample_per_cluster: int = 1  # points taken per cluster at each resampled step
+    strategy: str = "closest"  # closest | random
+    min_mean_cluster_size: float | None = None  # shrink clusters for small inputs (see module doc)
+
+    @property
+    def total_clusters(self) -> int:
+        return self.clusters * self.split
+
+
+def parse_levels(levels: list[dict[str, Any]]) -> list[LevelSpec]:
+    """Level specs from `kmeans.levels`, each key checked; a one-line UserError names the bad one."""
+    if OmegaConf.is_config(levels):
+        levels = OmegaConf.to_container(levels, resolve=True)
+    if not levels:
+        raise UserError("kmeans.levels is empty: pass --config-file configs/curation/t1.yaml (or t2.yaml, "
+                        "cpu_smoke.yaml) or set the levels")
+    specs = []
+    for i, level in enumerate(levels, 1):
+        where = f"kmeans.levels[{i}]"
+        if not isinstance(level, dict):
+            raise UserError(f"{where}: expected a mapping of {sorted(LEVEL_KEYS)}, got {level!r}")
+        unknown = set(level) - LEVEL_KEYS
+        if unknown:
+            raise UserError(f"{where}: unknown key {sorted(unknown)[0]!r} "
+                            f"(keys: {', '.join(sorted(LEVEL_KEYS))})")
+        if "clusters" not in level:
+            raise UserError(f"{where}: `clusters` is required")
+        spec = LevelSpec(**level)
+        for key in ("clusters", "split", "iterations", "resampling_steps", "sample_per_cluster"):
+            value = getattr(spec, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{where}.{key}: {value!r} is not a positive integer")
+        if spec.init not in ("kmeans++", "random"):
+            raise UserError(f"{where}.init: {spec.init!r} is not kmeans++ or random")
+        if spec.strategy not in ("closest", "random"):
+            raise UserError(f"{where}.strategy: {spec.strategy!r} is not closest or random")
+        if spec.split > 1 and spec.resampling_steps > 1:
+            raise UserError(f"{where}: a split level (split={spec.split}) cannot also resample "
+                            f"(resampling_steps={spec.resampling_steps})")
+        if spec.min_mean_cluster_size is not None and spec.min_mean_cluster_size < 1:
+            raise UserError(f"{where}.min_mean_cluster_size: {spec.min_mean_cluster_size} is below 1")
+        specs.append(spec)
+    return specs
+
+
+def scale_levels(specs: list[LevelSpec], num_points: int, source: str) -> list[LevelSpec]:
+    """Apply each level's min_mean_cluster_size to its number of points; check that every level
+    has at least as many points as clusters and fewer clusters than the level below."""
+    scaled, points = [], num_points
+    for i, spec in enumerate(specs, 1):
+        k = spec.clusters
+        if spec.min_mean_cluster_size is not None:
+            k = min(k, math.ceil(points / (spec.min_mean_cluster_size * spec.split)))
+        spec = LevelSpec(**{**asdict(spec), "clusters": k})
+        of = "rows" if i == 1 else f"level-{i - 1} clusters"
+        if spec.total_clusters > points:
+            raise UserError(f"{source}: level {i} asks for {spec.total_clusters} clusters but has only "
+                            f"{points} points ({of}); lower kmeans.levels[{i}].clusters")
+        if i > 1 and spec.total_clusters >= points:
+            raise UserError(f"{source}: levels are not decreasing: level {i} has {spec.total_clusters} "
+                            f"clusters, level {i - 1} {points}")
+        scaled.append(spec)
+        points = spec.total_clusters
+    return scaled
+
+
+# --- input ---------------------------------------------------------------------------------
+
+def open_embeddings(path: str | Path, tiles: str | Path | None = None) -> tuple[np.ndarray, Path]:
+    """The (N, D) float16/float32 matrix of `path` (a `curate embed` directory or a .npy), memory-mapped."""
+    path = Path(path)
+    npy = path / "embeddings.npy" if path.is_dir() else path
+    try:
+        array = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{npy}: cannot read as a .npy array: {e}") from e
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise UserError(f"{npy}: expected a non-empty 2-D (rows, dim) array, got shape {array.shape}")
+    if array.dtype not in (np.float16, np.float32):
+        raise UserError(f"{npy}: expected float16 or float32 embeddings, got {array.dtype}")
+    slides = npy.parent / "slides.csv"
+    if path.is_dir() and slides.is_file():
+        last = _last_end_row(slides)
+        if last != array.shape[0]:
+            raise UserError(f"{slides}: slide rows end at {last} but {npy.name} has {array.shape[0]} rows")
+    if tiles is not None:
+        count = _csv_rows(Path(tiles))
+        if count != array.shape[0]:
+            raise UserError(f"{tiles}: the tile list has {count} rows but {npy} has {array.shape[0]}")
+    return array, npy
+
+
+def _csv_rows(path: Path) -> int:
+    if not path.is_file():
+        raise UserError(f"{path}: tile list not found")
+    with open(path, "rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    return max(lines - 1, 0)  # header
+
+
+def _last_end_row(path: Path) -> int:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return max((int(r["end_row"]) for r in rows), default=0)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: expected columns slide_id,start_row,end_row with integer rows ({e})") from e
+
+
+def check_finite(array: np.ndarray, source: Path, chunk_rows: int, progress: bool) -> None:
+    """UserError naming the first row holding NaN or inf (one streaming pass)."""
+    from tqdm import tqdm
+
+    for a in tqdm(range(0, len(array), chunk_rows), desc="check finite", disable=not progress, leave=False):
+        ok = np.isfinite(array[a:a + chunk_rows]).all(axis=1)
+        if not ok.all():
+            raise UserError(f"{source}: row {a + int(np.argmin(ok))} holds NaN or inf")
+
+
+# --- one level -----------------------------------------------------------------------------
+
+class LevelBuilder:
+    """Runs one level (resampled or split), checkpointing finished resampling steps."""
+
+    def __init__(self, level: int, spec: LevelSpec, cfg: Any, out: Path, progress: bool):
+        self.level, self.spec, self.cfg, self.progress = level, spec, cfg, progress
+        self.steps_dir = tree.level_dir(out, level) / STEPS_DIR
+
+    def seed(self, *parts: int) -> int:
+        return int(np.random.SeedSequence([int(self.cfg.seed), self.level, *parts]).generate_state(1)[0])
+
+    def kmeans(self, points, k: int, seed: int, desc: str):
+        from dinov2_patho.curation.kmeans import kmeans
+
+        c = self.cfg
+        return kmeans(points, k, self.spec.iterations, self.spec.init, seed, c.engine, c.device,
+                      int(c.chunk_rows), int(c.init_points_per_centroid), c.max_points_per_centroid,
+                      self.progress, desc)
+
+    def run(self, points):
+        return self.split(points) if self.spec.split > 1 else self.resampled(points)
+
+    def resampled(self, points):
+        from dinov2_patho.curation.kmeans import KMeansResult, assign, mean_distance
+
+        spec, name = self.spec, f"level {self.level}"
+        first, result = self._resume(points)
+        for step in range(first, spec.resampling_steps):
+            if step == 0:
+                result = self.kmeans(points, spec.clusters, self.seed(0), f"{name} step 0")
+            else:
+                keys = result.distances if spec.strategy == "closest" else random_keys(
+                    np.arange(points.start, points.stop), self.seed(step, 1))
+                picked = select_per_cluster(points, result.assignment, keys, spec.sample_per_cluster)
+                subset = points.subset(picked)
+                sub = self.kmeans(subset, spec.clusters, self.seed(step), f"{name} step {step}")
+                assignment, distances, _, _ = assign(points, sub.centroids, self.cfg.engine, self.cfg.device,
+                                                     int(self.cfg.chunk_rows))
+                result = KMeansResult(sub.centroids, assignment, distances, mean_distance(points, distances),
+                                      sub.iterations)
+            if points.start == 0 and spec.resampling_steps > 1:  # rank 0 checkpoints the step
+                with atomic_path(self.steps_dir / f"step_{step}.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, result.centroids)
+        return result
+
+    def _resume(self, points):
+        """(first step to run, result of the last finished step) from the step checkpoints."""
+        from dinov2_patho.curation.kmeans import KMeansResult, assign, mean_distance
+
+        done = sorted(int(p.stem.split("_")[1]) for p in self.steps_dir.glob("step_*.npy"))
+        done = [s for s in done if s < self.spec.resampling_steps]
+        if not done:
+            return 0, None
+        centroids = np.load(self.steps_dir / f"step_{done[-1]}.npy")
+        assignment, distances, _, _ = assign(points, centroids, self.cfg.engine, self.cfg.device,
+                                             int(self.cfg.chunk_rows))
+        objective = mean_distance(points, distances)
+        return done[-1] + 1, KMeansResult(centroids, assignment, distances, objective, 0)
+
+    def split(self, points):
+        """k clusters, then each split into min(m, size) by its own k-means; clusters are numbered
+        parent by parent. Under torchrun the parents are shared out over the ranks."""
+        import torch.distributed as dist
+
+        from dinov2_patho.curation.kmeans import KMeansResult, Points, mean_distance
+
+        spec = self.spec
+        parent = self.kmeans(points, spec.clusters, self.seed(0), f"level {self.level} stage 1")
+        labels = points.gather(parent.assignment)  # every point's parent, on every rank
+        order = np.argsort(labels, kind="stable")
+        offsets = np.searchsorted(labels[order], np.arange(spec.clusters + 1))
+        rank, world = (dist.get_rank(), dist.get_world_size()) if points.distributed else (0, 1)
+        from tqdm import tqdm
+
+        mine = {}
+        for c in tqdm(range(rank, spec.clusters, world), desc=f"level {self.level} stage 2",
+                      disable=not self.progress, leave=False):
+            members = order[offsets[c]:offsets[c + 1]]
+            if len(members) == 0:
+                mine[c] = (parent.centroids[c:c + 1], members, np.zeros(0, np.int32), np.zeros(0, np.float32))
+                continue
+            child = Points(points.array, members if points.ids is None else points.ids[members], shard=False)
+            sub = self.kmeans(child, min(spec.split, len(members)), self.seed(1, c), "split")
+            mine[c] = (sub.centroids, members, sub.assignment, sub.distances)
+        if points.distributed:
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, mine)
+            mine = {c: v for part in parts for c, v in part.items()}
+        centroids, assignment = [], np.empty(points.total, np.int32)
+        distances = np.empty(points.total, np.float32)
+        first = 0
+        for c in range(spec.clusters):
+            sub_centroids, members, sub_assignment, sub_distances = mine[c]
+            assignment[members] = first + sub_assignment
+            distances[members] = sub_distances
+            centroids.append(sub_centroids)
+            first += len(sub_centroids)
+        local = slice(points.start, points.stop)
+        return KMeansResult(np.concatenate(centroids), assignment[local], distances[local],
+                            mean_distance(points, distances[local]), parent.iterations)
+
+
+def select_per_cluster(points, assignment: np.ndarray, keys: np.ndarray, per_cluster: int) -> np.ndarray:
+    """Sorted global positions of the `per_cluster` points of lowest key in each cluster (ties by
+    position); under torchrun each rank proposes its local best, which contain the global best."""
+    def best(positions: np.ndarray, labels: np.ndarray, key: np.ndarray) -> np.ndarray:
+        order = np.lexsort((positions, key, labels))
+        sorted_labels = labels[order]
+        starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+        return order[np.arange(len(order)) - starts < per_cluster]
+
+    positions = np.arange(points.start, points.stop)
+    pick = best(positions, assignment, keys)
+    if points.distributed:
+        positions, assignment, keys = (points.gather(a[pick]) for a in (positions, assignment, keys))
+        pick = best(positions, assignment, keys)
+    return np.sort(positions[pick])
+
+
+def random_keys(positions: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform key per point from (position, seed) alone (splitmix64): the same on any sharding."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
+        z = positions.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+# --- the tree ------------------------------------------------------------------------------
+
+def level_record(spec: LevelSpec, cfg: Any) -> dict[str, Any]:
+    """What a level's result depends on: a finished level is reused only if this matches."""
+    return {"spec": asdict(spec), "seed": int(cfg.seed),
+            "init_points_per_centroid": int(cfg.init_points_per_centroid),
+            "max_points_per_centroid": cfg.max_points_per_centroid}
+
+
+def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progress: bool = True,
+               log=print) -> list[dict[str, Any]]:
+    """Build (or resume) the tree in `out`; returns one summary per level (on rank 0)."""
+    from dinov2_patho.curation.kmeans import Points
+
+    specs = scale_levels(parse_levels(cfg.levels), len(embeddings), str(source))
+    points = Points(embeddings)
+    main = points.start == 0
+    summaries: list[dict[str, Any]] = []
+    centroids = None
+    for level, spec in enumerate(specs, 1):
+        record = level_record(spec, cfg)
+        if tree.level_complete(out, level):
+            done = json.loads((tree.level_dir(out, level) / tree.LEVEL_DONE).read_text())
+            if {k: done.get(k) for k in record} != record:
+                raise UserError(f"{tree.level_dir(out, level)}: built with another config "
+                                f"({done.get('spec')}); use a new --out or delete that directory")
+            summaries.append({"level": level, "clusters": done["clusters"], "objective": done["objective"],
+                              "seconds": 0.0, "resumed": True})
+            centroids = np.load(tree.level_dir(out, level) / "centroids.npy")
+            continue
+        if level > 1:
+            if not main:
+                break  # the levels above level 1 are small: rank 0 builds them
+            points = Points(centroids, shard=False)
+        start = time.perf_counter()
+        result = LevelBuilder(level, spec, cfg, out, progress).run(points)
+        seconds = time.perf_counter() - start
+        assignment, distances = points.gather(result.assignment), points.gather(result.distances)
+        centroids = result.centroids
+        if main:
+            summary = {"level": level, "clusters": len(centroids), "objective": result.objective,
+                       "seconds": round(seconds, 2),
+                       "empty": int(len(centroids) - len(np.unique(assignment)))}
+            tree.write_level(out, level, centroids, assignment, distances, objective=result.objective,
+                             seconds=summary["seconds"], **record)
+            shutil.rmtree(tree.level_dir(out, level) / STEPS_DIR, ignore_errors=True)
+            summaries.append(summary)
+            log(f"level {level}: {summary['clusters']} clusters ({summary['empty']} empty), objective "
+                f"{summary['objective']:.6g} (mean squared distance), {seconds:.1f} s")
+    if main:
+        tree.write_manifest(out, len(embeddings), [s["clusters"] for s in summaries], embeddings=str(source),
+                            dim=int(embeddings.shape[1]), objectives=[s["objective"] for s in summaries],
+                            seed=int(cfg.seed))
+    return summaries
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embeddings", required=True,
+                        help="a `curate embed` directory (embeddings.npy, slides.csv) or an (N, D) .npy")
+    parser.add_argument("--out", required=True, help="tree directory (resumed when it holds finished levels)")
+    parser.add_argument("--tiles", help="the tile list CSV the embeddings were made from "
+                                        "(row counts must match)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dinov2_patho.train.dist import distributed_context
+
+    cfg = config_from_args(args).kmeans
+    embeddings, source = open_embeddings(args.embeddings, args.tiles)
+    specs = scale_levels(parse_levels(cfg.levels), len(embeddings), str(source))  # fail before any work
+    out = Path(args.out)
+    with distributed_context(cfg.device) as ctx:
+        check_finite(embeddings, source, int(cfg.chunk_rows), not args.no_progress and ctx.is_main)
+        if ctx.is_main:
+            print(f"curate kmeans: {len(embeddings)} x {embeddings.shape[1]} {embeddings.dtype} from "
+                  f"{source}; levels {[s.total_clusters for s in specs]}; engine {cfg.engine}, "
+                  f"{ctx.world_size} rank(s)")
+        summaries = build_tree(embeddings, source, out, cfg, progress=not args.no_progress and ctx.is_main,
+                               log=print if ctx.is_main else lambda *_: None)
+        if ctx.is_main:
+            atomic_write_text(out / "kmeans_summary.json", json.dumps(summaries, indent=1))
+    return 0

@@ -1,0 +1,263 @@
+"""One k-means level: Lloyd's algorithm (L2, not spherical) streamed over an (M, D) array.
+
+Storage may be float16 (the embeddings memmap); compute is float32, centroid sums float64.
+Points are read in chunks, never loaded whole. Under torch.distributed each rank holds a
+contiguous shard of the points: assignment is local, centroid sums and counts are
+all-reduced, the init is computed from a sample every rank holds and broadcast from rank 0,
+so one job over many GPUs equals the one-process result.
+
+Why not `faiss.Kmeans`: it trains on a subsample of k * max_points_per_centroid points
+(256 by default) without saying so, it re-seeds empty clusters by splitting large ones
+(the reference keeps their centroid), and it cannot shard points over ranks. Faiss is the
+nearest-centroid kernel here (`IndexFlatL2`, on GPU when faiss-gpu is installed); the Lloyd
+loop is ours. Subsampling is a stated option, `max_points_per_centroid` (off by default).
+Lloyd stops early only when no assignment changed: the centroids are then a fixed point,
+so further iterations would reproduce them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+ASSIGN_BLOCK_ELEMENTS = 1 << 25  # rows x centroids per distance block of the torch kernel (128 MB)
+
+
+# --- points --------------------------------------------------------------------------------
+
+def sharded() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class Points:
+    """Rows of an (R, D) array (optionally the subset `ids`, sorted), read as float32 chunks.
+
+    Positions 0..total-1 index the points (rows, or entries of `ids`). With `shard` under
+    torch.distributed, this rank holds positions [start, stop) and the collectives below act
+    over all ranks; otherwise they are the identity."""
+
+    def __init__(self, array: np.ndarray, ids: np.ndarray | None = None, shard: bool = True):
+        self.array, self.ids = array, ids
+        self.total = len(ids) if ids is not None else len(array)
+        self.distributed = shard and sharded()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        self.start, self.stop = self.total * rank // world, self.total * (rank + 1) // world
+        self.dim = array.shape[1]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def subset(self, positions: np.ndarray) -> Points:
+        """The points at sorted global `positions`, sharded like these."""
+        return Points(self.array, positions if self.ids is None else self.ids[positions], self.distributed)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at sorted global `positions`."""
+        rows = self.ids[positions] if self.ids is not None else positions
+        return np.asarray(self.array[rows], dtype=np.float32)
+
+    def chunks(self, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(local offset, float32 rows) over this rank's shard."""
+        for a in range(self.start, self.stop, chunk_rows):
+            b = min(a + chunk_rows, self.stop)
+            rows = self.array[a:b] if self.ids is None else self.array[self.ids[a:b]]
+            yield a - self.start, np.asarray(rows, dtype=np.float32)
+
+    def sample(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at sorted global `positions`, on every rank (each contributes its shard)."""
+        if not self.distributed:
+            return self.take(positions)
+        out = np.zeros((len(positions), self.dim), dtype=np.float32)
+        mine = (positions >= self.start) & (positions < self.stop)
+        out[mine] = self.take(positions[mine])
+        return self.reduce(out)
+
+    # collectives over the ranks holding these points
+    def reduce(self, array: np.ndarray) -> np.ndarray:
+        if not self.distributed:
+            return array
+        t = torch.from_numpy(np.ascontiguousarray(array)).to(_comm_device())
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def broadcast(self, array: np.ndarray) -> np.ndarray:
+        if not self.distributed:
+            return array
+        t = torch.from_numpy(np.ascontiguousarray(array)).to(_comm_device())
+        dist.broadcast(t, src=0)
+        return t.cpu().numpy()
+
+    def gather(self, array: np.ndarray) -> np.ndarray:
+        """Every rank's `array` concatenated in rank order, on every rank."""
+        if not self.distributed:
+            return array
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, array)
+        return np.concatenate(parts)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# --- nearest centroid ----------------------------------------------------------------------
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class NearestCentroid:
+    """Nearest centroid (squared L2) of float32 rows, with faiss or torch, on CPU or GPU.
+
+    The search expands |x - c|^2 = |x|^2 - 2 x.c + |c|^2 (a matrix product), which loses digits
+    to cancellation when |x| is large; the distance returned is recomputed as |x - c|^2 for the
+    chosen centroid, so objectives and "closest" orderings are exact in float32."""
+
+    def __init__(self, centroids: np.ndarray, engine: str = "faiss", device: str = "cpu"):
+        self.engine, self.device = engine, resolve_device(device)
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        if engine == "faiss":
+            import faiss
+
+            index = faiss.IndexFlatL2(centroids.shape[1])
+            if self.device == "cuda" and hasattr(faiss, "StandardGpuResources"):
+                self._gpu_resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._gpu_resources, torch.cuda.current_device(), index)
+            index.add(centroids)
+            self.index, self.host_centroids = index, centroids
+        elif engine == "torch":
+            self.centroids = torch.from_numpy(centroids).to(self.device)
+            self.sq_norms = (self.centroids * self.centroids).sum(1)
+        else:
+            raise ValueError(f"unknown k-means engine {engine!r} (faiss, torch)")
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels int64 [B], squared distances float32 [B])."""
+        if self.engine == "faiss":
+            labels = self.index.search(np.ascontiguousarray(x), 1)[1][:, 0].astype(np.int64)
+            diff = x - self.host_centroids[labels]
+            return labels, np.einsum("ij,ij->i", diff, diff)
+        block = max(1, ASSIGN_BLOCK_ELEMENTS // len(self.centroids))
+        labels, distances = [], []
+        for a in range(0, len(x), block):
+            xb = torch.from_numpy(x[a:a + block]).to(self.device)
+            label = (self.sq_norms - 2 * xb @ self.centroids.T).argmin(1)  # |x|^2: the same for all c
+            labels.append(label.cpu().numpy())
+            distances.append(((xb - self.centroids[label]) ** 2).sum(1).cpu().numpy())
+        return np.concatenate(labels), np.concatenate(distances)
+
+
+# --- k-means -------------------------------------------------------------------------------
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # float32 [K, D]
+    assignment: np.ndarray  # int32 [M local]: cluster of each point of this rank's shard
+    distances: np.ndarray  # float32 [M local]: squared L2 distance to that centroid
+    objective: float  # mean squared distance over all points (all ranks)
+    iterations: int  # Lloyd iterations run (fewer than asked when assignments stopped changing)
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ (2 + ln k candidates per centre, as scikit-learn): indices of k rows of x."""
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    sq = (xt * xt).sum(1)
+    trials = 2 + int(math.log(k))
+
+    def sq_dist(rows: np.ndarray) -> torch.Tensor:
+        return (sq[rows, None] - 2 * xt[rows] @ xt.T + sq[None]).clamp_min_(0)
+
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(len(x))
+    closest = sq_dist(chosen[:1])[0]
+    for c in range(1, k):
+        cumulative = torch.cumsum(closest.double(), 0)
+        targets = torch.from_numpy(rng.random(trials)) * cumulative[-1]
+        candidates = torch.searchsorted(cumulative, targets).clamp_(max=len(x) - 1).numpy()
+        d = torch.minimum(closest[None], sq_dist(candidates))
+        best = int(d.double().sum(1).argmin())
+        chosen[c], closest = candidates[best], d[best]
+    return chosen
+
+
+def init_centroids(points: Points, k: int, init: str, rng: np.random.Generator,
+                   init_points_per_centroid: int) -> np.ndarray:
+    """k-means++ or random rows, drawn from a uniform sample of min(M, k * init_points_per_centroid)
+    points that every rank holds; rank 0's choice is broadcast."""
+    size = min(points.total, k * init_points_per_centroid)
+    positions = np.sort(rng.choice(points.total, size, replace=False))
+    x = points.sample(positions)
+    if init == "kmeans++":
+        rows = kmeans_plus_plus(x, k, rng)
+    elif init == "random":
+        rows = rng.choice(len(x), k, replace=False)
+    else:
+        raise ValueError(f"unknown k-means init {init!r} (kmeans++, random)")
+    return points.broadcast(np.ascontiguousarray(x[rows]))
+
+
+def assign(points: Points, centroids: np.ndarray, engine: str = "faiss", device: str = "cpu",
+           chunk_rows: int = 65536, sums: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                                np.ndarray | None]:
+    """Nearest centroid of every local point: (assignment int32, distances float32, and with
+    `sums` the all-reduced per-cluster float64 sums and int64 counts)."""
+    nearest = NearestCentroid(centroids, engine, device)
+    k, d = centroids.shape
+    assignment = np.empty(len(points), dtype=np.int32)
+    distances = np.empty(len(points), dtype=np.float32)
+    totals = torch.zeros(k, d, dtype=torch.float64) if sums else None
+    for offset, x in points.chunks(chunk_rows):
+        labels, dist_sq = nearest(x)
+        assignment[offset:offset + len(x)] = labels
+        distances[offset:offset + len(x)] = dist_sq
+        if totals is not None:
+            totals.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
+    if totals is None:
+        return assignment, distances, None, None
+    counts = np.bincount(assignment, minlength=k).astype(np.int64)
+    return assignment, distances, points.reduce(totals.numpy()), points.reduce(counts)
+
+
+def mean_distance(points: Points, distances: np.ndarray) -> float:
+    return float(points.reduce(np.array([distances.sum(dtype=np.float64)]))[0]) / max(points.total, 1)
+
+
+def kmeans(points: Points, k: int, iterations: int = 50, init: str = "kmeans++", seed: int = 0,
+           engine: str = "faiss", device: str = "cpu", chunk_rows: int = 65536,
+           init_points_per_centroid: int = 64, max_points_per_centroid: int | None = None,
+           progress: bool = False, desc: str = "k-means") -> KMeansResult:
+    """Lloyd's algorithm; empty clusters keep their centroid; deterministic for a seed.
+
+    With `max_points_per_centroid`, Lloyd runs on a uniform sample of k * that many points
+    (faiss's subsampling, stated) and the result is the assignment of every point."""
+    if not 1 <= k <= points.total:
+        raise ValueError(f"{k} clusters for {points.total} points")
+    rng = np.random.default_rng(seed)
+    centroids = init_centroids(points, k, init, rng, init_points_per_centroid)
+    train = points
+    if max_points_per_centroid is not None and points.total > k * max_points_per_centroid:
+        positions = np.sort(rng.choice(points.total, k * max_points_per_centroid, replace=False))
+        train = points.subset(positions)
+    previous = None
+    done = 0
+    for _ in tqdm(range(iterations), desc=desc, disable=not progress, leave=False):
+        assignment, _, sums, counts = assign(train, centroids, engine, device, chunk_rows, sums=True)
+        done += 1
+        changed = len(assignment) if previous is None else int(np.count_nonzero(assignment != previous))
+        if previous is not None and points.reduce(np.array([changed]))[0] == 0:
+            break  # a fixed point: the update below would give the same centroids
+        nonempty = counts > 0
+        centroids = centroids.copy()
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+        previous = assignment
+    assignment, distances, _, _ = assign(points, centroids, engine, device, chunk_rows)
+    return KMeansResult(centroids, assignment, distances, mean_distance(points, distances), done)

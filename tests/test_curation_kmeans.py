@@ -1,0 +1,298 @@
+"""`curate kmeans`: hierarchical k-means with resampling (dinov2_patho.curation.kmeans / hierarchy)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+from sklearn.metrics import adjusted_rand_score
+
+from dinov2_patho.cli import main
+from dinov2_patho.curation import hierarchy
+from dinov2_patho.curation.config import load_curation_config
+from dinov2_patho.curation.hierarchy import build_tree, select_per_cluster
+from dinov2_patho.curation.kmeans import Points
+from dinov2_patho.curation.tree import ClusterTree, level_dir
+
+WORLD = 2
+
+
+def kmeans_cfg(levels: list[dict], **overrides):
+    cfg = load_curation_config().kmeans
+    cfg.levels = levels
+    for key, value in {"engine": "torch", "device": "cpu", "chunk_rows": 97, **overrides}.items():
+        cfg[key] = value  # a small chunk: several chunks per pass, and one ending short
+    return cfg
+
+
+def planted_blobs(seed: int = 0, parents: int = 6, children: int = 4, per_child: int = 25, dim: int = 8):
+    """Points around parents x children centres: children 8 sigma apart inside a parent, parents far apart."""
+    rng = np.random.default_rng(seed)
+    parent_centres = rng.standard_normal((parents, dim)) * 200
+    child_centres = parent_centres[:, None] + rng.standard_normal((parents, children, dim)) * 8
+    child = np.repeat(np.arange(parents * children), per_child)
+    x = child_centres.reshape(-1, dim)[child] + rng.standard_normal((len(child), dim))
+    return x.astype(np.float16), child, child // children
+
+
+def build(x: np.ndarray, out: Path, cfg) -> ClusterTree:
+    build_tree(x, Path("x.npy"), out, cfg, progress=False, log=lambda *_: None)
+    return ClusterTree.open(out)
+
+
+def tree_arrays(root: Path) -> dict[str, np.ndarray]:
+    return {f"{p.parent.name}/{p.name}": np.load(p) for p in sorted(root.glob("level_*/*.npy"))}
+
+
+def test_planted_clusters_are_recovered_at_two_levels(tmp_path):
+    x, child, parent = planted_blobs()
+    cfg = kmeans_cfg([{"clusters": 24, "resampling_steps": 3, "sample_per_cluster": 12},
+                      {"clusters": 6, "resampling_steps": 2, "sample_per_cluster": 2}])
+    t = build(x, tmp_path / "tree", cfg)
+    assert t.clusters == [24, 6]
+    assert adjusted_rand_score(child, t.tile_labels(1)) >= 0.95
+    assert adjusted_rand_score(parent, t.tile_labels(2)) >= 0.95
+
+
+def test_split_level_recovers_children_within_parents(tmp_path):
+    x, child, parent = planted_blobs(seed=1)
+    cfg = kmeans_cfg([{"clusters": 6, "split": 4}, {"clusters": 6}])
+    t = build(x, tmp_path / "tree", cfg)
+    assert t.clusters == [24, 6]
+    assert adjusted_rand_score(child, t.tile_labels(1)) >= 0.95
+    # clusters are numbered parent by parent: children c*4..c*4+3 share their stage-1 parent
+    assert adjusted_rand_score(parent, t.tile_labels(1) // 4) >= 0.95
+
+
+def test_tree_is_consistent(tmp_path):
+    """Each level's points sit in their nearest cluster at the stored distance, members are grouped by
+    cluster closest first, and a tile's level-2 label is the parent of its level-1 cluster."""
+    x, _, _ = planted_blobs(seed=2)
+    t = build(x, tmp_path / "tree", kmeans_cfg(load_curation_config(
+        Path(__file__).parents[1] / "configs/curation/cpu_smoke.yaml").kmeans.levels))
+    points = x.astype(np.float32)
+    for level in range(1, t.num_levels + 1):
+        centroids, assignment = t.array(level, "centroids"), t.array(level, "assignment")
+        d = ((points[:, None] - centroids[None]) ** 2).sum(-1)
+        np.testing.assert_allclose(d[np.arange(len(points)), assignment], d.min(1), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(t.array(level, "distances"), d.min(1), rtol=1e-4, atol=1e-3)
+        for c in range(len(centroids)):
+            members = t.members(level, c)
+            assert (assignment[members] == c).all()
+            assert (np.diff(t.array(level, "distances")[members]) >= 0).all()
+        assert t.array(level, "member_offsets")[-1] == len(points)
+        points = np.asarray(centroids)
+    labels1, labels2 = t.tile_labels(1), t.tile_labels(2)
+    assert (t.array(2, "assignment")[labels1] == labels2).all()
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    x, _, _ = planted_blobs(seed=3)
+    levels = [{"clusters": 20, "resampling_steps": 3, "sample_per_cluster": 5, "strategy": "random",
+               "init": "random"}, {"clusters": 5, "resampling_steps": 3, "sample_per_cluster": 2}]
+    a, b = tree_arrays(build(x, tmp_path / "a", kmeans_cfg(levels)).root), tree_arrays(
+        build(x, tmp_path / "b", kmeans_cfg(levels)).root)
+    assert a.keys() == b.keys() and len(a) == 10
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    other = tree_arrays(build(x, tmp_path / "c", kmeans_cfg(levels, seed=1)).root)
+    assert not np.array_equal(a["level_1/centroids.npy"], other["level_1/centroids.npy"])
+
+
+def test_faiss_and_torch_engines_agree(tmp_path):
+    x, _, _ = planted_blobs(seed=4)
+    levels = [{"clusters": 24, "resampling_steps": 2, "sample_per_cluster": 10}, {"clusters": 6}]
+    a = build(x, tmp_path / "torch", kmeans_cfg(levels))
+    b = build(x, tmp_path / "faiss", kmeans_cfg(levels, engine="faiss"))
+    np.testing.assert_array_equal(a.tile_labels(2), b.tile_labels(2))
+    np.testing.assert_allclose(a.array(1, "centroids"), b.array(1, "centroids"), atol=1e-4)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_between_levels_and_between_steps(tmp_path, monkeypatch):
+    x, _, _ = planted_blobs(seed=5)
+    levels = [{"clusters": 24, "resampling_steps": 3, "sample_per_cluster": 8},
+              {"clusters": 6, "resampling_steps": 3, "sample_per_cluster": 2}]
+    reference = tree_arrays(build(x, tmp_path / "reference", kmeans_cfg(levels)).root)
+
+    calls: list[tuple[int, str]] = []
+    real_kmeans = hierarchy.LevelBuilder.kmeans
+
+    def kmeans_killed_at(kill: tuple[int, str] | None):
+        def kmeans(self, points, k, seed, desc):
+            calls.append((self.level, desc))
+            if (self.level, desc) == kill:
+                raise Killed
+            return real_kmeans(self, points, k, seed, desc)
+        return kmeans
+
+    out = tmp_path / "tree"
+    # killed in level 2's step 2: level 1 is done, level 2 has steps 0 and 1 checkpointed
+    monkeypatch.setattr(hierarchy.LevelBuilder, "kmeans", kmeans_killed_at((2, "level 2 step 2")))
+    with pytest.raises(Killed):
+        build(x, out, kmeans_cfg(levels))
+    assert (level_dir(out, 1) / "done.json").is_file() and not (level_dir(out, 2) / "done.json").exists()
+    assert not (out / "manifest.json").exists()
+    level1_mtime = (level_dir(out, 1) / "centroids.npy").stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(hierarchy.LevelBuilder, "kmeans", kmeans_killed_at(None))
+    resumed = build(x, out, kmeans_cfg(levels))
+    assert calls == [(2, "level 2 step 2")]  # neither level 1 nor level 2's finished steps rerun
+    assert (level_dir(out, 1) / "centroids.npy").stat().st_mtime_ns == level1_mtime
+    assert not (level_dir(out, 2) / hierarchy.STEPS_DIR).exists()
+    result = tree_arrays(resumed.root)
+    for name in reference:
+        np.testing.assert_array_equal(result[name], reference[name], err_msg=name)
+
+
+def test_resume_refuses_a_level_built_with_another_config(tmp_path, capsys):
+    x, _, _ = planted_blobs(seed=6)
+    np.save(tmp_path / "x.npy", x)
+    levels = [{"clusters": 24}, {"clusters": 6}]
+    build(x, tmp_path / "tree", kmeans_cfg(levels))
+    config = tmp_path / "c.yaml"
+    config.write_text(OmegaConf.to_yaml({"kmeans": {"levels": [{"clusters": 20}, {"clusters": 6}]}}))
+    assert main(["curate", "kmeans", "--embeddings", str(tmp_path / "x.npy"), "--out", str(tmp_path / "tree"),
+                 "--config-file", str(config), "--no-progress"]) == 2
+    assert "level_1: built with another config" in capsys.readouterr().err
+
+
+# --- two gloo ranks ------------------------------------------------------------------------
+
+DISTRIBUTED_TREES = {
+    "resampled": [{"clusters": 12, "resampling_steps": 3, "sample_per_cluster": 5, "strategy": "random"},
+                  {"clusters": 4, "resampling_steps": 2, "sample_per_cluster": 2}],
+    "split": [{"clusters": 4, "split": 3}, {"clusters": 3, "resampling_steps": 2, "sample_per_cluster": 2}],
+}
+
+
+def _rank_worker(rank: int, init_file: str, npy: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x = np.load(npy, mmap_mode="r")
+        for name, levels in DISTRIBUTED_TREES.items():
+            build_tree(x, Path(npy), Path(out) / name, kmeans_cfg(levels), progress=False,
+                       log=lambda *_: None)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # skip teardown, where gloo's threads can abort a finished worker
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    x = np.random.default_rng(7).standard_normal((301, 6)).astype(np.float16)  # odd: unequal shards
+    np.save(tmp_path / "x.npy", x)
+    mp.spawn(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "x.npy"), str(tmp_path / "two")),
+             nprocs=WORLD, join=True)
+    for name, levels in DISTRIBUTED_TREES.items():
+        one = tree_arrays(build(x, tmp_path / "one" / name, kmeans_cfg(levels)).root)
+        two = tree_arrays(tmp_path / "two" / name)
+        assert one.keys() == two.keys() and len(one) == 10
+        for key in one:
+            if "centroids" in key or "distances" in key:
+                np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-5, err_msg=f"{name} {key}")
+            else:
+                np.testing.assert_array_equal(two[key], one[key], err_msg=f"{name} {key}")
+
+
+# --- resampling selection ------------------------------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.floats(0, 10)), min_size=1, max_size=60), st.integers(1, 6))
+def test_select_per_cluster_takes_the_lowest_keys_of_each_cluster(items, per_cluster):
+    labels = np.array([c for c, _ in items], dtype=np.int32)
+    keys = np.array([k for _, k in items])
+    picked = select_per_cluster(Points(np.zeros((len(items), 1), np.float32)), labels, keys, per_cluster)
+    assert (np.diff(picked) > 0).all()
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        chosen = np.intersect1d(picked, members)
+        assert len(chosen) == min(per_cluster, len(members))
+        unchosen = np.setdiff1d(members, chosen)
+        if len(unchosen):
+            assert keys[chosen].max() <= keys[unchosen].min()
+
+
+# --- bad input via the CLI -----------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def only_the_kmeans_action(monkeypatch):
+    """`curate` builds every action's parser: test ours without importing the other stages."""
+    from dinov2_patho.curation import cli
+
+    monkeypatch.setattr(cli, "ACTIONS", {"kmeans": cli.ACTIONS["kmeans"]})
+
+
+def run_cli(tmp_path: Path, embeddings: Path, *extra: str, levels=None) -> int:
+    config = tmp_path / "levels.yaml"
+    config.write_text(OmegaConf.to_yaml({"kmeans": {"levels": levels or [{"clusters": 4}, {"clusters": 2}]}}))
+    return main(["curate", "kmeans", "--embeddings", str(embeddings), "--out", str(tmp_path / "tree"),
+                 "--config-file", str(config), "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("three_d", "expected a non-empty 2-D"),
+    ("not_npy", "cannot read as a .npy"),
+    ("int", "expected float16 or float32"),
+    ("nan", "row 7 holds NaN or inf"),
+    ("too_many_clusters", "level 1 asks for 4 clusters but has only 3 points"),
+    ("not_decreasing", "levels are not decreasing: level 2 has 4 clusters, level 1 4"),
+    ("tile_list", "the tile list has 2 rows but"),
+    ("slides_csv", "slide rows end at 19"),
+])
+def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case, expected):
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float16)
+    npy = tmp_path / "emb" / "embeddings.npy"
+    npy.parent.mkdir()
+    extra, levels = [], None
+    if case == "three_d":
+        x = x.reshape(20, 3, 1)
+    elif case == "int":
+        x = x.astype(np.int64)
+    elif case == "nan":
+        x[7, 1], x[9, 0] = np.nan, np.inf
+    elif case == "too_many_clusters":
+        x = x[:3]
+    elif case == "not_decreasing":
+        levels = [{"clusters": 4}, {"clusters": 4}]
+    elif case == "tile_list":
+        (tmp_path / "tiles.csv").write_text("slide_id,tile_x,tile_y\na,0,0\na,0,1\n")
+        extra = ["--tiles", str(tmp_path / "tiles.csv")]
+    elif case == "slides_csv":
+        (npy.parent / "slides.csv").write_text("slide_id,start_row,end_row\na,0,10\nb,10,19\n")
+    np.save(npy, x)
+    if case == "not_npy":
+        npy.write_bytes(b"not an array")
+    assert run_cli(tmp_path, npy.parent if case == "slides_csv" else npy, *extra, levels=levels) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert ("tiles.csv" if case == "tile_list" else "slides.csv" if case == "slides_csv" else str(npy)) in err
+    assert not (tmp_path / "tree").exists()  # nothing partial left behind
+
+
+def test_cli_builds_a_tree_with_a_summary(tmp_path, capsys):
+    x, _, parent = planted_blobs(seed=8)
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    np.save(emb / "embeddings.npy", x)
+    (emb / "slides.csv").write_text(f"slide_id,start_row,end_row\na,0,100\nb,100,{len(x)}\n")
+    assert run_cli(tmp_path, emb, levels=[{"clusters": 24}, {"clusters": 6}]) == 0
+    out = capsys.readouterr().out
+    assert "level 1: 24 clusters" in out and "level 2: 6 clusters" in out and "objective" in out
+    t = ClusterTree.open(tmp_path / "tree")
+    assert t.num_points == len(x) and t.clusters == [24, 6]
+    assert adjusted_rand_score(parent, t.tile_labels(2)) >= 0.95
+    summary = json.loads((tmp_path / "tree" / "kmeans_summary.json").read_text())
+    assert [s["clusters"] for s in summary] == [24, 6]
