@@ -42,6 +42,7 @@ setup(
         "pillow",
         "h5py>=3.10",
         "scikit-learn>=1.4",
+        "scipy",  # curation: tissue mask morphology (already a scikit-learn dependency)
         "psutil",
         "matplotlib",  # eval's results plot
     ],

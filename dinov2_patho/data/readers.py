@@ -214,6 +214,12 @@ class SlideTileSource:
     def backend_of(self, slide_id: str) -> str:
         return self._slide(slide_id, 0, 0).backend
 
+    def thumbnail(self, slide_id: str, size: tuple[int, int]) -> np.ndarray:
+        """The whole slide as RGB uint8 fitting in `size` (w, h), aspect kept (both backends read
+        it from the best pyramid level)."""
+        slide = self._slide(slide_id, 0, 0)
+        return np.asarray(slide.handle.get_thumbnail(size).convert("RGB"))
+
     def close(self) -> None:
         self.cache.close()
 
