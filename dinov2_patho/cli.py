@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dinov2_patho.train.export", "export a teacher backbone to DINOv2 hub / timm format"),
     "eval": ("dinov2_patho.eval.cli", "linear probe, kNN and logistic regression on benchmarks"),
     "launch": ("dinov2_patho.run.cli", "submit train or eval jobs to SLURM with submitit"),
+    "report": ("dinov2_patho.report.cli", "a run's report as one self-contained HTML page (no server)"),
 }
 
 

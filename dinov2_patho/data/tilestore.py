@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+from tqdm import tqdm
 
 from dinov2_patho.data.readers import (
     BACKENDS,
@@ -36,6 +37,7 @@ from dinov2_patho.logging import get_logger
 log = get_logger(__name__)
 
 SUFFIX = ".h5"
+PREVIEW_BY = ("random", "slide", "cluster")
 
 
 def _key(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -134,7 +136,7 @@ def extract_slide(source: TileSource, slide_id: str, coords: np.ndarray, path: P
 
 def extract_tiles(index: Any, source: TileSource, out_dir: str | Path, *,
                   slide_ids: Iterable[str] | None = None, overwrite: bool = False,
-                  workers: int = 1) -> dict[str, int]:
+                  workers: int = 1, progress: bool = False) -> dict[str, int]:
     """Extract every tile of `index` (or of `slide_ids`) into `out_dir`, one HDF5 file per slide.
 
     Returns slide_id -> tiles written (0 for a slide already complete, which is skipped).
@@ -153,14 +155,20 @@ def extract_tiles(index: Any, source: TileSource, out_dir: str | Path, *,
                             f"pass --overwrite to replace it")
         todo.append((slide_id, coords, path))
     log.info("extracting %d slides (%d already done) into %s", len(todo), len(written), out)
+    bar = tqdm(total=sum(len(coords) for _, coords, _ in todo), desc="tiles extract", unit="tile",
+               disable=not progress)
     if workers <= 1:
         for slide_id, coords, path in todo:
             written[slide_id] = extract_slide(source, slide_id, coords, path)
+            bar.update(len(coords))
     else:
         with ProcessPoolExecutor(workers) as pool:
-            futures = {sid: pool.submit(extract_slide, source, sid, coords, path)
+            futures = {pool.submit(extract_slide, source, sid, coords, path): sid
                        for sid, coords, path in todo}
-            written.update({sid: f.result() for sid, f in futures.items()})
+            for future in as_completed(futures):
+                written[futures[future]] = future.result()
+                bar.update(written[futures[future]])
+    bar.close()
     return written
 
 
@@ -178,18 +186,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ext.add_argument("--slide-id", action="append", default=None, help="only this slide (repeatable)")
     ext.add_argument("--workers", type=int, default=1, help="processes, one slide each at a time")
     ext.add_argument("--overwrite", action="store_true", help="rewrite slides whose files exist")
+    ext.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre = sub.add_parser("preview", help="a PNG grid of tiles, one row per slide, cluster or random draw, "
+                         "read as training reads them (112 um at level 0, resized)")
+    pre.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
+    pre.add_argument("--slides", help="slide directory or slide_id,path CSV")
+    pre.add_argument("--tile-store", help="read from this tile store (`tiles extract`) instead of the slides")
+    pre.add_argument("--out", required=True, help="PNG file to write")
+    pre.add_argument("--by", default="random", choices=PREVIEW_BY,
+                     help="one row per slide, per cluster of --level, or of random rows (default)")
+    pre.add_argument("--rows", type=int, default=8, help="rows of the grid (slides, clusters or draws)")
+    pre.add_argument("--cols", type=int, default=8, help="tiles per row")
+    pre.add_argument("--level", default=None,
+                     help="--by cluster: tree level, 1..K or level_K (default: the coarsest)")
+    pre.add_argument("--cluster", action="append", default=None,
+                     help="--by cluster: this cluster id, as in the CSV (repeatable; default: the largest)")
+    pre.add_argument("--slide-id", action="append", default=None,
+                     help="--by slide: this slide (repeatable; default: --rows random slides)")
+    pre.add_argument("--tile-px", type=int, default=112, help="side of each tile in the grid, px")
+    pre.add_argument("--seed", type=int, default=0, help="seed of the random choices")
+    pre.add_argument("--backend", default="openslide", choices=BACKENDS, help="whole-slide reader")
+    pre.add_argument("--fallback", default="tiffslide", choices=(*BACKENDS, "none"),
+                     help="reader tried when --backend cannot open a slide")
+    pre.add_argument("--mpp-override", type=float, default=None, help="um/px for every slide")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from dinov2_patho.data.index import TileIndex
 
+    if args.action == "preview":
+        return _preview(args)
     index = TileIndex.open(args.index)
     source = SlideTileSource(SlideRegistry.from_spec(args.slides), backend=args.backend,
                              fallback=None if args.fallback == "none" else args.fallback,
                              mpp_override=args.mpp_override)
     written = extract_tiles(index, source, args.out, slide_ids=args.slide_id, overwrite=args.overwrite,
-                            workers=args.workers)
+                            workers=args.workers, progress=not args.no_progress)
     done = sum(1 for n in written.values() if n)
     print(f"{done} slides extracted ({sum(written.values())} tiles), {len(written) - done} already complete, "
           f"in {args.out}")
     return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from dinov2_patho.data.dataset import build_tile_source
+    from dinov2_patho.data.index import TileIndex
+    from dinov2_patho.report import mosaic
+
+    if args.rows < 1 or args.cols < 1 or args.tile_px < 8:
+        raise UserError(f"--rows and --cols must be >= 1 and --tile-px >= 8, got {args.rows}, {args.cols}, "
+                        f"{args.tile_px}")
+    index = TileIndex.open(args.index)
+    source = build_tile_source({"backend": "hdf5" if args.tile_store else args.backend, "slides": args.slides,
+                                "tile_store": args.tile_store, "mpp_override": args.mpp_override,
+                                "fallback": None if args.fallback == "none" else args.fallback})
+    rng = np.random.default_rng(args.seed)
+    if args.by == "slide":
+        slides = args.slide_id or [index.slide_names[i] for i in
+                                   mosaic.sample_rows(len(index.slide_names), args.rows, rng)]
+        index.select_slides(slides)  # an unknown slide is an error naming it
+        groups = mosaic.slide_groups(index, slides, args.cols, args.seed)
+    elif args.by == "cluster":
+        level = mosaic.parse_level(index, args.level or index.num_levels)
+        codes = _cluster_codes(index, level, args.cluster, args.rows)
+        groups = mosaic.cluster_groups(index, level, codes, args.cols, args.seed)
+    else:
+        groups = mosaic.random_groups(index, args.rows, args.cols, args.seed)
+    grid = mosaic.read_grid(index, source, groups, args.tile_px, progress=not args.no_progress)
+    with atomic_path(args.out) as tmp:
+        mosaic.draw_grid(grid, args.tile_px).save(tmp, format="PNG")
+    tiles = sum(len(g.row_ids) for g in groups)
+    print(f"{args.out}: {len(groups)} rows, {tiles} tiles by {args.by}"
+          + (f"; {len(grid.errors)} unreadable (red), first: {grid.errors[0]}" if grid.errors else ""))
+    return 0
+
+
+def _cluster_codes(index: Any, level: int, clusters: list[str] | None, rows: int) -> np.ndarray:
+    """Level codes of the cluster ids given (as in the CSV), or of the `rows` largest clusters."""
+    from dinov2_patho.report.mosaic import largest_and_smallest
+
+    if not clusters:
+        return largest_and_smallest(index.cluster_sizes(level), rows)[0]
+    code_of = {int(v): c for c, v in enumerate(index.cluster_values(level).tolist())}
+    codes = []
+    for cluster in clusters:
+        if not cluster.lstrip("-").isdigit() or int(cluster) not in code_of:
+            raise UserError(f"--cluster {cluster}: no such cluster at {index.level_names[level - 1]} of "
+                            f"{index.path} ({len(code_of)} clusters)")
+        codes.append(code_of[int(cluster)])
+    return np.array(codes, np.int64)

@@ -1,0 +1,118 @@
+"""Panel b, batches: the training sampler's telemetry, and the same measures for a uniform sampler
+over the same index, replayed here, so a reader sees what stratification changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dinov2_patho.report.figures import figure_uri, plot_series, pyplot
+from dinov2_patho.report.training import Metrics
+from dinov2_patho.samplers import SamplerError, build_sampler
+from dinov2_patho.samplers.telemetry import TelemetrySummary, batch_stats
+
+TELEMETRY = ("sampler/clusters", "sampler/slides", "sampler/per_cluster_min", "sampler/per_cluster_max")
+SUMMARY_KEYS = ("cluster_coverage", "tile_coverage", "distinct_slides", "balance_entropy",
+                "slides_mean", "per_cluster_min_mean", "per_cluster_max_mean")
+
+
+@dataclass
+class Replay:
+    """Per-batch measures at one tree level, and cumulative coverage, for one sampler's first batches."""
+
+    name: str
+    per_batch: list[dict[str, Any]] = field(default_factory=list)
+    tile_coverage: list[float] = field(default_factory=list)
+    cluster_coverage: list[float] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def replay(sampler, name: str, level: int, steps: int, progress: bool) -> Replay:
+    index = sampler.index
+    labels = index.level(level)
+    sizes = index.cluster_sizes(level)
+    seen_tiles = np.zeros(len(index), bool)
+    seen_clusters = np.zeros(len(sizes), bool)
+    telemetry = TelemetrySummary(sampler)
+    out = Replay(name)
+    for _ in tqdm(range(steps), desc=f"batches ({name})", unit="batch", disable=not progress):
+        batch = sampler.next_batch()
+        positions = sampler.rows.to_positions(batch)
+        telemetry.update(batch)
+        out.per_batch.append(batch_stats(sampler.columns, positions, labels))
+        seen_tiles[positions] = True
+        seen_clusters[np.asarray(labels[np.sort(positions)]).astype(np.int64)] = True
+        out.tile_coverage.append(float(seen_tiles.sum()) / max(sampler.eligible, 1))
+        out.cluster_coverage.append(float(seen_clusters.sum()) / max(int((sizes > 0).sum()), 1))
+    out.summary = telemetry.summary()
+    return out
+
+
+def compare_samplers(index, sampler_cfg: dict[str, Any], global_batch: int, level: int, steps: int,
+                     progress: bool) -> tuple[list[Replay], list[str]]:
+    """Replays of the run's sampler and of a uniform sampler with the same seed; notes on what failed."""
+    cfg = dict(sampler_cfg)
+    replays, notes = [], []
+    candidates = [(f"trained: {cfg.get('name')}", cfg)]
+    if cfg.get("name") != "uniform" or cfg.get("subset"):
+        candidates.append(("uniform", {"name": "uniform", "seed": cfg.get("seed", 0)}))
+    for name, section in candidates:
+        try:
+            sampler = build_sampler(section, index, global_batch)
+        except (SamplerError, OSError) as e:
+            notes.append(f"sampler {name} not replayed: {e}")
+            continue
+        replays.append(replay(sampler, name, level, steps, progress))
+    return replays, notes
+
+
+def telemetry_figure(metrics: Metrics) -> str | None:
+    keys = [k for k in TELEMETRY if metrics.get(k) is not None]
+    if not keys:
+        return None
+    plt = pyplot()
+    it = metrics.columns["iteration"]
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    for key in keys:
+        plot_series(ax, it, metrics.get(key), label=key.removeprefix("sampler/"))
+    ax.set(xlabel="iteration", title="training batches, as logged (sampler telemetry)", yscale="log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return figure_uri(fig)
+
+
+def comparison_figure(replays: list[Replay], level_name: str) -> str:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(13, 2.8))
+    panels = (("clusters", f"distinct {level_name} clusters / batch"), ("slides", "distinct slides / batch"))
+    for r in replays:
+        steps = np.arange(1, len(r.per_batch) + 1)
+        for ax, (key, title) in zip(axes[:2], panels):
+            plot_series(ax, steps, np.array([s[key] for s in r.per_batch], float), label=r.name)
+            ax.set(title=title, xlabel="batch")
+        lo = np.array([s["per_cluster_min"] for s in r.per_batch], float)
+        hi = np.array([s["per_cluster_max"] for s in r.per_batch], float)
+        (line,) = axes[2].plot(steps, hi, linewidth=1, label=f"{r.name} max")
+        axes[2].plot(steps, lo, linewidth=1, linestyle="--", color=line.get_color(), label=f"{r.name} min")
+        axes[3].plot(steps, r.tile_coverage, color=line.get_color(), label=f"{r.name} tiles")
+        axes[3].plot(steps, r.cluster_coverage, color=line.get_color(), linestyle="--",
+                     label=f"{r.name} {level_name} clusters")
+    axes[2].set(title=f"tiles per {level_name} cluster (min, max)", xlabel="batch")
+    axes[3].set(title="cumulative coverage", xlabel="batch", ylim=(0, 1.02))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_uri(fig)
+
+
+def summary_rows(replays: list[Replay]) -> list[list[str]]:
+    rows = [["measure", *(r.name for r in replays)]]
+    for key in SUMMARY_KEYS:
+        values = [r.summary.get(key) for r in replays]
+        if any(v is not None for v in values):
+            rows.append([key, *("" if v is None else f"{v:.4g}" for v in values)])
+    return rows

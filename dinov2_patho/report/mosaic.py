@@ -1,0 +1,147 @@
+"""Tile grids: rows of tiles chosen by slide, by cluster or at random, read through the tile dataset.
+
+`dinov2-patho tiles preview` and the report's cluster mosaics both draw with this module, so what a
+user previews is what the report (and training) sees: tiles of 112 um read at level 0 and resized
+to 224 px by the configured tile source, then shrunk to thumbnails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from dinov2_patho.data.dataset import TileDataset
+from dinov2_patho.data.readers import TileReadError, TileSource
+from dinov2_patho.errors import UserError
+
+# Level columns are scanned in chunks: a 350M-row index must not materialise per-cluster row lists.
+_SCAN_CHUNK = 1 << 22
+_LABEL_PX = 150
+_UNREADABLE_RGB = (200, 60, 60)
+
+
+@dataclass
+class TileGroup:
+    label: str
+    row_ids: np.ndarray  # global row ids of the index
+
+
+@dataclass
+class TileGrid:
+    groups: list[TileGroup]
+    tiles: list[np.ndarray]  # per group: uint8 [n, px, px, 3]
+    errors: list[str]  # one line per unreadable tile (drawn as a red square)
+
+
+def parse_level(index: Any, level: int | str) -> int:
+    """A level number 1..K, also given as the CSV's column name `level_K`."""
+    text = str(level)
+    number = text[len("level_"):] if text.startswith("level_") else text
+    if not number.isdigit() or not 1 <= int(number) <= index.num_levels:
+        raise UserError(f"level {level!r} does not exist: the index {index.path} has levels "
+                        f"1..{index.num_levels} ({', '.join(index.level_names)})")
+    return int(number)
+
+
+def sample_rows(candidates: np.ndarray | int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n distinct picks of `candidates` (an array, or range(candidates)), sorted."""
+    count = candidates if isinstance(candidates, int) else len(candidates)
+    return np.sort(rng.choice(candidates, size=min(n, count), replace=False))
+
+
+def slide_groups(index: Any, slide_ids: list[str], per_group: int, seed: int) -> list[TileGroup]:
+    rng = np.random.default_rng(seed)
+    return [TileGroup(sid, sample_rows(index.select_slides([sid]).row_ids(), per_group, rng))
+            for sid in slide_ids]
+
+
+def random_groups(index: Any, groups: int, per_group: int, seed: int) -> list[TileGroup]:
+    rng = np.random.default_rng(seed)
+    picks = sample_rows(len(index), groups * per_group, rng)  # view positions
+    picks = index.row_ids()[picks] if index.is_view else picks
+    rng.shuffle(picks)
+    return [TileGroup("random", np.sort(picks[g * per_group:(g + 1) * per_group])) for g in range(groups)
+            if len(picks[g * per_group:(g + 1) * per_group])]
+
+
+def cluster_groups(index: Any, level: int, clusters: np.ndarray, per_group: int,
+                   seed: int) -> list[TileGroup]:
+    """`per_group` random rows of each cluster code in `clusters` (uniform within the cluster), in one
+    chunked pass over the level column: each matching row gets a random key and the smallest keys
+    of each cluster are kept."""
+    rng = np.random.default_rng(seed)
+    clusters = np.asarray(clusters, np.int64)
+    column = index.level(level)
+    sizes = index.cluster_sizes(level)
+    kept_pos = np.empty(0, np.int64)
+    kept_lab = np.empty(0, np.int64)
+    kept_key = np.empty(0, np.float64)
+    for start in range(0, len(column), _SCAN_CHUNK):
+        labels = np.asarray(column[start:start + _SCAN_CHUNK]).astype(np.int64)
+        hit = np.flatnonzero(np.isin(labels, clusters))
+        pos = np.concatenate([kept_pos, start + hit])
+        lab = np.concatenate([kept_lab, labels[hit]])
+        key = np.concatenate([kept_key, rng.random(len(hit))])
+        order = np.lexsort((key, lab))
+        lab_sorted = lab[order]
+        first = np.searchsorted(lab_sorted, lab_sorted, side="left")
+        keep = order[np.arange(len(order)) - first < per_group]
+        kept_pos, kept_lab, kept_key = pos[keep], lab[keep], key[keep]
+    if index.is_view:
+        kept_pos = index.row_ids()[kept_pos]
+    values = index.cluster_values(level)
+    return [TileGroup(f"{index.level_names[level - 1]} = {values[c]}\n{int(sizes[c]):,} tiles",
+                      np.sort(kept_pos[kept_lab == c])) for c in clusters.tolist()]
+
+
+def largest_and_smallest(sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the n largest non-empty clusters (largest first) and of the n smallest (smallest
+    first), without overlap."""
+    nonempty = np.flatnonzero(sizes > 0)
+    order = nonempty[np.argsort(-sizes[nonempty], kind="stable")]
+    largest = order[:n]
+    smallest = order[n:][::-1][:n]
+    return largest, smallest
+
+
+def read_thumbnails(index: Any, source: TileSource, row_ids: np.ndarray, px: int,
+                    errors: list[str]) -> np.ndarray:
+    """uint8 [n, px, px, 3] of these rows; an unreadable tile is a red square, its error appended."""
+    dataset = TileDataset(index, source)
+    out = np.empty((len(row_ids), px, px, 3), np.uint8)
+    for i, row in enumerate(np.asarray(row_ids).tolist()):
+        try:
+            tile = dataset[row][0].permute(1, 2, 0).numpy()
+        except TileReadError as e:
+            errors.append(str(e))
+            out[i] = _UNREADABLE_RGB
+            continue
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize((px, px), Image.BILINEAR))
+    return out
+
+
+def read_grid(index: Any, source: TileSource, groups: list[TileGroup], px: int, *,
+              progress: bool = True, desc: str = "tiles") -> TileGrid:
+    errors: list[str] = []
+    tiles = [read_thumbnails(index, source, g.row_ids, px, errors)
+             for g in tqdm(groups, desc=desc, unit="row", disable=not progress)]
+    return TileGrid(groups, tiles, errors)
+
+
+def draw_grid(grid: TileGrid, px: int, *, gap: int = 2) -> Image.Image:
+    """One row per group: its label on the left, then its tiles."""
+    cols = max((len(t) for t in grid.tiles), default=1) or 1
+    width = _LABEL_PX + cols * (px + gap)
+    height = max(len(grid.groups), 1) * (px + gap)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for r, (group, tiles) in enumerate(zip(grid.groups, grid.tiles)):
+        top = r * (px + gap)
+        draw.multiline_text((4, top + 4), group.label, fill="black")
+        for c, tile in enumerate(tiles):
+            image.paste(Image.fromarray(tile), (_LABEL_PX + c * (px + gap), top))
+    return image
