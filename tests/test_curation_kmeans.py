@@ -296,3 +296,14 @@ def test_cli_builds_a_tree_with_a_summary(tmp_path, capsys):
     assert adjusted_rand_score(parent, t.tile_labels(2)) >= 0.95
     summary = json.loads((tmp_path / "tree" / "kmeans_summary.json").read_text())
     assert [s["clusters"] for s in summary] == [24, 6]
+
+
+@pytest.mark.parametrize("name, paper", [("t1", [3_500_000, 35_000, 350, 62]),
+                                         ("t2", [3_500_000, 100_000, 10_000, 2_048])])
+def test_paper_trees_at_paper_scale_and_scaled_down(name, paper):
+    config = Path(__file__).parents[1] / "configs" / "curation" / f"{name}.yaml"
+    specs = hierarchy.parse_levels(load_curation_config(config).kmeans.levels)
+    assert [s.total_clusters for s in hierarchy.scale_levels(specs, 349_664_180, name)] == paper
+    assert [s.resampling_steps for s in specs] == [1, 10, 10, 10]
+    small = [s.total_clusters for s in hierarchy.scale_levels(specs, 1_000_000, name)]
+    assert small[0] == 35 * 287 and all(a > b for a, b in zip(small, small[1:]))
