@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from dinov2_patho.errors import UserError
 
@@ -121,42 +120,3 @@ class GlobalBatchSampler(ABC):
     def _telemetry_step(self, step: int | None) -> int:
         return max(self.step - 1, 0) if step is None else int(step)
 
-
-class RankBatchSampler:
-    """This rank's list of row ids per step, for `DataLoader(dataset, batch_sampler=...)`.
-
-    Batches are computed in the main process (the sampler's counters live there), so
-    workers only load tiles; state_dict/load_state_dict delegate to the sampler. Like
-    DINOv2's infinite samplers, iteration never ends: the trainer counts steps.
-    """
-
-    def __init__(self, sampler: GlobalBatchSampler, rank: int, world_size: int):
-        rank_slice(np.empty(sampler.batch_size), rank, world_size)  # validate once, early
-        self.sampler, self.rank, self.world_size = sampler, rank, world_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            yield self.sampler.rank_slice(self.sampler.next_batch(), self.rank, self.world_size).tolist()
-
-    def state_dict(self, step: int | None = None) -> dict[str, Any]:
-        return self.sampler.state_dict(step)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
-
-
-class RankSampler(torch.utils.data.Sampler):
-    """This rank's row ids one by one, for `DataLoader(dataset, sampler=..., batch_size=B // W)`."""
-
-    def __init__(self, sampler: GlobalBatchSampler, rank: int, world_size: int):
-        self.batches = RankBatchSampler(sampler, rank, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        for batch in self.batches:
-            yield from batch
-
-    def state_dict(self, step: int | None = None) -> dict[str, Any]:
-        return self.batches.state_dict(step)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,11 @@ from .base import GlobalBatchSampler, SamplerError
 from .metadata import inverse_frequency_subset
 from .stratified import ClusterStratifiedSampler
 from .uniform import UniformSampler
-from .views import RowMap
 
 SAMPLERS = Registry("sampler")
 OPTIONS: dict[str, type] = {}
+# options that moved out of the sampler section
+MOVED = {"subset": "data.subset (a view of the index, for every sampler)"}
 
 
 @dataclass
@@ -51,7 +51,7 @@ class StratifiedOptions(SamplerOptions):
 
 @dataclass
 class UniformOptions(SamplerOptions):
-    subset: str | None = None                # a .npy of global row ids to draw from
+    pass
 
 
 @dataclass
@@ -86,24 +86,8 @@ def _unused(name: str, given: Iterable[str], branch_only: type, why: str) -> Non
 
 @register("uniform", UniformOptions)
 def uniform(index, batch_size: int, opts: UniformOptions, given: set[str]) -> GlobalBatchSampler:
-    """Infinite reshuffled passes over the index, or over `subset` (a .npy of global row ids)."""
-    positions = None
-    if opts.subset is not None:
-        path = Path(opts.subset)
-        try:
-            rows = np.load(path)
-        except (OSError, ValueError) as e:
-            raise SamplerError(f"sampler.subset {path}: cannot read a .npy of row ids: {e}") from e
-        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
-            raise SamplerError(f"sampler.subset {path}: want a 1-D integer array, "
-                               f"got {rows.dtype} {rows.shape}")
-        rows = np.unique(rows)
-        try:
-            positions = RowMap(index).to_positions(rows)
-        except SamplerError as e:
-            raise SamplerError(f"sampler.subset {path}: {e}") from e
-    return UniformSampler(index, batch_size, seed=opts.seed, pseudo_epoch_samples=opts.pseudo_epoch_samples,
-                          positions=positions)
+    """Infinite reshuffled passes over the index (or its `data.subset` view)."""
+    return UniformSampler(index, batch_size, seed=opts.seed, pseudo_epoch_samples=opts.pseudo_epoch_samples)
 
 
 def _labels(index, opts: ClusterStratifiedOptions) -> tuple[Any, int, str]:
@@ -158,7 +142,8 @@ def metadata(index, batch_size: int, opts: MetadataOptions, given: set[str]) -> 
 
 
 def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> GlobalBatchSampler:
-    """A sampler from its config section: `{name: ..., seed: ..., <options>}`."""
+    """A sampler from its config section: `{name: ..., seed: ..., <options>}`. To draw from a
+    subset of the index, pass its view (`subset_view(index, data.subset)`)."""
     options = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
     name = options.get("name")
     if name is None:
@@ -168,6 +153,8 @@ def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> Glob
     schema = OPTIONS[name]
     valid = [f.name for f in fields(schema)]
     for key in options:
+        if key in MOVED:
+            raise SamplerError(f"sampler.{key} is now {MOVED[key]}")
         if key not in valid:
             hint = did_you_mean(str(key), valid)
             raise SamplerError(f"sampler.{key}: not an option of sampler {name!r}{hint}")

@@ -4,6 +4,7 @@
         sampler.name=cluster_stratified sampler.level=4 sampler.seed=0
     ... --save-state s.pt                        # the sampler state after those batches
     ... --resume-from s.pt --start-step 100      # the next batches, from that state
+    ... data.subset=subset.npy                   # draw from these rows only (`curate sample`)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dinov2_patho.io import atomic_path
 from .base import SamplerError
 from .build import build_sampler
 from .telemetry import TelemetrySummary
+from .views import subset_view
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,18 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dump.add_argument("--start-step", type=int, help="first step to dump (must match --resume-from's state; "
                       "without it, the batches before are drawn and discarded)")
     dump.add_argument("--save-state", help="write the sampler state after the dumped batches here")
-    dump.add_argument("overrides", nargs="*", help="sampler options as a dot-list: sampler.name=uniform ...")
+    dump.add_argument("overrides", nargs="*", help="sampler options as a dot-list: sampler.name=uniform ... "
+                      "and data.subset=ROWS.npy")
 
 
-def sampler_config(overrides: list[str]) -> dict:
+def sampler_config(overrides: list[str]) -> tuple[dict, str | None]:
+    """The sampler section and `data.subset` of the overrides."""
     cfg = to_container(parse_overrides(overrides)) if overrides else {}
-    extra = sorted(set(cfg) - {"sampler"})
+    extra = sorted(set(cfg) - {"sampler", "data"})
     if extra:
-        raise UserError(f"override {extra[0]!r}: only sampler.* options are accepted here")
-    section = cfg.get("sampler", {})
+        raise UserError(f"override {extra[0]!r}: only sampler.* options and data.subset are accepted here")
+    section, data = cfg.get("sampler", {}), cfg.get("data", {})
     if not isinstance(section, dict):
         raise UserError("sampler options must be given as sampler.KEY=VALUE")
-    return section
+    if not isinstance(data, dict) or set(data) - {"subset"}:
+        raise UserError("of the data section, only data.subset=ROWS.npy is accepted here")
+    return section, data.get("subset")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    section, subset = sampler_config(args.overrides)
     index = TileIndex.open(args.index)
-    sampler = build_sampler(sampler_config(args.overrides), index, args.batch_size)
+    if subset is not None:
+        index = subset_view(index, subset)
+    sampler = build_sampler(section, index, args.batch_size)
     sampler.rank_slice(np.empty(args.batch_size), 0, args.world_size)  # B must split over the ranks
     if args.resume_from:
         try:

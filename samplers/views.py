@@ -11,6 +11,27 @@ from .base import SamplerError
 CACHE_DIRNAME = ".sampler_cache"
 
 
+def subset_view(index, path: str | Path):
+    """`data.subset`: the view of `index` on the global row ids stored in a .npy (a 1-D integer
+    array, as `curate sample` writes; order and repeats do not matter). Every sampler draws
+    from the view as from a whole index."""
+    path = Path(path)
+    try:
+        rows = np.load(path)
+    except (OSError, ValueError) as e:
+        raise SamplerError(f"data.subset {path}: cannot read a .npy of row ids: {e}") from e
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise SamplerError(f"data.subset {path}: want a 1-D integer array, got {rows.dtype} {rows.shape}")
+    rows = np.unique(rows)
+    if rows.size == 0:
+        raise SamplerError(f"data.subset {path}: holds no row ids")
+    try:
+        RowMap(index).to_positions(rows)
+    except SamplerError as e:
+        raise SamplerError(f"data.subset {path}: {e} (of {len(index)} rows)") from e
+    return index.select(rows)
+
+
 class RowMap:
     def __init__(self, index):
         n = len(index)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from dinov2_patho.samplers import build_sampler
+from dinov2_patho.samplers import SamplerError, build_sampler, subset_view
 
 from dinov2_patho.cli import main
 
@@ -69,6 +69,7 @@ def test_dump_resume_continues_the_stream(tiny_index, tmp_path):
     (["sampler.name=cluster_stratified", "sampler.levle=1"], "did you mean 'level'"),
     (["sampler.name=cluster_stratified", "sampler.level=9"], "levels 1..2"),
     (["trainer.lr=1"], "only sampler"),
+    (["data.index=x"], "only data.subset"),
 ])
 def test_dump_errors_are_one_line(tiny_index, tmp_path, capsys, extra, message):
     root, _ = tiny_index
@@ -92,3 +93,38 @@ def test_real_index_views_and_metadata(tiny_index):
     assert not np.isin(index.slides()[batch], [5]).any()  # slide5 has no metadata
     meta = build_sampler({"name": "metadata", "metadata_csv": str(csv), "target_size": 50}, index, 10)
     assert len(np.unique(np.concatenate([meta.next_batch() for _ in range(5)]))) == 50
+
+
+def test_data_subset_is_a_view_that_every_sampler_draws_from(tiny_index, tmp_path):
+    root, index = tiny_index
+    rng = np.random.default_rng(1)
+    rows = rng.choice(240, 90, replace=False)
+    np.save(tmp_path / "rows.npy", np.r_[rows, rows[:5]])  # `curate sample` order; repeats are harmless
+    view = subset_view(index, tmp_path / "rows.npy")
+    assert np.array_equal(view.row_ids(), np.sort(rows))
+    sections = [{"name": "uniform"}, {"name": "cluster_stratified", "level": 1, "cache": False},
+                {"name": "metadata", "metadata_csv": str(root / "metadata.csv"), "target_size": 30}]
+    for section in sections:
+        drawn = np.stack([b for b, _ in zip(build_sampler(section, view, 12), range(15))])
+        assert np.isin(drawn, rows).all(), section["name"]
+    uniform = build_sampler({"name": "uniform"}, view, 10)
+    assert np.array_equal(np.sort(np.concatenate([uniform.next_batch() for _ in range(9)])), np.sort(rows))
+    opts = ["sampler.name=cluster_stratified", "sampler.level=2", f"data.subset={tmp_path / 'rows.npy'}"]
+    assert dump(root, tmp_path / "b.npy", "--steps", "4", *opts) == 0
+    expected = build_sampler({"name": "cluster_stratified", "level": 2}, view, 12)
+    assert np.array_equal(np.load(tmp_path / "b.npy"), np.stack([expected.next_batch() for _ in range(4)]))
+
+
+@pytest.mark.parametrize("rows, message", [
+    (np.array([3, 240]), r"rows.npy: row id 240 is not in this index view \(of 240 rows\)"),
+    (np.array([[1, 2]]), r"rows.npy: want a 1-D integer array, got int64 \(1, 2\)"),
+    (np.array([1.0, 2.0]), "want a 1-D integer array, got float64"),
+    (np.array([], dtype=np.int64), "holds no row ids"),
+])
+def test_data_subset_errors_name_the_file(tiny_index, tmp_path, capsys, rows, message):
+    root, index = tiny_index
+    np.save(tmp_path / "rows.npy", rows)
+    with pytest.raises(SamplerError, match=rf"data.subset .*{message}"):
+        subset_view(index, tmp_path / "rows.npy")
+    assert dump(root, tmp_path / "b.npy", "--steps", "1", f"data.subset={tmp_path / 'rows.npy'}") == 2
+    assert "data.subset" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dinov2_patho.samplers import RankBatchSampler, RankSampler, SamplerError, build_sampler, rank_slice
+from dinov2_patho.samplers import SamplerError, StepBatchSampler, build_sampler, rank_slice
 from dinov2_patho.samplers.metadata import inverse_frequency_subset
 from dinov2_patho.samplers.permute import hash_key, permute
 from dinov2_patho.samplers.stratified import _distinct
@@ -337,14 +337,9 @@ def test_uniform_resume(rows, batch_size, stop, more):
     assert np.array_equal(draw(a, more), draw(b, more))
 
 
-def test_uniform_subset_file(tmp_path):
-    index = make_index(0, 100, 5)
-    np.save(tmp_path / "subset.npy", np.array([7, 3, 50, 99]))
-    sampler = build_sampler({"name": "uniform", "subset": str(tmp_path / "subset.npy")}, index, 4)
-    assert set(np.concatenate(draw(sampler, 3))) == {3, 7, 50, 99}
-    np.save(tmp_path / "bad.npy", np.array([100]))
-    with pytest.raises(SamplerError, match="bad.npy.*row id 100"):
-        build_sampler({"name": "uniform", "subset": str(tmp_path / "bad.npy")}, index, 4)
+def test_sampler_subset_moved_to_data_subset():
+    with pytest.raises(SamplerError, match="sampler.subset is now data.subset"):
+        build_sampler({"name": "uniform", "subset": "rows.npy"}, make_index(0, 100, 5), 4)
 
 
 # --- metadata baseline ----------------------------------------------------------------------------
@@ -426,26 +421,29 @@ def test_shipped_train_configs_build_their_samplers():
         build_sampler(section, index, 64)  # an in-memory index: nothing cached
 
 
-def test_rank_batch_sampler_in_a_dataloader_with_workers():
+def test_step_batch_sampler_in_a_dataloader_with_workers():
     index = make_index(0, 500, 7)
 
-    class Rows(torch.utils.data.Dataset):
-        def __getitem__(self, i):
-            return i
+    class Keys(torch.utils.data.Dataset):
+        def __getitem__(self, key):
+            return torch.tensor(key)
 
         def __len__(self):
             return len(index)
 
     expected = draw(stratified(index, 12, seed=4), 3)
     for rank in range(2):
-        batch_sampler = RankBatchSampler(stratified(index, 12, seed=4), rank, 2)
-        loader = torch.utils.data.DataLoader(Rows(), batch_sampler=batch_sampler, num_workers=2)
-        got = [b.numpy() for _, b in zip(range(3), loader)]
-        assert np.array_equal(np.stack(got), expected[:, rank * 6:(rank + 1) * 6])
-    per_item = RankSampler(stratified(index, 12, seed=4), 1, 2)
-    loader = torch.utils.data.DataLoader(Rows(), sampler=per_item, batch_size=6, num_workers=2)
-    got = [b.numpy() for _, b in zip(range(3), loader)]
-    assert np.array_equal(np.stack(got), expected[:, 6:])
+        batches = StepBatchSampler(stratified(index, 12, seed=4), rank, 2)
+        loader = torch.utils.data.DataLoader(Keys(), batch_sampler=batches, num_workers=2)
+        got = [b.numpy() for _, b in zip(range(3), loader)]  # (step, position, row) per item
+        for step, keys in enumerate(got):
+            assert (keys[:, 0] == step).all() and np.array_equal(keys[:, 1], np.arange(6))
+            assert np.array_equal(keys[:, 2], expected[step, rank * 6:(rank + 1) * 6])
+            assert np.array_equal(batches.pop_global_batch(step), expected[step])
+    with pytest.raises(SamplerError, match="not divisible by world size 5"):
+        StepBatchSampler(stratified(index, 12), 0, 5)
+    with pytest.raises(SamplerError, match="at step 0, expected 3"):
+        StepBatchSampler(stratified(index, 12), 0, 1, start=3)
 
 
 def test_telemetry():

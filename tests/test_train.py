@@ -109,6 +109,13 @@ def test_missing_paths_fail_before_anything_starts(cohort, cohort_index, tmp_pat
     assert not (tmp_path / "out").exists()  # failed before logging, checkpoints or workers
 
 
+def test_bad_data_subset_is_a_user_error_naming_it(cohort, cohort_index, tmp_path):
+    np.save(tmp_path / "rows.npy", np.array([0, len(cohort_index)]))
+    cfg = tiny_cfg(cohort, cohort_index, f"data.subset={tmp_path / 'rows.npy'}")
+    with pytest.raises(UserError, match=rf"data.subset .*rows.npy: row id {len(cohort_index)} is not in"):
+        trainer_mod.run_training(cfg, tmp_path / "out")
+
+
 def test_cli_prints_user_errors_as_one_line(tmp_path):
     out = subprocess.run(_cli(tmp_path, [f"data.index={tmp_path / 'nope'}"]), capture_output=True, text=True,
                          env=_env())

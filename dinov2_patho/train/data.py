@@ -1,17 +1,14 @@
-"""The training data stream: global batches from the sampler, this rank's slice, tiles read
-and augmented in DataLoader workers, collated with iBOT masks.
+"""The training data stream: global batches from the sampler, this rank's slice (through
+`samplers.StepBatchSampler`), tiles read and augmented in DataLoader workers, collated with
+iBOT masks.
 
 Every random draw of the data path is seeded from (seed, step, position) rather than from
 a worker's RNG stream, so batch `step` is the same tensors whichever worker builds it,
-with or without a resume in between. The DataLoader runs ahead of the training step; the
-batch sampler therefore remembers each step's global batch (for telemetry and the row-id
-check) until the trainer consumes it, and the checkpoint asks the sampler for its state
-as of the consumed step (`GlobalBatchSampler.state_dict(step)`).
+with or without a resume in between.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -22,6 +19,7 @@ from omegaconf import DictConfig
 from dinov2_patho.data.augment import MultiCropAugmentation
 from dinov2_patho.data.collate import collate_multicrop
 from dinov2_patho.data.masking import MaskingGenerator
+from dinov2_patho.samplers import StepBatchSampler
 
 # Streams of the seed derivation: one per kind of draw, so none shares another's seeds
 # (2 is the trainer's per-rank model RNG).
@@ -35,31 +33,6 @@ def derived_seed(*keys: int) -> int:
 
 def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*keys))
-
-
-class StepBatchSampler:
-    """For `DataLoader(batch_sampler=...)`: this rank's slice of each global batch, as
-    (step, position, row id) keys, from step `start` on; never ends (the trainer counts)."""
-
-    def __init__(self, sampler, rank: int, world_size: int, start: int):
-        self.sampler, self.rank, self.world_size = sampler, rank, world_size
-        if sampler.step != start:
-            raise ValueError(f"sampler is at step {sampler.step}, expected {start}")
-        self._global: dict[int, np.ndarray] = {}
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        while True:
-            step = self.sampler.step
-            batch = self.sampler.next_batch()
-            self._global[step] = batch
-            rows = self.sampler.rank_slice(batch, self.rank, self.world_size)
-            yield [(step, pos, int(row)) for pos, row in enumerate(rows.tolist())]
-
-    def pop_global_batch(self, step: int) -> np.ndarray:
-        """The global batch of `step`, once: the trainer calls it as it consumes the step."""
-        for old in [s for s in self._global if s < step]:
-            del self._global[old]
-        return self._global.pop(step)
 
 
 class SeededAugmentDataset(torch.utils.data.Dataset):

@@ -28,17 +28,12 @@ from torch import nn
 from dinov2_patho.config import save_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger, setup_logging
+from dinov2_patho.samplers import StepBatchSampler, build_sampler, subset_view
 from dinov2_patho.train import checkpoint as ckpt
 from dinov2_patho.train import fsdp
 from dinov2_patho.train.backbone import build_student_backbone, has_custom_size
 from dinov2_patho.train.config import global_batch_size, validate_config
-from dinov2_patho.train.data import (
-    SeededAugmentDataset,
-    StepBatchSampler,
-    build_collate,
-    build_loader,
-    derived_seed,
-)
+from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
 from dinov2_patho.train.dist import DistContext, distributed_context
 from dinov2_patho.train.metrics import MetricsWriter
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
@@ -155,16 +150,10 @@ class Trainer:
 
     def _build_sampler(self):
         from dinov2_patho.data.index import TileIndex
-        from dinov2_patho.samplers import build_sampler
 
         index = TileIndex.open(self.cfg.data.index)
         if self.cfg.data.subset is not None:
-            try:
-                rows = np.load(self.cfg.data.subset)
-            except (OSError, ValueError) as e:
-                raise UserError(f"data.subset: cannot read {self.cfg.data.subset} as a .npy of row ids: "
-                                f"{e}") from e
-            index = index.select(np.unique(rows))
+            index = subset_view(index, self.cfg.data.subset)
         sampler = build_sampler(self.cfg.sampler, index, self.global_batch)
         return index, sampler
 
