@@ -97,6 +97,9 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
         level = sampler_cfg.get("level") or (tile_index.num_levels if tile_index else None)
     if tile_index is not None:
         level = parse_level(tile_index, level)
+    emb = None
+    if embeddings is not None and tile_index is not None:
+        emb = embedding.load_embeddings(embeddings, tile_index)  # a mismatch fails before any work
     source = _tile_source(data, slides, panels["tree"].notes) if tile_index is not None else None
     if metadata is None:
         metadata = sampler_cfg.get("metadata_csv")
@@ -138,11 +141,10 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
     d = panels["embedding"]
     if embeddings is None:
         d.notes.append("no embeddings given (--embeddings: `curate embed`'s embeddings.npy or its directory)")
-    elif tile_index is None:
+    elif emb is None:
         d.notes.append(note)
     else:
         errors: list[str] = []
-        emb = embedding.load_embeddings(embeddings, tile_index)
         d.embedding_map(embedding.embedding_map(tile_index, emb, source, points=map_points, seed=seed,
                                                 metadata_csv=metadata, thumb_px=MAP_THUMB_PX, errors=errors))
         d.notes += errors[:5]
