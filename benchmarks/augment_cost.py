@@ -37,9 +37,10 @@ def main() -> None:
     torch.manual_seed(0)
     n = 20 if args.quick else 200
     configs = {
-        "default (2x224 + 8x98, all augmentations)": AugmentConfig(),
-        "geometry + normalise only": AugmentConfig(color_jitter_p=0.0, hed_jitter_p=0.0, grayscale_p=0.0,
-                                                   blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0)),
+        "default (2x224 + 8x98, all augmentations)": AugmentConfig.defaults(),
+        "geometry + normalise only": AugmentConfig.defaults(
+            color_jitter_p=0.0, hed_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0),
+            solarize_p=(0.0, 0.0, 0.0)),
     }
     for name, cfg in configs.items():
         ms = measure(MultiCropAugmentation(cfg), n)

@@ -8,9 +8,11 @@ consumes them validates them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -30,6 +32,17 @@ def packaged_config(relpath: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"no packaged config {relpath!r} (looked for {path})")
     return path
+
+
+@functools.cache
+def _packaged_yaml(relpath: str) -> DictConfig:
+    return read_yaml(packaged_config(relpath))
+
+
+def packaged_section(relpath: str, section: str) -> dict[str, Any]:
+    """A section of a packaged YAML as a fresh dict: Python code that needs a section's defaults
+    reads them here, so the YAML stays their one home."""
+    return OmegaConf.to_container(_packaged_yaml(relpath)[section], resolve=True)
 
 
 def read_yaml(path: str | Path) -> DictConfig:

@@ -31,7 +31,7 @@ def _tile(seed=0, size=224):
 
 
 def test_output_shapes_dtypes_and_normalisation():
-    aug = MultiCropAugmentation(AugmentConfig(local_crops_number=3))
+    aug = MultiCropAugmentation(AugmentConfig.defaults(local_crops_number=3))
     out = aug(_tile())
     assert [t.shape for t in out["global_crops"]] == [(3, 224, 224)] * 2
     assert [t.shape for t in out["local_crops"]] == [(3, 98, 98)] * 3
@@ -41,7 +41,7 @@ def test_output_shapes_dtypes_and_normalisation():
 
 
 def test_deterministic_under_manual_seed():
-    aug, tile = MultiCropAugmentation(AugmentConfig(local_crops_number=2)), _tile()
+    aug, tile = MultiCropAugmentation(AugmentConfig.defaults(local_crops_number=2)), _tile()
     torch.manual_seed(3)
     a = aug(tile)
     torch.manual_seed(3)
@@ -54,7 +54,8 @@ def test_deterministic_under_manual_seed():
 
 def test_everything_off_is_a_plain_resize():
     tile = _tile()
-    out = MultiCropAugmentation(AugmentConfig(**PLAIN, global_crops_size=224, local_crops_number=1))(tile)
+    aug = MultiCropAugmentation(AugmentConfig.defaults(**PLAIN, global_crops_size=224, local_crops_number=1))
+    out = aug(tile)
     assert torch.allclose(out["global_crops"][0], tile.float() / 255, atol=1e-5)
     assert torch.allclose(out["global_crops"][1], out["global_crops"][0])
     assert out["local_crops"][0].shape == (3, 98, 98)
@@ -64,7 +65,7 @@ def test_rotation_and_flips_are_dihedral():
     tile = _tile(size=56)
     cfg = {**PLAIN, "rot90": True, "hflip_p": 0.5, "vflip_p": 0.5, "global_crops_size": 56,
            "local_crops_number": 0}
-    aug = MultiCropAugmentation(AugmentConfig(**cfg))
+    aug = MultiCropAugmentation(AugmentConfig.defaults(**cfg))
     base = tile.float() / 255
     variants = [torch.rot90(b, k, dims=(1, 2)) for b in (base, base.flip(-1)) for k in range(4)]
     torch.manual_seed(0)
@@ -141,6 +142,6 @@ def test_from_config_reads_crops_and_augmentation_and_rejects_bad_values():
     with pytest.raises(UserError, match="unknown key augmentation.hed_jiter_p"):
         AugmentConfig.from_config({"augmentation": {"hed_jiter_p": 0.5}})
     with pytest.raises(UserError, match=r"augmentation.grayscale_p=1.5"):
-        AugmentConfig(grayscale_p=1.5)
+        AugmentConfig.defaults(grayscale_p=1.5)
     with pytest.raises(UserError, match=r"crops.local_crops_scale"):
-        AugmentConfig(local_crops_scale=(0.3, 0.1))
+        AugmentConfig.defaults(local_crops_scale=(0.3, 0.1))

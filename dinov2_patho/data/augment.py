@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from dinov2_patho.config import packaged_section
 from dinov2_patho.errors import UserError
 
 Generator = torch.Generator | None
@@ -31,6 +32,7 @@ _RGB_FROM_HED = F.normalize(torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL and torchvision
 _MIN_INTENSITY = 1.0 / 255.0  # optical density of a black pixel stays finite
+TRAIN_DEFAULTS = "train/default.yaml"
 _CROPS_KEYS = frozenset({"global_crops_size", "global_crops_scale", "local_crops_number", "local_crops_size",
                          "local_crops_scale"})
 
@@ -170,32 +172,34 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Everything the augmentation reads: `crops.*` and `augmentation.*` of the training config."""
+    """Everything the augmentation reads: `crops.*` and `augmentation.*` of the training config.
+    No defaults here: `defaults()` and `from_config()` take them from the packaged
+    configs/train/default.yaml, their one home."""
 
-    global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_number: int = 8
-    local_crops_size: int = 98
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip_p: float = 0.5
-    vflip_p: float = 0.5
-    rot90: bool = True
-    color_jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    hed_jitter_p: float = 0.5
-    hed_scale: float = 0.05  # each stain's concentration times U(1 - s, 1 + s)
-    hed_bias: float = 0.05  # plus U(-b, b) optical density
-    grayscale_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
-    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
-    solarize_threshold: float = 0.5
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    global_crops_size: int
+    global_crops_scale: tuple[float, float]
+    local_crops_number: int
+    local_crops_size: int
+    local_crops_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    hflip_p: float
+    vflip_p: float
+    rot90: bool
+    color_jitter_p: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    hed_jitter_p: float
+    hed_scale: float  # each stain's concentration times U(1 - s, 1 + s)
+    hed_bias: float  # plus U(-b, b) optical density
+    grayscale_p: float
+    blur_sigma: tuple[float, float]
+    blur_p: tuple[float, float, float]  # global crop 1, global crop 2, local crops
+    solarize_p: tuple[float, float, float]
+    solarize_threshold: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -240,15 +244,24 @@ class AugmentConfig:
         for key in augmentation:
             if key not in names or key in _CROPS_KEYS:
                 raise UserError(f"config: unknown key augmentation.{key}")
-        values = {k: v for k, v in crops.items() if k in _CROPS_KEYS} | augmentation
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls.defaults(**{k: v for k, v in crops.items() if k in _CROPS_KEYS}, **augmentation)
+
+    @classmethod
+    def defaults(cls, **values: Any) -> AugmentConfig:
+        """The packaged defaults, with `values` (field=value) in place of some."""
+        crops = {k: v for k, v in packaged_section(TRAIN_DEFAULTS, "crops").items() if k in _CROPS_KEYS}
+        merged = crops | packaged_section(TRAIN_DEFAULTS, "augmentation")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"AugmentConfig has no field {unknown[0]!r}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in (merged | values).items()})
 
 
 # ---------------------------------------------------------------------------- pipeline
 
 class MultiCropAugmentation:
     def __init__(self, config: AugmentConfig | None = None):
-        self.config = config or AugmentConfig()
+        self.config = config or AugmentConfig.defaults()
         c = self.config
         self._mean = torch.tensor(c.mean).view(3, 1, 1)
         self._std = torch.tensor(c.std).view(3, 1, 1)

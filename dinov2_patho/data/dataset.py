@@ -1,16 +1,8 @@
 """TileDataset: global row id -> (transform(tile), row_id), and the tile source built from config.
 
-The `data:` config section read by `build_tile_source` (other keys of the section are ignored):
-
-    backend: openslide      # openslide | tiffslide (whole-slide files) | hdf5 (a tile store)
-    slides: null            # openslide/tiffslide: slide directory (searched for <slide_id>.<ext>)
-                            #   or a CSV with columns slide_id,path
-    fallback: tiffslide     # openslide/tiffslide: backend tried when `backend` cannot open a slide;
-                            #   null: none
-    mpp_override: null      # openslide/tiffslide: um/px for every slide instead of the slide's own
-    tile_store: null        # hdf5: directory of <slide_id>.h5 (`dinov2-patho tiles extract`)
-    cache_size: 16          # open slides/files kept per process (LRU)
-    on_error: raise         # TileDataset: raise | skip (substitute a tile of the same cluster, counted)
+`build_tile_source` reads the `data:` config section: backend, slides, fallback,
+mpp_override, tile_store, cache_size (their meaning and defaults: the `data:` section of
+configs/train/default.yaml, their one home; keys left out take those defaults).
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from dinov2_patho.config import packaged_section
 from dinov2_patho.data.readers import SlideTileSource, TileReadError, TileSource
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.data.tilestore import HDF5TileSource
@@ -33,10 +26,6 @@ from dinov2_patho.registry import did_you_mean
 
 log = get_logger(__name__)
 
-DATA_DEFAULTS: dict[str, Any] = {
-    "backend": "openslide", "slides": None, "fallback": "tiffslide", "mpp_override": None,
-    "tile_store": None, "cache_size": 16, "on_error": "raise",
-}
 ON_ERROR = ("raise", "skip")
 SOURCES = ("openslide", "tiffslide", "hdf5")
 # Candidates tried, over all levels, before a skip gives up on a tile.
@@ -49,7 +38,8 @@ _COUNTER_SLOTS = 1025
 
 def build_tile_source(cfg: Mapping[str, Any]) -> TileSource:
     """The tile source described by a `data:` config section (see the module docstring)."""
-    c = {**DATA_DEFAULTS, **{k: cfg[k] for k in cfg if k in DATA_DEFAULTS}}
+    defaults = packaged_section("train/default.yaml", "data")
+    c = {**defaults, **{k: cfg[k] for k in cfg if k in defaults}}
     backend = c["backend"]
     if backend == "hdf5":
         if not c["tile_store"]:
