@@ -1,8 +1,11 @@
-"""A frozen backbone from a checkpoint on disk: ours, DINOv2 hub format or a timm ViT
-(all loaded into our ViT by `load_pretrained`), or any timm model by name (`timm/<name>`)."""
+"""A frozen backbone from disk: a training run's teacher (its run directory or a checkpoint
+directory, built at its own architecture from the config saved with it), a weights file
+(ours, DINOv2 hub format or a timm ViT, loaded into our ViT by `load_pretrained`), or any
+timm model by name (`timm/<name>`)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -10,35 +13,73 @@ from torch import nn
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
+from dinov2_patho.registry import did_you_mean
 
 log = get_logger(__name__)
 
 TIMM_PREFIX = "timm/"
+# fixed by the architecture's name: our registered ViTs take every other VisionTransformer argument
+_SIZE_ARGS = ("embed_dim", "depth", "num_heads")
+
+
+def _check_model_kwargs(arch: str, model_kwargs: dict[str, Any]) -> None:
+    from dinov2_patho.models import VisionTransformer
+
+    valid = [p for p in inspect.signature(VisionTransformer).parameters if p not in _SIZE_ARGS]
+    for key in model_kwargs:
+        if key in _SIZE_ARGS:
+            raise UserError(f"backbone.model.{key}: fixed by backbone.arch={arch}; to evaluate a run's own "
+                            f"teacher at its size, give its run directory as --backbone")
+        if key not in valid:
+            raise UserError(f"backbone.model.{key}: not an option of {arch}{did_you_mean(key, valid)}")
+
+
+def _training_run(path: str | Path | None) -> Path | None:
+    """A run or checkpoint directory (or a checkpoint's state file, taken as its directory)."""
+    from dinov2_patho.train.checkpoint import SHARED_FILE
+
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent if path.name == SHARED_FILE and path.is_file() else None
 
 
 def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_format: str = "auto",
                   **model_kwargs: Any) -> nn.Module:
     """`arch` is one of our backbones (`vit_small`, ...; `model_kwargs` go to `build_backbone`)
-    or `timm/<model name>`. `path=None` keeps the random initialisation (a baseline)."""
-    if arch.startswith(TIMM_PREFIX):
+    or `timm/<model name>`. `path=None` keeps the random initialisation (a baseline); a
+    directory is a training run or checkpoint, whose teacher is evaluated (`arch` unused)."""
+    run = _training_run(path)
+    if run is not None:
+        from dinov2_patho.train.export import teacher_backbone
+
+        if model_kwargs:
+            raise UserError(f"backbone.model: {path} is a training run, built from its own config; "
+                            f"drop backbone.model ({', '.join(model_kwargs)})")
+        log.info("backbone: the teacher of %s at its own architecture (backbone.arch is not used)", run)
+        model = teacher_backbone(run)
+    elif arch.startswith(TIMM_PREFIX):
         import timm
 
         try:
             model = timm.create_model(arch[len(TIMM_PREFIX):], pretrained=False, num_classes=0,
                                       **model_kwargs)
-        except RuntimeError as e:  # timm's unknown-model error
+        except (RuntimeError, TypeError) as e:  # timm's unknown-model error; a keyword it does not take
             raise UserError(f"backbone arch {arch!r}: {e}") from e
         if path is not None:
             if not Path(path).is_file():
                 raise UserError(f"{path}: checkpoint not found")
             timm.models.load_checkpoint(model, str(path), strict=True)
     else:
-        from dinov2_patho.models import build_backbone, load_pretrained
+        from dinov2_patho.models import BACKBONES, build_backbone, load_pretrained
 
-        try:
-            model = build_backbone(arch, **model_kwargs)
-        except KeyError as e:
-            raise UserError(f"backbone arch: {e.args[0]}") from e
+        if arch not in BACKBONES:
+            raise UserError(f"backbone arch {arch!r} is unknown (valid: {', '.join(BACKBONES.names())}, "
+                            f"or {TIMM_PREFIX}<model name>)")
+        _check_model_kwargs(arch, model_kwargs)
+        model = build_backbone(arch, **model_kwargs)
         if path is not None:
             load_pretrained(model, path, format=weights_format)
     if path is None:

@@ -86,6 +86,17 @@ def test_sampler_telemetry_is_the_trained_batchs_not_the_prefetched_ones(cohort,
     assert [r["sampler/step"] for r in records] == [r["iteration"] for r in records] == list(range(4))
 
 
+def test_resume_under_a_changed_config_is_refused_unless_forced(cohort, cohort_index, tmp_path):
+    run = tmp_path / "run"
+    first = tiny_cfg(cohort, cohort_index, "train.iterations=1", "train.num_workers=0")
+    trainer_mod.run_training(first, run)
+    changed = tiny_cfg(cohort, cohort_index, "train.iterations=2", "train.num_workers=0",
+                       "optim.base_lr=0.01")
+    with pytest.raises(ConfigError, match=r"with a changed config: optim.base_lr, train.iterations would"):
+        trainer_mod.run_training(changed, run)
+    assert trainer_mod.run_training(changed, run, force_resume=True)["iteration"] == 2
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -11,7 +11,6 @@ sets and shapes and refuses a partial load unless asked (strict=False), and then
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,8 +75,10 @@ def read_checkpoint(path: str | Path) -> Any:
         return load_file(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise UserError(f"{path}: not a loadable weights-only torch checkpoint ({exc})") from exc
+    except Exception as exc:  # unpickling arbitrary bytes fails in arbitrary ways
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: not a loadable weights-only torch checkpoint "
+                        f"({type(exc).__name__}: {first_line})") from exc
 
 
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, Tensor], list[str]]:

@@ -1,7 +1,8 @@
 """The student backbone a training config describes, for the trainer and for export.
 
-`student.arch` names a registered ViT; setting `student.embed_dim`, `depth` and
-`num_heads` instead builds a ViT of those sizes (the tiny models of smoke runs and tests).
+`student.arch` names a registered ViT (null: vit_large); setting `student.embed_dim`, `depth`
+and `num_heads` instead, with `arch` null, builds a ViT of those sizes (the tiny models of smoke
+runs and tests; `check_values` refuses both at once).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dinov2_patho.config import ConfigError
 from dinov2_patho.models import VisionTransformer, build_backbone
 
 SIZE_KEYS = ("embed_dim", "depth", "num_heads")
+DEFAULT_ARCH = "vit_large"
 
 
 def has_custom_size(cfg: DictConfig) -> bool:
@@ -30,4 +32,4 @@ def build_student_backbone(cfg: DictConfig) -> VisionTransformer:
               "drop_path_uniform": s.drop_path_uniform}
     if has_custom_size(cfg):
         return VisionTransformer(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads, **common)
-    return build_backbone(s.arch, **common)
+    return build_backbone(s.arch or DEFAULT_ARCH, **common)

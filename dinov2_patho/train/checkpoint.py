@@ -170,8 +170,9 @@ def _load_file(path: Path) -> dict[str, Any]:
     try:
         # mmap: every rank reads the shared file; pages are shared, not copied per rank (ViT-g: ~18 GB)
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
+    except Exception as e:  # unpickling arbitrary bytes fails in arbitrary ways
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {first_line}") from e
     return from_storable(obj)
 
 

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML merged over the packaged configs/train/default.yaml")
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help="checkpoints, metrics.jsonl, logs; resumed from when it holds a checkpoint")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even when the config differs from the checkpoint's in a key that breaks "
+                             "exact resume (the changed keys are logged)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
 
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config_file, args.overrides)
     install_stop_handlers()
-    summary = run_training(cfg, args.output_dir)
+    summary = run_training(cfg, args.output_dir, force_resume=args.force_resume)
     if is_main_process():
         print(json.dumps(summary))
     return 0

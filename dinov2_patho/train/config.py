@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from dinov2_patho.config import ConfigError, load_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
+from dinov2_patho.train.config_values import check_values
 
 DEFAULTS = "train/default.yaml"
 # the chosen sampler's options are validated by the sampler
@@ -49,6 +50,7 @@ def validate_config(cfg: DictConfig) -> None:
                 "checkpoint.keep_last": 1, "evaluation.every_n_iterations": 0}
     for key, minimum in minimums.items():
         _at_least(cfg, key, minimum)
+    check_values(cfg)
     lead = cfg.train.num_workers * cfg.train.prefetch_factor
     if lead >= SAMPLER_HISTORY:
         raise ConfigError(f"train.num_workers x train.prefetch_factor = {lead}: the loader may run at most "

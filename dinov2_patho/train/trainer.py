@@ -33,6 +33,7 @@ from dinov2_patho.train import checkpoint as ckpt
 from dinov2_patho.train import fsdp
 from dinov2_patho.train.backbone import build_student_backbone, has_custom_size
 from dinov2_patho.train.config import global_batch_size, validate_config
+from dinov2_patho.train.config_values import check_resume_config
 from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
 from dinov2_patho.train.dist import DistContext, distributed_context
 from dinov2_patho.train.metrics import MetricsWriter
@@ -63,15 +64,17 @@ def install_stop_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGUS
         signal.signal(sig, lambda *_: request_stop())
 
 
-def run_training(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+def run_training(cfg: DictConfig, output_dir: str | Path, *, force_resume: bool = False) -> dict[str, Any]:
     """Train per `cfg` into `output_dir`. Returns a summary: "iteration" (completed
     iterations), "losses" (the last iteration's, averaged over ranks), "checkpoint" (the
-    latest checkpoint's path), "stopped" (True when stopped early by `request_stop`)."""
+    latest checkpoint's path), "stopped" (True when stopped early by `request_stop`).
+    Resuming under a config that differs from the checkpoint's in a key that breaks exact
+    resume is refused unless `force_resume`."""
     output_dir = Path(output_dir)
     validate_config(cfg)
     with distributed_context(str(cfg.train.device)) as ctx:
         setup_logging(output_dir, rank=ctx.rank)
-        trainer = Trainer(cfg, output_dir, ctx)
+        trainer = Trainer(cfg, output_dir, ctx, force_resume=force_resume)
         try:
             return trainer.train()
         finally:
@@ -83,8 +86,9 @@ def _batch_digest(batch: np.ndarray) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, output_dir: Path, ctx: DistContext):
+    def __init__(self, cfg: DictConfig, output_dir: Path, ctx: DistContext, *, force_resume: bool = False):
         self.cfg, self.output_dir, self.ctx = cfg, output_dir, ctx
+        self.force_resume = force_resume
         self.ckpt_root = output_dir / CHECKPOINTS
         self.total = int(cfg.train.iterations)
         self.global_batch = global_batch_size(cfg, ctx.world_size)
@@ -185,6 +189,7 @@ class Trainer:
         if path is None:
             return 0
         shared, rank_state = ckpt.load_checkpoint(path, self.ctx.rank)
+        check_resume_config(shared.get("config") or {}, self.cfg, str(path), force=self.force_resume)
         if self.fsdp:
             fsdp.load_full_state(self.model, self.optimizer, shared["model"], shared["optimizer"])
         else:

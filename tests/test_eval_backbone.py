@@ -1,0 +1,77 @@
+"""`eval run --backbone`: a training run's own teacher at its own size, and one-line errors for
+a file that is not a checkpoint, an unknown --arch, and backbone.model keys the arch does not take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dinov2_patho.eval.backbone import load_backbone
+from test_eval_run import folder_benchmark
+from test_train import tiny_cfg
+
+from dinov2_patho.cli import main
+from dinov2_patho.errors import UserError
+from dinov2_patho.models import BACKBONES
+
+TINY_EVAL = ["preprocess.size=32", "heads.linear.n_runs=1", "heads.linear.max_steps=20", "heads.knn.k=[1]",
+             "heads.logreg.C=[1.0]", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(cohort, cohort_index, tmp_path_factory) -> Path:
+    from dinov2_patho.train.trainer import run_training
+
+    out = tmp_path_factory.mktemp("run")
+    run_training(tiny_cfg(cohort, cohort_index, "train.iterations=1", "train.num_workers=0"), out)
+    return out
+
+
+def _one_line_error(capsys, args: list[str]) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_run_directory_is_its_teacher_at_its_own_size(run_dir, tmp_path, capsys):
+    teacher = load_backbone(run_dir)  # the eval default arch (vit_small) is not what it was trained at
+    assert teacher.embed_dim == 48 and len(teacher.blocks) == 2 and not teacher.training
+    checkpoint = next((run_dir / "checkpoints").glob("iter_*"))
+    for path in (checkpoint, checkpoint / "state.pt"):
+        same = load_backbone(path)
+        assert all((a == b).all() for a, b in zip(teacher.state_dict().values(), same.state_dict().values()))
+    folder_benchmark(tmp_path / "data" / "folder")
+    out = tmp_path / "eval"
+    assert main(["eval", "run", "--backbone", str(run_dir), "--benchmarks", "folder", "--data-root",
+                 str(tmp_path / "data"), "--output-dir", str(out), *TINY_EVAL]) == 0
+    assert np.load(out / "features" / "folder" / "test" / "cls.npy").shape == (8, 48)
+    with pytest.raises(UserError, match="backbone.model: .* is a training run"):
+        load_backbone(run_dir, patch_size=14)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    for name, data in (("notes.pth", b"hello\n"), ("garbage.pth", b"abc\x80\x02garbage"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        line = _one_line_error(capsys, ["eval", "run", "--backbone", str(tmp_path / name), "--benchmarks",
+                                        "folder", "--output-dir", str(tmp_path / "o")])
+        assert f"{tmp_path / name}: not a loadable weights-only torch checkpoint" in line
+
+
+def test_unknown_arch_lists_the_valid_names(tmp_path, capsys):
+    line = _one_line_error(capsys, ["eval", "run", "--arch", "vit_lage", "--benchmarks", "folder",
+                                    "--output-dir", str(tmp_path / "o")])
+    assert "'vit_lage' is unknown" in line and "vit_large" in line
+    assert all(name in line for name in BACKBONES.names())
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("backbone.model.embed_dim=48", "backbone.model.embed_dim: fixed by backbone.arch=vit_small"),
+    ("backbone.model.patch_sise=16", "backbone.model.patch_sise: not an option of vit_small; did you mean "
+                                     "'patch_size'?"),
+])
+def test_backbone_model_keys_the_arch_does_not_take_are_one_line(tmp_path, capsys, override, expected):
+    line = _one_line_error(capsys, ["eval", "run", "--benchmarks", "folder", "--output-dir",
+                                    str(tmp_path / "o"), override])
+    assert expected in line
