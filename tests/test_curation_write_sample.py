@@ -200,10 +200,17 @@ def test_tree_inconsistency_is_caught(tmp_path, cohort_index):
                                         r"clusters 0..1"):
         check_tree(tree, progress=False)
     np.save(level_dir(tree.root, 3) / "assignment.npy", np.zeros(5, np.int32))
-    with pytest.raises(UserError, match=r"level 3: assignment.npy has 5 .* expected 6 \(the level-2 clu"):
+    wrong_length = r"level 3: assignment.npy has shape \(5,\) .* expected \(6,\) \(the level-2 clusters\)"
+    with pytest.raises(UserError, match=wrong_length):
+        check_tree(tree, progress=False)
+    np.save(level_dir(tree.root, 3) / "assignment.npy", np.zeros(6, np.float32))
+    with pytest.raises(UserError, match=r"level 3: assignment.npy holds float32, expected integer ids"):
+        check_tree(tree, progress=False)
+    (level_dir(tree.root, 3) / "assignment.npy").write_bytes(b"not a npy file")
+    with pytest.raises(UserError, match=r"level_3/assignment.npy: cannot read"):
         check_tree(tree, progress=False)
     # `curate write` refuses the broken tree and leaves nothing behind
     out = tmp_path / "out"
-    with pytest.raises(UserError, match="level 3"):
+    with pytest.raises(UserError, match="level_3/assignment.npy: cannot read"):
         write_clusters(cohort_index.path, tree.root, out, progress=False)
     assert not (out / "clusters.csv").exists() and not (out / "index").exists()

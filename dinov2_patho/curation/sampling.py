@@ -45,12 +45,20 @@ def cluster_sizes(tree: ClusterTree) -> list[np.ndarray]:
     return sizes
 
 
+def _sort_within(groups: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Stable order by group, then key (both non-negative): one sort of packed uint64 keys
+    (group << 32 | key), about twice as fast as np.lexsort of the two."""
+    if keys.size and keys.max() >= 1 << 32:
+        return np.lexsort((keys, groups))
+    return np.argsort((groups.astype(np.uint64) << np.uint64(32)) | keys.astype(np.uint64), kind="stable")
+
+
 def water_fill(parent: np.ndarray, parent_target: np.ndarray, sizes: np.ndarray,
                rng: np.random.Generator) -> np.ndarray:
     """Split each parent's target over its children (child i has parent `parent[i]`, `sizes[i]` tiles):
     equal shares capped by size, the remainder one each over random uncapped children."""
     n = sizes.size
-    order = np.lexsort((sizes, parent))  # by parent, then size ascending
+    order = _sort_within(parent, sizes)
     p, s = parent[order].astype(np.int64), sizes[order]
     group = np.bincount(p, minlength=parent_target.size)
     start = np.cumsum(group) - group
@@ -67,7 +75,7 @@ def water_fill(parent: np.ndarray, parent_target: np.ndarray, sizes: np.ndarray,
     base, extra = np.divmod(rest, np.maximum(share_of, 1))
     # rank the uncapped children of each parent in a random order; the first `extra` get one more
     free = np.flatnonzero(~capped)
-    shuffled = free[np.lexsort((rng.random(free.size), p[free]))]
+    shuffled = free[_sort_within(p[free], rng.integers(0, 1 << 32, free.size, dtype=np.uint64))]
     rank = np.zeros(n, np.int64)
     rank[shuffled] = np.arange(shuffled.size) - (np.cumsum(share_of) - share_of)[p[shuffled]]
     sorted_counts = np.where(capped, s, base[p] + (rank < extra[p]))
@@ -100,7 +108,8 @@ def pick_members(tree: ClusterTree, counts: np.ndarray, strategy: str, rng: np.r
         pos = _ranges(offsets[clusters], sizes[clusters])
         local = np.repeat(np.arange(clusters.size, dtype=np.uint64), sizes[clusters])
         key = (local << np.uint64(32)) | rng.integers(0, 1 << 32, pos.size, dtype=np.uint64)
-        pos = pos[np.argsort(key)]  # grouped by cluster, random order within
+        pos = pos[np.argsort(key, kind="stable")]  # grouped by cluster, random order within; stable: ties
+        # (equal random keys) break the same way on every platform
         first = np.cumsum(sizes[clusters]) - sizes[clusters]
         positions.append(pos[_ranges(first, counts[clusters])])
     return np.sort(np.asarray(members[np.sort(np.concatenate(positions))], dtype=np.int64))
@@ -144,7 +153,7 @@ def summary(subset: BalancedSubset) -> list[dict]:
 
 
 def format_summary(levels: list[dict]) -> str:
-    lines = ["level  clusters  covered   largest share before -> after   smallest share before -> after"]
+    lines = ["level  nonempty  covered   largest share before -> after   smallest share before -> after"]
     for s in levels:
         lines.append(f"{s['level']:>5}  {s['nonempty']:>8,}  {s['covered']:>7,}   "
                      f"{s['largest_share_before']:>20.3%} -> {s['largest_share_after']:<7.3%}  "

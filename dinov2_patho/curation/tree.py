@@ -107,7 +107,11 @@ class ClusterTree:
     def array(self, level: int, name: str) -> np.ndarray:
         """A level's `centroids`, `assignment`, `distances`, `members` or `member_offsets`, memory-mapped."""
         self._check_level(level)
-        return np.load(level_dir(self.root, level) / f"{name}.npy", mmap_mode="r")
+        path = level_dir(self.root, level) / f"{name}.npy"
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read as a .npy array ({e}); rebuild the tree") from e
 
     def members(self, level: int, cluster: int) -> np.ndarray:
         """Point ids of `cluster` at `level` (tiles at level 1, level-(k-1) clusters above), closest first."""

@@ -30,14 +30,19 @@ def _total_points(tree: ClusterTree) -> int:
 def _check_level(tree: ClusterTree, level: int, clusters: int, points: int, bar: tqdm) -> None:
     where = f"{tree.root}: level {level}"
     of = "tiles" if level == 1 else f"level-{level - 1} clusters"
-    assignment, members = tree.array(level, "assignment"), tree.array(level, "members")
-    offsets = np.asarray(tree.array(level, "member_offsets"), dtype=np.int64)
+    arrays = {name: tree.array(level, name) for name in ("assignment", "members", "member_offsets")}
+    for name, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.integer):
+            raise UserError(f"{where}: {name}.npy holds {array.dtype}, expected integer ids")
+    assignment, members = arrays["assignment"], arrays["members"]
     if assignment.shape != (points,) or members.shape != (points,):
-        raise UserError(f"{where}: assignment.npy has {assignment.shape[0]} and members.npy "
-                        f"{members.shape[0]} entries, expected {points} (the {of})")
+        raise UserError(f"{where}: assignment.npy has shape {assignment.shape} and members.npy "
+                        f"{members.shape}, expected ({points},) (the {of})")
+    offsets = np.asarray(arrays["member_offsets"], dtype=np.int64)
     if offsets.shape != (clusters + 1,) or offsets[0] != 0 or offsets[-1] != points:
         raise UserError(f"{where}: member_offsets.npy must hold {clusters + 1} offsets from 0 to {points}, "
-                        f"got {offsets.size} from {offsets[:1].tolist()} to {offsets[-1:].tolist()}")
+                        f"got shape {offsets.shape} from {offsets.ravel()[:1].tolist()} to "
+                        f"{offsets.ravel()[-1:].tolist()}")
     sizes = np.diff(offsets)
     if (sizes < 0).any():
         raise UserError(f"{where}: member_offsets.npy decreases at cluster {int(np.argmax(sizes < 0))}")
