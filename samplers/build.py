@@ -8,6 +8,7 @@ the closest valid one; so is a key that the chosen branch would ignore (say
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -24,6 +25,7 @@ from .stratified import ClusterStratifiedSampler
 from .uniform import UniformSampler
 
 SAMPLERS = Registry("sampler")
+LEVEL_COLUMN = re.compile(r"level_[0-9]+")
 OPTIONS: dict[str, type] = {}
 # options that moved out of the sampler section
 MOVED = {"subset": "data.subset (a view of the index, for every sampler)"}
@@ -158,10 +160,13 @@ def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> Glob
         if key not in valid:
             hint = did_you_mean(str(key), valid)
             raise SamplerError(f"sampler.{key}: not an option of sampler {name!r}{hint}")
+    level = options.get("level")
+    if isinstance(level, str) and LEVEL_COLUMN.fullmatch(level):
+        options["level"] = int(level[len("level_"):])  # the clustering CSV's column name, as users copy it
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), options)
     except OmegaConfBaseException as e:
-        raise SamplerError(f"sampler.{e.key}: {e.msg}") from e
+        raise SamplerError(f"sampler.{e.key}: {e.msg.splitlines()[0]}") from e
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise SamplerError(f"sampler {name!r} needs sampler.{missing[0]}")

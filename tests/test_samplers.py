@@ -496,3 +496,14 @@ def test_telemetry_describes_the_step_named_not_the_live_state():
     uniform = build_sampler({"name": "uniform", "seed": 0}, index, 8)
     ahead = draw(uniform, 4)
     assert uniform.telemetry(ahead[1], 1)["step"] == 1
+
+
+def test_level_may_be_given_as_the_csv_column_name():
+    index = make_index(0, 500, 8)
+    by_number = draw(build_sampler({"name": "cluster_stratified", "level": 2}, index, 16), 3)
+    by_column = draw(build_sampler({"name": "cluster_stratified", "level": "level_2"}, index, 16), 3)
+    assert np.array_equal(by_number, by_column)
+    for bad in ("level_", "levels_2", "two"):
+        with pytest.raises(SamplerError) as info:
+            build_sampler({"name": "cluster_stratified", "level": bad}, index, 16)
+        assert str(info.value).startswith("sampler.level: ") and "\n" not in str(info.value)
