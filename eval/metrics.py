@@ -1,4 +1,5 @@
-"""Classification metrics on numpy arrays, as eva and the paper report them.
+"""Classification metrics on numpy arrays, as eva and the paper report them: scikit-learn's,
+behind a thin wrapper that fixes the class set and gives NaN for a class absent from the targets.
 
 Balanced accuracy is the mean per-class recall over the classes present in the targets
 (scikit-learn's definition, and torchmetrics' macro MulticlassAccuracy that eva
@@ -9,67 +10,49 @@ as scikit-learn's `f1_score(average="macro")` does.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import cohen_kappa_score, f1_score, recall_score, roc_auc_score
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """[num_classes, num_classes] counts, rows = true class, columns = predicted."""
-    idx = np.asarray(y_true, np.int64) * num_classes + np.asarray(y_pred, np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+def _targets(y_true: np.ndarray, num_classes: int) -> np.ndarray:
+    y_true = np.asarray(y_true, np.int64)
+    bad = (y_true < 0) | (y_true >= num_classes)
+    if bad.any():
+        raise ValueError(f"target {int(y_true[np.argmax(bad)])} is not a class index in [0, {num_classes})")
+    return y_true
 
 
-def per_class_recall(cm: np.ndarray) -> np.ndarray:
-    """Recall per class; NaN for a class absent from the targets."""
-    support = cm.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall of each class 0..C-1; NaN for a class absent from the targets."""
+    return recall_score(_targets(y_true, num_classes), y_pred, labels=np.arange(num_classes), average=None,
+                        zero_division=np.nan)
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    return float(np.nanmean(per_class_recall(confusion(y_true, y_pred, num_classes))))
+    return float(np.nanmean(per_class_recall(y_true, y_pred, num_classes)))
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    cm = confusion(y_true, y_pred, num_classes)
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2TP + FP + FN
-    f1 = 2 * tp / np.maximum(denom, 1)
-    present = denom > 0
-    return float(f1[present].mean())
-
-
-def _binary_auroc(positive: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney U with midranks for ties; NaN when only one class is present."""
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    sorted_scores = score[order]
-    ranks = np.empty(score.size, np.float64)
-    # midrank of each run of tied scores
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], score.size]
-    mid = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(mid, ends - starts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(f1_score(_targets(y_true, num_classes), y_pred, average="macro", zero_division=0))
 
 
 def auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Binary AUROC on the positive class's probability for 2 classes; otherwise the
-    macro one-vs-rest AUROC over the classes present in the targets."""
-    y_true = np.asarray(y_true, np.int64)
+    macro one-vs-rest AUROC over the classes present in the targets. NaN when the targets
+    hold fewer than two classes (scikit-learn raises there)."""
     probs = np.asarray(probs, np.float64)
+    y_true = _targets(y_true, probs.shape[1])
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
     if probs.shape[1] == 2:
-        return _binary_auroc(y_true == 1, probs[:, 1])
-    scores = [_binary_auroc(y_true == c, probs[:, c]) for c in np.unique(y_true)]
-    return float(np.nanmean(scores)) if len(scores) > 1 else float("nan")
+        return float(roc_auc_score(y_true == 1, probs[:, 1]))
+    return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
 
 
 def quadratic_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """Cohen's kappa with quadratic weights over ordered classes 0..C-1 (PANDA's ISUP grade metric)."""
-    from sklearn.metrics import cohen_kappa_score
-
-    return float(cohen_kappa_score(y_true, y_pred, labels=np.arange(num_classes), weights="quadratic"))
+    return float(cohen_kappa_score(_targets(y_true, num_classes), y_pred, labels=np.arange(num_classes),
+                                   weights="quadratic"))
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
@@ -78,8 +61,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     classes (listed in order) also the quadratic-weighted kappa."""
     num_classes = len(classes)
     y_pred = np.asarray(probs).argmax(axis=1)
-    cm = confusion(y_true, y_pred, num_classes)
-    recall = per_class_recall(cm)
+    recall = per_class_recall(y_true, y_pred, num_classes)
     out = {
         "balanced_accuracy": float(np.nanmean(recall)),
         "macro_f1": macro_f1(y_true, y_pred, num_classes),

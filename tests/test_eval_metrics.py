@@ -52,3 +52,17 @@ def test_absent_class_recall_is_nan_and_ignored_by_balanced_accuracy():
     m = classification_metrics(y, probs, ["a", "b", "c"])
     assert np.isnan(m["per_class_recall"]["c"])
     assert m["balanced_accuracy"] == pytest.approx(0.75)
+
+
+def test_absent_classes_give_nan_without_warnings_and_bad_targets_are_named():
+    import warnings
+
+    y = np.array([0, 0, 2, 2])
+    probs = np.eye(4)[[0, 1, 2, 3]]  # predicts classes 1 and 3, which no target has
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics(y, probs, ["a", "b", "c", "d"], ordinal=True)
+    assert np.isnan(m["per_class_recall"]["b"]) and np.isnan(m["per_class_recall"]["d"])
+    assert m["balanced_accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"target 4 is not a class index in \[0, 4\)"):
+        classification_metrics(np.array([0, 4]), np.eye(4)[[0, 1]], ["a", "b", "c", "d"])
