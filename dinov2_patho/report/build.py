@@ -146,7 +146,8 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
     else:
         errors: list[str] = []
         d.embedding_map(embedding.embedding_map(tile_index, emb, source, points=map_points, seed=seed,
-                                                metadata_csv=metadata, thumb_px=MAP_THUMB_PX, errors=errors))
+                                                metadata_csv=metadata, thumb_px=MAP_THUMB_PX, errors=errors,
+                                                progress=progress))
         d.notes += errors[:5]
         if source is None:
             d.notes.append("no tile source: points show no tile (give --slides)")

@@ -4,6 +4,7 @@ umap-learn is installed, PCA otherwise), coloured by cluster or slide metadata, 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,11 @@ def project(x: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     return xy / np.maximum(xy.max(axis=0), 1e-12), method
 
 
-def _compact(codes: np.ndarray, names: list[str]) -> dict[str, Any]:
+def _compact(codes: np.ndarray, names: Sequence[Any] | np.ndarray) -> dict[str, Any]:
     """Codes renumbered over the values present (a 35,000-cluster level keeps only its sampled names)."""
     present, inverse = np.unique(codes, return_inverse=True)
-    return {"codes": inverse.tolist(), "names": [names[c] if c >= 0 else "(none)" for c in present.tolist()]}
+    labels = [str(names[c]) if c >= 0 else "(none)" for c in present.tolist()]
+    return {"codes": inverse.tolist(), "names": labels}
 
 
 def metadata_columns(csv_path: str | Path) -> list[str]:
@@ -66,7 +68,8 @@ def metadata_columns(csv_path: str | Path) -> list[str]:
 
 
 def embedding_map(index: Any, emb: np.ndarray, source: TileSource | None, *, points: int, seed: int,
-                  metadata_csv: str | Path | None, thumb_px: int, errors: list[str]) -> dict[str, Any]:
+                  metadata_csv: str | Path | None, thumb_px: int, errors: list[str],
+                  progress: bool = False) -> dict[str, Any]:
     """The map's data for the page: coordinates, colourings, per-point slide/x/y and thumbnails."""
     rng = np.random.default_rng(seed)
     positions = sample_rows(len(emb), points, rng)
@@ -77,8 +80,7 @@ def embedding_map(index: Any, emb: np.ndarray, source: TileSource | None, *, poi
     xs, ys = view.coords()
     colorings = {}
     for k, name in enumerate(index.level_names, 1):
-        values = index.cluster_values(k)
-        colorings[name] = _compact(np.asarray(view.level(k)), [str(v) for v in values])
+        colorings[name] = _compact(np.asarray(view.level(k)), index.cluster_values(k))
     colorings["slide"] = _compact(slides, index.slide_names)
     if metadata_csv is not None:
         for column in metadata_columns(metadata_csv):
@@ -86,7 +88,8 @@ def embedding_map(index: Any, emb: np.ndarray, source: TileSource | None, *, poi
             colorings[column] = _compact(per_slide[slides], names)
     thumbs = []
     if source is not None:
-        thumbs = [image_uri(t, quality=75) for t in read_thumbnails(index, source, rows, thumb_px, errors)]
+        tiles = read_thumbnails(index, source, rows, thumb_px, errors, progress=progress, desc="map tiles")
+        thumbs = [image_uri(t, quality=75) for t in tiles]
     return {"method": method, "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
             "row": rows.tolist(), "slide": slides.tolist(), "slide_names": index.slide_names,
             "tile_x": xs.tolist(), "tile_y": ys.tolist(), "colorings": colorings, "thumbs": thumbs}

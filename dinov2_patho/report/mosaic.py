@@ -108,12 +108,13 @@ def largest_and_smallest(sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     return largest, smallest
 
 
-def read_thumbnails(index: Any, source: TileSource, row_ids: np.ndarray, px: int,
-                    errors: list[str]) -> np.ndarray:
+def read_thumbnails(index: Any, source: TileSource, row_ids: np.ndarray, px: int, errors: list[str], *,
+                    progress: bool = False, desc: str = "tiles") -> np.ndarray:
     """uint8 [n, px, px, 3] of these rows; an unreadable tile is a red square, its error appended."""
     dataset = TileDataset(index, source)
     out = np.empty((len(row_ids), px, px, 3), np.uint8)
-    for i, row in enumerate(np.asarray(row_ids).tolist()):
+    rows = np.asarray(row_ids).tolist()
+    for i, row in enumerate(tqdm(rows, desc=desc, unit="tile", disable=not progress)):
         try:
             tile = dataset[row][0].permute(1, 2, 0).numpy()
         except TileReadError as e:

