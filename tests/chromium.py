@@ -5,7 +5,7 @@ on fd 4, each message ending in a NUL byte.
 `find_chromium()` returns the Debian `chromium` binary, installing the package when it is missing and
 we are root with apt-get; otherwise it raises ChromiumUnavailable with the reason (a test skips).
 
-    python tests/chromium.py report.html shot.png [WIDTH]   # screenshot a page (the README's picture)
+    python tests/chromium.py report.html shot.png [SCALE]   # full-page screenshot (the README's picture)
 """
 
 from __future__ import annotations
@@ -181,9 +181,23 @@ class Browser:
         self.close()
 
 
-if __name__ == "__main__":
-    page, shot = Path(sys.argv[1]), Path(sys.argv[2])
-    with Browser(find_chromium(), width=int(sys.argv[3]) if len(sys.argv) > 3 else 1280) as browser:
+def main(argv: list[str]) -> None:
+    """Full-page screenshot of a page, scaled and reduced to 256 colours (the README's picture)."""
+    import io
+
+    from PIL import Image
+
+    page, shot = Path(argv[0]), Path(argv[1])
+    scale = float(argv[2]) if len(argv) > 2 else 0.5
+    with Browser(find_chromium()) as browser:
         browser.open(page)
-        shot.write_bytes(browser.screenshot(full_page=False))
-        print(f"{shot}: {shot.stat().st_size / 1e3:.0f} kB; page errors: {browser.errors or 'none'}")
+        image = Image.open(io.BytesIO(browser.screenshot())).convert("RGB")
+        errors = browser.errors
+    small = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    small.quantize(256, dither=Image.Dither.NONE).save(shot, optimize=True)
+    print(f"{shot}: {small.width}x{small.height}, {shot.stat().st_size / 1e3:.0f} kB; page errors: "
+          f"{errors or 'none'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -16,7 +16,7 @@ header{background:#263238;color:#fff;padding:10px 20px}
 header a{color:#b0bec5;margin-right:14px;text-decoration:none}
 h1{font-size:20px;margin:0 0 4px} h2{border-bottom:1px solid #ccc;padding-bottom:4px}
 section{padding:4px 20px 12px;max-width:1400px}
-img.fig{max-width:100%;display:block;margin:6px 0}
+img.fig{max-width:100%;display:block;margin:6px 0} #evaluation img.fig{max-width:520px}
 table{border-collapse:collapse;margin:6px 0;font-size:13px}
 td,th{border:1px solid #ddd;padding:2px 8px;text-align:right} th{background:#eceff1}
 td:first-child,th:first-child{text-align:left}
