@@ -1,10 +1,11 @@
-"""Atomic writes: a reader never sees a half-written file, a crash never leaves one."""
+"""Atomic writes: a reader never sees a half-written file or directory, a crash never leaves one."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,3 +53,58 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (names created, renamed) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, staging: Path | None = None,
+               keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a new empty directory beside `path` to fill; if the block succeeds, rename it onto
+    `path`, so a reader sees the old directory or the complete new one, never a partial one.
+
+    An existing `path` is moved aside and deleted once the new one is in place, or, with
+    `keep_existing` (a cache another process may have filled first), kept and the new one
+    dropped. `staging` names the temporary directory instead of a fresh random name, for
+    writers in several processes (a checkpoint's ranks); a stale one is cleared first. Files
+    written inside are the caller's to fsync; the directory entries are fsynced here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        tmp = fresh_path(path.parent, f".{path.name}.", ".tmp", directory=True)
+    else:
+        tmp = Path(staging)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a writer killed mid-way
+        tmp.mkdir(0o777)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        _rename_dir(tmp, path, keep_existing)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_dir(tmp: Path, path: Path, keep_existing: bool) -> None:
+    try:
+        os.replace(tmp, path)  # onto a missing path or an empty directory
+        return
+    except OSError:
+        if not path.is_dir():
+            raise
+        if keep_existing:
+            return  # another writer got there first
+    aside = fresh_path(path.parent, f".{path.name}.", ".old", directory=True)
+    os.replace(path, aside / path.name)
+    try:
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

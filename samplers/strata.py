@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2_patho.io import fresh_path
+from dinov2_patho.io import atomic_dir
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -114,21 +112,19 @@ def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], S
         return build()
     key = cache_key(**key_parts)
     final = cache_dir / key
+    damaged = False
     if final.is_dir():
         try:
             return Strata(**{f: np.load(final / f"{f}.npy", mmap_mode="r") for f in _FILES})
         except (OSError, ValueError) as e:  # a damaged cache is rebuilt, never trusted
             log.warning("sampler cache %s unreadable (%s): rebuilding", final, e)
+            damaged = True
     strata = build()
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_path(cache_dir, f".{key}.", "", directory=True)
-        for f in _FILES:
-            np.save(tmp / f"{f}.npy", getattr(strata, f))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process cached it first: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        # if another process cached it meanwhile, theirs is identical: keep it
+        with atomic_dir(final, keep_existing=not damaged) as tmp:
+            for f in _FILES:
+                np.save(tmp / f"{f}.npy", getattr(strata, f))
     except OSError as e:
         log.warning("cannot cache sampler strata in %s (%s): continuing uncached", cache_dir, e)
     return strata

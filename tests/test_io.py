@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.data.synthetic import make_cohort
-from dinov2_patho.io import atomic_path, atomic_write_bytes, atomic_write_text, fresh_path
+from dinov2_patho.io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, fresh_path
 
 
 def _mode(path: Path) -> int:
@@ -58,3 +58,29 @@ def test_under_umask_022_files_are_0644_and_the_cohort_dir_0755(tmp_path, umask_
 def test_fresh_path_names_do_not_collide(tmp_path):
     made = {fresh_path(tmp_path, ".a.", ".tmp") for _ in range(50)}
     assert len(made) == 50 and all(p.is_file() and p.stat().st_size == 0 for p in made)
+
+
+def test_atomic_dir_shows_the_old_or_the_whole_new_directory(tmp_path, umask_022):
+    out = tmp_path / "sub" / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("1")
+        assert not out.exists()  # nothing visible before the block succeeds
+    assert (out / "a").read_text() == "1" and _mode(out) == 0o755
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "a").write_text("half")
+        raise RuntimeError
+    assert (out / "a").read_text() == "1"
+    with atomic_dir(out) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]  # replaced whole, not merged
+    with atomic_dir(out, keep_existing=True) as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]  # a cache filled first by another writer
+    staging = out.parent / ".out.partial"
+    staging.mkdir()
+    (staging / "stale").write_text("killed mid-write")
+    with atomic_dir(out, staging=staging) as tmp:
+        assert tmp == staging and not any(tmp.iterdir())
+        (tmp / "d").write_text("4")
+    assert sorted(p.name for p in out.iterdir()) == ["d"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no temporary left behind

@@ -10,9 +10,7 @@ clusters and slides, and one bit per row when duplicates are dropped; never by r
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from tqdm import tqdm
 from dinov2_patho.data.index_checks import HASH_RECORD, TreeCheck, find_duplicates, tile_hash
 from dinov2_patho.data.index_source import Batch, is_parquet, iter_batches
 from dinov2_patho.errors import UserError
-from dinov2_patho.io import fresh_path
+from dinov2_patho.io import atomic_dir
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -202,23 +200,8 @@ def build(src: Path, out: Path, *, dedupe: bool = False, progress: bool = True) 
     src, out = Path(src), Path(out)
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not a tile index; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_path(out.parent, f".{out.name}.", ".tmp", directory=True)
-    try:
+    with atomic_dir(out) as tmp:
         _build_into(src, tmp, dedupe=dedupe, progress=progress)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / "index")
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dinov2_patho.data.augment import hed_jitter
 from dinov2_patho.errors import UserError
-from dinov2_patho.io import fresh_path
+from dinov2_patho.io import atomic_dir
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -231,9 +229,7 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
     grid_h, grid_w = grid
     height, width = grid_h * TILE + margin, grid_w * TILE + margin
     slide_ids = tuple(f"SYN-{seed:03d}-{i:04d}" for i in range(num_slides))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_path(out.parent, f".{out.name}.", "", directory=True)
-    try:
+    with atomic_dir(out) as tmp:
         cohort = Cohort.at(tmp, slide_ids)
         cohort.slides_dir.mkdir()
         cohort.masks_dir.mkdir()
@@ -272,12 +268,6 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
         _write_csv(cohort.labels_csv, ("slide_id", "tile_x", "tile_y", "tissue_type"), labels)
         _write_csv(cohort.metadata_csv,
                    ("slide_id", "tissue", "primary_diagnosis", "tissue_diagnosis"), metadata)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log.info("synthetic cohort: %d slides, %d tissue tiles in %s", num_slides, len(clusters), out)
     return Cohort.at(out, slide_ids)
 

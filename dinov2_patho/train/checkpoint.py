@@ -15,6 +15,7 @@ at iteration N.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from dinov2_patho.errors import UserError
-from dinov2_patho.io import atomic_write_text
+from dinov2_patho.io import atomic_dir, atomic_write_text
 from dinov2_patho.logging import get_logger
 from dinov2_patho.train.dist import DistContext, barrier
 
@@ -119,14 +120,6 @@ def iteration_of(path: Path) -> int:
     return int(match.group(1))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_file(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(to_storable(obj), f)
@@ -139,26 +132,18 @@ def save_checkpoint(root: str | Path, iteration: int, shared: dict[str, Any] | N
     """Collective: every rank calls it; `shared` is used on rank 0 only."""
     root = Path(root)
     final = root / checkpoint_name(iteration)
-    partial = root / f".{final.name}.partial"
+    partial = root / f".{final.name}.partial"  # one name that every rank knows
+    if ctx.is_main and shared is None:
+        raise ValueError("rank 0 must pass the shared state")
+    # rank 0 owns the directory; the same iteration saved again (a resumed run stopped where
+    # it started) replaces the old one
+    with atomic_dir(final, staging=partial) if ctx.is_main else contextlib.nullcontext(partial):
+        barrier(ctx)
+        _save_file(rank_state, partial / f"rank{ctx.rank}.pt")
+        if ctx.is_main:
+            _save_file(shared, partial / SHARED_FILE)
+        barrier(ctx)
     if ctx.is_main:
-        if shared is None:
-            raise ValueError("rank 0 must pass the shared state")
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-write
-        partial.mkdir(parents=True)
-    barrier(ctx)
-    _save_file(rank_state, partial / f"rank{ctx.rank}.pt")
-    if ctx.is_main:
-        _save_file(shared, partial / SHARED_FILE)
-    barrier(ctx)
-    if ctx.is_main:
-        _fsync_dir(partial)
-        if final.exists():  # the same iteration saved again (a resumed run stopped where it started)
-            stale = root / f".{final.name}.stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(partial, final)
-        _fsync_dir(root)
         atomic_write_text(root / LATEST, final.name + "\n")
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
