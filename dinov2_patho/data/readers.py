@@ -211,6 +211,13 @@ class SlideTileSource:
     def geometry(self, slide_id: str) -> TileGeometry:
         return self._slide(slide_id, 0, 0).geometry
 
+    def probe(self, slide_id: str) -> TileGeometry:
+        """Open `slide_id` outside the handle cache (safe from several threads), close it, and
+        return its geometry; raises as a tile read would (missing, unreadable, no mpp)."""
+        slide = self._open(slide_id, 0, 0)
+        slide.close()
+        return slide.geometry
+
     def backend_of(self, slide_id: str) -> str:
         return self._slide(slide_id, 0, 0).backend
 

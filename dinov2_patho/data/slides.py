@@ -92,6 +92,10 @@ class SlideRegistry:
             raise SlideNotFoundError(f"slide {slide_id!r}: file {path} (from {self.source}) does not exist")
         return Path(path)
 
+    def known_path(self, slide_id: str) -> str | None:
+        """The registered path of `slide_id`, unchecked, or None."""
+        return self._paths.get(slide_id)
+
     def slide_ids(self) -> list[str]:
         return sorted(self._paths)
 

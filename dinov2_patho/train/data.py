@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from dinov2_patho.data.augment import MultiCropAugmentation
 from dinov2_patho.data.collate import collate_multicrop
 from dinov2_patho.data.masking import MaskingGenerator
+from dinov2_patho.errors import UserError
 from dinov2_patho.samplers import StepBatchSampler
 
 # Streams of the seed derivation: one per kind of draw, so none shares another's seeds
@@ -45,9 +46,14 @@ class SeededAugmentDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.tiles)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[tuple[dict, int], int]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[tuple[dict, int] | UserError, int]:
         step, pos, row = key
-        image, row_id = self.tiles[row]
+        try:
+            image, row_id = self.tiles[row]
+        except UserError as e:
+            # Carried to the main process in the batch: raised in a worker, it would reach the
+            # user as a worker traceback (DataLoader re-raises a re-typed copy, message and all).
+            return UserError(str(e)), step
         crops = self.augment(image, generator=_generator(self.seed, _AUGMENT, step, pos))
         return (crops, row_id), step
 
@@ -55,11 +61,15 @@ class SeededAugmentDataset(torch.utils.data.Dataset):
 def collate_seeded(items: list[tuple[tuple[dict, int], int]], *, seed: int,
                    **collate_kw: Any) -> dict[str, Any]:
     """`collate_multicrop` with its masks drawn from a generator seeded by the batch's step;
-    the batch dict gains "step"."""
+    the batch dict gains "step". A sample that failed with a UserError makes the batch
+    {"step", "error"}: the trainer raises it, as the same one line."""
     steps = {step for _, step in items}
     if len(steps) != 1:
         raise RuntimeError(f"a batch mixes steps {sorted(steps)}")
     step = steps.pop()
+    failed = next((sample for sample, _ in items if isinstance(sample, UserError)), None)
+    if failed is not None:
+        return {"step": step, "error": failed}
     batch = collate_multicrop([sample for sample, _ in items], generator=_generator(seed, _MASKS, step),
                               **collate_kw)
     batch["step"] = step

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinov2_patho.config import save_config
+from dinov2_patho.data.preflight import PreflightError, describe, preflight_slides
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger, setup_logging
 from dinov2_patho.samplers import StepBatchSampler, build_sampler, subset_view
@@ -35,7 +36,7 @@ from dinov2_patho.train.backbone import build_student_backbone, has_custom_size
 from dinov2_patho.train.config import global_batch_size, validate_config
 from dinov2_patho.train.config_values import check_resume_config
 from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
-from dinov2_patho.train.dist import DistContext, distributed_context
+from dinov2_patho.train.dist import DistContext, broadcast_object, distributed_context
 from dinov2_patho.train.metrics import MetricsWriter
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
@@ -100,6 +101,8 @@ class Trainer:
             torch.set_num_threads(int(cfg.train.cpu_threads))
 
         self.fsdp = ctx.distributed and cfg.train.distributed == "fsdp"
+        self.index, self.sampler = self._build_sampler()
+        self._preflight()  # slide problems before the model is built, not in a DataLoader worker
         torch.manual_seed(self.seed)  # the same initial weights on every rank
         self.model = self._build_model()
         if self.fsdp:
@@ -108,7 +111,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.get_params_groups(), cfg)
         self.scaler = self.model.grad_scaler
         self.schedules = Schedules(cfg, self.global_batch)
-        self.index, self.sampler = self._build_sampler()
         self.start = self._resume()
         if self.start == 0:
             self._seed_rank_rng()
@@ -160,6 +162,29 @@ class Trainer:
             index = subset_view(index, self.cfg.data.subset)
         sampler = build_sampler(self.cfg.sampler, index, self.global_batch)
         return index, sampler
+
+    def _preflight(self) -> None:
+        """Rank 0 opens every slide the index reaches (cached when clean) and every rank raises its
+        one-line report; under data.on_error=skip the report is a warning and their tiles are
+        substituted (and counted) as they fail."""
+        from dinov2_patho.data.dataset import build_tile_source
+        from dinov2_patho.data.readers import SlideTileSource
+
+        report = None
+        if self.ctx.is_main:
+            source = build_tile_source(self.cfg.data)
+            if isinstance(source, SlideTileSource):
+                problems, slides = preflight_slides(self.index, source,
+                                                    threads=max(4, int(self.cfg.train.num_workers)))
+                report = describe(problems, slides) if problems else None
+            source.close()
+        report = broadcast_object(report, self.ctx)
+        if report is None:
+            return
+        if self.cfg.data.on_error == "skip":
+            log.warning("%s (data.on_error=skip: their tiles are substituted)", report)
+            return
+        raise PreflightError(f"{report} (data.on_error=skip trains without their tiles)")
 
     def _build_loader(self) -> torch.utils.data.DataLoader:
         from dinov2_patho.data.augment import MultiCropAugmentation
@@ -303,6 +328,8 @@ class Trainer:
 
     def _check_batch(self, batch: dict[str, Any], iteration: int) -> np.ndarray:
         """The global batch of `iteration`, after checking that the loader delivered it."""
+        if "error" in batch:  # a tile read failed in a DataLoader worker (see collate_seeded)
+            raise batch["error"]
         if batch["step"] != iteration:
             raise RuntimeError(f"data loader delivered step {batch['step']} at iteration {iteration}")
         global_batch = self.batch_sampler.pop_global_batch(iteration)
