@@ -1,4 +1,6 @@
-"""Frozen-backbone feature extraction into a resumable, memory-mapped cache.
+"""The project's one feature engine: a frozen backbone over a dataset, into memory-mapped arrays,
+resumable. `fill_features` is the loop (evaluation splits, `curate embed`'s shards, slide bags);
+`extract_features` is evaluation's cache on top of it.
 
 Per split, `<cache>/<split>/` holds `cls.npy` and `patch_mean.npy` (float32 [N, D], .npy
 files opened with `np.load(mmap_mode="r")`), `labels.npy` and `meta.json`. Rows are
@@ -10,6 +12,7 @@ first missing row. `meta.json` appears last, marking the split complete.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,18 +71,74 @@ def load_features(split_dir: str | Path) -> Features:
     return Features(*(np.load(split_dir / f"{name}.npy", mmap_mode="r") for name in (*TOKENS, "labels")))
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                      persistent_workers=False)
+def select_token(out: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+    """`cls`, `patch_mean` or `cls+patch_mean` of an `embed` output."""
+    if which == "cls+patch_mean":
+        return torch.cat([out["cls"], out["patch_mean"]], dim=1)
+    if which not in TOKENS:
+        raise UserError(f"unknown token {which!r}; valid: cls, patch_mean, cls+patch_mean")
+    return out[which]
 
 
-def _probe_dim(backbone: nn.Module, dataset: Dataset, device: torch.device) -> int:
-    image = dataset[0][0].unsqueeze(0).to(device)
+def backbone_device(backbone: nn.Module) -> torch.device:
+    return next(backbone.parameters(), torch.empty(0)).device
+
+
+def feature_dim(backbone: nn.Module, image: torch.Tensor, token: str = "cls") -> int:
+    """D of `token` for one input image [C, H, W] (a forward pass on the backbone's device)."""
     with torch.inference_mode():
-        return int(embed(backbone, image)["cls"].shape[1])
+        out = embed(backbone, image.unsqueeze(0).to(backbone_device(backbone)))
+    return int(select_token(out, token).shape[1])
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
 @torch.inference_mode()
+def fill_features(backbone: nn.Module, dataset: Dataset, outputs: dict[str, tuple[np.ndarray, str]],
+                  progress_file: str | Path, *, batch_size: int = 64, num_workers: int = 0,
+                  progress: bool = True, desc: str = "features", unit: str = "img", amp: str = "none",
+                  on_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Embed items `(image, label)` of `dataset` into rows of the `outputs` arrays, in order.
+
+    `outputs` maps a name to (array with len(dataset) rows, source): a token of `select_token`, or
+    `label`. Arrays are flushed, then `progress_file` ({"rows": done}) rewritten atomically after
+    every batch, so a killed run resumes at its first missing row; a complete run leaves
+    {"rows": len(dataset)} there and returns at once when called again. `on_device` maps a batch on
+    the backbone's device to its input (say uint8 tiles -> normalised floats: 4x fewer bytes to
+    move); `amp` (bf16 | fp16 | none) autocasts the forward pass on CUDA."""
+    progress_file = Path(progress_file)
+    n = len(dataset)
+    done = json.loads(progress_file.read_text())["rows"] if progress_file.is_file() else 0
+    if done >= n:
+        return
+    if amp not in AMP_DTYPES:
+        raise UserError(f"amp: unknown {amp!r}; valid: {', '.join(AMP_DTYPES)}")
+    device = backbone_device(backbone)
+    autocast = torch.autocast("cuda", dtype=AMP_DTYPES[amp], enabled=device.type == "cuda"
+                              and AMP_DTYPES[amp] is not None)
+    backbone.eval()
+    if done:
+        log.info("%s: resuming at row %d of %d", desc, done, n)
+    loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, num_workers=num_workers,
+                        shuffle=False, persistent_workers=False, pin_memory=device.type == "cuda")
+    with tqdm(total=n, initial=done, desc=desc, disable=not progress, unit=unit, unit_scale=True) as bar:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            with autocast:
+                out = embed(backbone, on_device(images) if on_device is not None else images)
+            stop = done + images.shape[0]
+            for array, source in outputs.values():
+                array[done:stop] = labels.numpy() if source == "label" else \
+                    select_token(out, source).float().cpu().numpy()
+            for array, _ in outputs.values():
+                if isinstance(array, np.memmap):
+                    array.flush()
+            done = stop
+            atomic_write_text(progress_file, json.dumps({"rows": done}))
+            bar.update(images.shape[0])
+
+
 def extract_features(backbone: nn.Module, dataset: Dataset, split_dir: str | Path, *, batch_size: int = 64,
                      num_workers: int = 0, progress: bool = True, desc: str = "features") -> Features:
     """Embed every item (image tensor, label) of `dataset` with the frozen `backbone`
@@ -88,16 +147,14 @@ def extract_features(backbone: nn.Module, dataset: Dataset, split_dir: str | Pat
     split_dir = Path(split_dir)
     if (split_dir / "meta.json").is_file():
         return load_features(split_dir)
-    device = next(backbone.parameters(), torch.empty(0)).device
-    backbone.eval()
     n = len(dataset)
     if n == 0:
         raise UserError(f"{desc}: the dataset is empty, nothing to extract into {split_dir}")
     split_dir.mkdir(parents=True, exist_ok=True)
     progress_file = split_dir / "progress.json"
-    done = json.loads(progress_file.read_text())["rows"] if progress_file.is_file() else 0
-    if done == 0:
-        dim = _probe_dim(backbone, dataset, device)
+    if not progress_file.is_file():
+        backbone.eval()
+        dim = feature_dim(backbone, dataset[0][0])
         arrays = {name: np.lib.format.open_memmap(split_dir / f"{name}.npy", "w+", np.float32, (n, dim))
                   for name in TOKENS}
         arrays["labels"] = np.lib.format.open_memmap(split_dir / "labels.npy", "w+", np.int64, (n,))
@@ -106,22 +163,11 @@ def extract_features(backbone: nn.Module, dataset: Dataset, split_dir: str | Pat
         if arrays["labels"].shape[0] != n:
             raise UserError(f"{split_dir}: cached split has {arrays['labels'].shape[0]} rows but the dataset "
                             f"has {n}; delete the directory to re-extract")
-        log.info("%s: resuming at row %d of %d", desc, done, n)
-    remaining = Subset(dataset, range(done, n))
-    bar = tqdm(total=n, initial=done, desc=desc, disable=not progress, unit="img")
-    for images, labels in _loader(remaining, batch_size, num_workers):
-        out = embed(backbone, images.to(device))
-        stop = done + images.shape[0]
-        for name in TOKENS:
-            arrays[name][done:stop] = out[name].float().cpu().numpy()
-        arrays["labels"][done:stop] = labels.numpy()
-        for array in arrays.values():
-            array.flush()
-        done = stop
-        atomic_write_text(progress_file, json.dumps({"rows": done}))
-        bar.update(images.shape[0])
-    bar.close()
-    del arrays
+    outputs = {name: (arrays[name], name) for name in TOKENS}
+    outputs["labels"] = (arrays["labels"], "label")
+    fill_features(backbone, dataset, outputs, progress_file, batch_size=batch_size, num_workers=num_workers,
+                  progress=progress, desc=desc)
+    del arrays, outputs
     atomic_write_text(split_dir / "meta.json", json.dumps({"rows": n}))
     progress_file.unlink()
     return load_features(split_dir)

@@ -12,10 +12,11 @@ from omegaconf import DictConfig
 from dinov2_patho.config import load_config
 
 DEFAULTS = "curation/default.yaml"
+OPEN_KEYS = ("embed.model",)  # free-form backbone kwargs
 
 
 def load_curation_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    return load_config(DEFAULTS, config_file, overrides)
+    return load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,253 @@
+"""`curate embed`: a frozen backbone's features of every tile of a tile list, sharded over ranks.
+
+EMB_DIR holds:
+
+    embeddings.npy   float16 [N, D] (.npy, open with np.load(mmap_mode="r")): row i = row i of the tile list
+    slides.csv       slide_id,start_row,end_row (end exclusive), in tile-list order
+    manifest.json    backbone (path, weights sha256, arch, token), tile settings, N, D: written last,
+                     its presence marks a complete run
+    run.json         while running: the same settings, so a resumed run never mixes two backbones
+    progress/        while running: rows done per shard (rows_<start>_<stop>.json)
+
+Rank r of W embeds rows [N r / W, N (r + 1) / W) through the feature engine (eval/features.py),
+writing into its slice of the one preallocated .npy; a killed run resumes each shard at its first
+missing row (with the same world size; a different one starts unfinished shards over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov2_patho.curation.config import add_config_arguments, config_from_args
+from dinov2_patho.curation.tissue import INDEX, SETTINGS
+from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.logging import get_logger
+
+log = get_logger(__name__)
+
+FORMAT_VERSION = 1
+EMBEDDINGS, SLIDES, MANIFEST = "embeddings.npy", "slides.csv", "manifest.json"
+RUN, PROGRESS = "run.json", "progress"
+TOKENS = ("cls", "patch_mean", "cls+patch_mean")
+
+
+def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, or over the files of a training run / checkpoint directory."""
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}:{sha256_file(f)}".encode())
+    return h.hexdigest()
+
+
+def tile_list_fingerprint(index_dir: Path) -> str:
+    """sha256 over the index's slide names, coordinates and slide offsets: a changed tile list is a
+    different fingerprint, whatever its row count."""
+    h = hashlib.sha256()
+    for name in ("slides.json", "xy.npy", "slide_offsets.npy", "slide.npy"):
+        if (index_dir / name).is_file():
+            h.update(sha256_file(index_dir / name).encode())
+    return h.hexdigest()
+
+
+def shard(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    return num_rows * rank // world_size, num_rows * (rank + 1) // world_size
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The dotted key where two JSON-like values first differ (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else f"{prefix[:-1]} ({a!r} there, {b!r} now)"
+
+
+def check_settings(emb_dir: Path, settings: dict[str, Any]) -> bool:
+    """True when EMB_DIR already holds these embeddings; a manifest or run of other settings is an error."""
+    for name, what in ((MANIFEST, "embeddings"), (RUN, "an unfinished run")):
+        path = emb_dir / name
+        if path.is_file():
+            diff = first_difference(json.loads(path.read_text())["settings"], settings)
+            if diff is not None:
+                raise UserError(f"{path}: {what} of different settings ({diff}); refusing to mix them: "
+                                "use another --out or delete that directory")
+            if name == MANIFEST:
+                return True
+    return False
+
+
+def tile_dataset(tiles_dir: Path, slides: str, mpp_override: float | None, tiles_cfg: Any) -> Any:
+    from dinov2_patho.data.dataset import TileDataset, build_tile_source
+    from dinov2_patho.data.index import TileIndex
+
+    index = TileIndex.open(tiles_dir / INDEX)
+    source = build_tile_source({"backend": tiles_cfg.get("backend", "openslide"), "slides": slides,
+                                "fallback": tiles_cfg.get("fallback", "tiffslide"),
+                                "mpp_override": mpp_override, "cache_size": 4})
+    return TileDataset(index, source)
+
+
+def normalise_on_device(mean: tuple[float, ...], std: tuple[float, ...]):
+    """uint8 [B, 3, H, W] -> ImageNet-normalised float, on the batch's device."""
+    import torch
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+        return (x.float() - m) / s
+
+    return apply
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiles", required=True, type=Path, help="TILES_DIR of `curate tiles` (its index/)")
+    parser.add_argument("--slides", help="slide directory or registry CSV (default: the one `curate tiles` "
+                                         "read)")
+    parser.add_argument("--out", required=True, type=Path, help="EMB_DIR: embeddings.npy, slides.csv, "
+                                                                "manifest.json")
+    parser.add_argument("--backbone", help="checkpoint file (ours, DINOv2 hub, timm); absent: random init")
+    parser.add_argument("--arch", default="vit_small", help="our backbone name, or timm/<model name>")
+    parser.add_argument("--no-progress", action="store_true")
+    add_config_arguments(parser)
+
+
+def _settings(args: argparse.Namespace, cfg: Any, tiles: dict[str, Any], num_rows: int, dim: int,
+              fingerprint: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from dinov2_patho.data.readers import TILE_PX, TILE_UM
+    from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    backbone = None if args.backbone is None else Path(args.backbone).resolve()
+    return {
+        "backbone": {"path": None if backbone is None else str(backbone),
+                     "weights_sha256": None if backbone is None else weights_sha256(backbone),
+                     "arch": args.arch, "weights_format": cfg.weights_format,
+                     "model": OmegaConf.to_container(cfg.model, resolve=True),
+                     "seed": cfg.seed if backbone is None else None, "token": cfg.token},
+        "tiles": {"um": TILE_UM, "px": TILE_PX, "mpp_override": tiles.get("mpp_override"),
+                  "num_rows": num_rows, "fingerprint": fingerprint,
+                  "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}},
+        "dim": dim,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from omegaconf import OmegaConf
+
+    from dinov2_patho.eval.backbone import load_backbone
+    from dinov2_patho.eval.features import feature_dim, fill_features
+    from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from dinov2_patho.train.dist import barrier, broadcast_object, distributed_context
+
+    cfg = config_from_args(args).embed
+    if cfg.token not in TOKENS:
+        raise UserError(f"embed.token: unknown {cfg.token!r}; valid: {', '.join(TOKENS)}")
+    tiles_dir, out = Path(args.tiles), Path(args.out)
+    if not (tiles_dir / INDEX / "manifest.json").is_file():
+        raise UserError(f"{tiles_dir}: not a tile list of `curate tiles` (no {INDEX}/manifest.json)")
+    tiles = json.loads((tiles_dir / SETTINGS).read_text()) if (tiles_dir / SETTINGS).is_file() else {}
+    slides = args.slides or tiles.get("slides")
+    if slides is None:
+        raise UserError(f"{tiles_dir}: no {SETTINGS} naming the slides; pass --slides")
+    dataset = tile_dataset(tiles_dir, slides, tiles.get("mpp_override"), tiles)
+    index = dataset.index
+    n = len(index)
+    with distributed_context(cfg.device) as ctx:
+        torch.manual_seed(cfg.seed)  # the random-init baseline: the same weights on every rank
+        model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+        try:
+            backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, **model_kwargs)
+        except RuntimeError as e:  # torch's state-dict mismatch: many lines naming every key
+            raise UserError(f"{args.backbone}: does not fit --arch {args.arch} "
+                            f"{model_kwargs or ''}: {str(e).splitlines()[0]}") from e
+        backbone = backbone.to(ctx.device)
+        on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
+        dim = feature_dim(backbone, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
+        fingerprint = broadcast_object(tile_list_fingerprint(tiles_dir / INDEX) if ctx.is_main else None, ctx)
+        settings = _settings(args, cfg, tiles, n, dim, fingerprint)
+        if check_settings(out, settings):
+            if ctx.is_main:
+                print(f"curate embed: {out} already holds these embeddings ({n} x {dim}); nothing to do")
+            return 0
+        if ctx.is_main:
+            _prepare(out, settings, n, dim)
+        barrier(ctx)
+        start, stop = shard(n, ctx.rank, ctx.world_size)
+        if stop > start:
+            full = np.load(out / EMBEDDINGS, mmap_mode="r")
+            if full.shape != (n, dim) or full.dtype != np.float16:
+                raise UserError(f"{out / EMBEDDINGS}: shape {full.shape} {full.dtype}, expected ({n}, {dim}) "
+                                "float16; delete the directory to start over")
+            rows = np.memmap(out / EMBEDDINGS, np.float16, "r+", offset=full.offset + start * dim * 2,
+                             shape=(stop - start, dim))
+            del full
+            fill_features(backbone, torch.utils.data.Subset(dataset, range(start, stop)),
+                          {"embeddings": (rows, cfg.token)}, out / PROGRESS / f"rows_{start}_{stop}.json",
+                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                          progress=not args.no_progress and ctx.is_main, unit="tile",
+                          desc=f"curate embed (rank {ctx.rank}/{ctx.world_size})", amp=cfg.amp,
+                          on_device=on_device)
+            del rows
+        barrier(ctx)
+        if ctx.is_main:
+            _finish(out, index, settings, ctx.world_size)
+            print(f"curate embed: {n} tiles x {dim} ({cfg.token}, {args.arch}) -> {out / EMBEDDINGS}")
+    return 0
+
+
+def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> None:
+    """A fresh run: the preallocated (sparse) .npy, then run.json; a resumed one keeps both."""
+    if (out / RUN).is_file() and (out / EMBEDDINGS).is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    with atomic_path(out / EMBEDDINGS) as tmp:
+        np.lib.format.open_memmap(tmp, "w+", np.float16, (n, dim)).flush()
+    (out / PROGRESS).mkdir()
+    run_state = {"format_version": FORMAT_VERSION, "settings": settings}
+    atomic_write_text(out / RUN, json.dumps(run_state, indent=1))
+
+
+def _finish(out: Path, index: Any, settings: dict[str, Any], world_size: int) -> None:
+    """Check every shard is complete, then slides.csv, then manifest.json (last); drop the run state."""
+    n = settings["tiles"]["num_rows"]
+    for rank in range(world_size):
+        start, stop = shard(n, rank, world_size)
+        path = out / PROGRESS / f"rows_{start}_{stop}.json"
+        if stop > start and (not path.is_file() or json.loads(path.read_text())["rows"] != stop - start):
+            raise UserError(f"{path}: shard of rank {rank} is incomplete; rerun to resume it")
+    slide_of_row = index.slides()
+    bounds = np.flatnonzero(np.r_[True, slide_of_row[1:] != slide_of_row[:-1], True])
+    with atomic_path(out / SLIDES) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("slide_id", "start_row", "end_row"))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            w.writerow((index.slide_names[slide_of_row[a]], int(a), int(b)))
+    manifest = {"format_version": FORMAT_VERSION, "settings": settings, "num_rows": n, "dim": settings["dim"],
+                "dtype": "float16", "world_size": world_size}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    (out / RUN).unlink()
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)

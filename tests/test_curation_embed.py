@@ -1,0 +1,200 @@
+"""`curate embed`: rows aligned with the tile list, float16 [N, D] memmap, resume after a kill equal to
+a clean run without recomputing finished rows, 2 gloo ranks equal to 1, stale settings refused."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dinov2_patho.curation import embed as embed_mod
+from dinov2_patho.curation import tissue
+from dinov2_patho.data.readers import SlideTileSource
+from dinov2_patho.data.slides import SlideRegistry
+from dinov2_patho.errors import UserError
+
+# A one-block, 32-wide timm ViT (UNI's model family, weights from a file): cheap on a CPU.
+ARCH = "timm/vit_tiny_patch16_224"
+TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+SMALL = ("--arch", ARCH, *(f"embed.model.{k}={v}" for k, v in TINY.items()), "embed.batch_size=16",
+         "embed.num_workers=0", "embed.device=cpu")
+
+
+def parse(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def curate_embed(tiles: Path, out: Path, *extra: str) -> int:
+    return embed_mod.run(parse(embed_mod, ["--tiles", str(tiles), "--out", str(out), "--no-progress",
+                                           *SMALL, *extra]))
+
+
+@pytest.fixture(scope="module")
+def tiles_dir(cohort, tmp_path_factory) -> Path:
+    """`curate tiles` over three slides of the cohort."""
+    slides = tmp_path_factory.mktemp("embed_slides")
+    for sid in cohort.slide_ids[:3]:
+        os.symlink(cohort.slide_path(sid), slides / cohort.slide_path(sid).name)
+    out = tmp_path_factory.mktemp("embed_tiles") / "tiles"
+    assert tissue.run(parse(tissue, ["--slides", str(slides), "--out", str(out), "--no-progress",
+                                     "tiles.workers=1"])) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiles_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("emb") / "emb"
+    assert curate_embed(tiles_dir, out) == 0
+    return out
+
+
+def tile_rows(tiles_dir: Path) -> list[tuple[str, int, int]]:
+    with open(tiles_dir / "tiles.csv", newline="") as f:
+        return [(r["slide_id"], int(r["tile_x"]), int(r["tile_y"])) for r in csv.DictReader(f)]
+
+
+def test_rows_align_with_the_tile_list(tiles_dir, clean_run):
+    rows = tile_rows(tiles_dir)
+    emb = np.load(clean_run / "embeddings.npy", mmap_mode="r")
+    assert isinstance(emb, np.memmap) and emb.dtype == np.float16 and emb.shape == (len(rows), 32)
+    assert np.isfinite(emb).all() and len(np.unique(emb, axis=0)) == len(rows)
+    with open(clean_run / "slides.csv", newline="") as f:
+        ranges = [(r["slide_id"], int(r["start_row"]), int(r["end_row"])) for r in csv.DictReader(f)]
+    assert ranges[0][1] == 0 and ranges[-1][2] == len(rows)
+    for (sid, a, b), nxt in zip(ranges, [*ranges[1:], None]):
+        assert {r[0] for r in rows[a:b]} == {sid} and (nxt is None or nxt[1] == b)
+    # Row i is the embedding of tile i of the list: recompute a few from the slide pixels.
+    from dinov2_patho.eval.backbone import load_backbone
+    from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)  # embed.seed: the random-init baseline is reproducible
+    model = load_backbone(None, ARCH, **TINY)
+    slides = json.loads((tiles_dir / "tiles.json").read_text())["slides"]
+    source = SlideTileSource(SlideRegistry.from_spec(slides))
+    picks = [0, len(rows) // 2, len(rows) - 1]
+    tiles = torch.stack([torch.from_numpy(source.read(*rows[i]).copy()) for i in picks]).permute(0, 3, 1, 2)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model.forward_features((tiles.float() / 255 - mean) / std)[:, 0].numpy()
+    np.testing.assert_allclose(emb[picks].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    manifest = json.loads((clean_run / "manifest.json").read_text())
+    assert (manifest["num_rows"], manifest["dim"], manifest["dtype"]) == (len(rows), 32, "float16")
+    assert manifest["settings"]["backbone"]["token"] == "cls" and manifest["settings"]["tiles"]["px"] == 224
+    assert sorted(p.name for p in clean_run.iterdir()) == ["embeddings.npy", "manifest.json", "slides.csv"]
+
+
+def test_resume_after_a_kill_equals_a_clean_run(tiles_dir, clean_run, tmp_path, monkeypatch):
+    reads = {"n": 0, "fail_at": 40}
+    real_read = SlideTileSource.read
+
+    def counting_read(self, slide_id, x, y):
+        reads["n"] += 1
+        if reads["n"] == reads["fail_at"]:
+            raise KeyboardInterrupt  # a kill: not an error the code handles
+        return real_read(self, slide_id, x, y)
+
+    monkeypatch.setattr(SlideTileSource, "read", counting_read)
+    out = tmp_path / "emb"
+    with pytest.raises(KeyboardInterrupt):
+        curate_embed(tiles_dir, out)
+    assert not (out / "manifest.json").exists()
+    (progress,) = (out / "progress").iterdir()
+    done = json.loads(progress.read_text())["rows"]
+    assert done == 32  # two batches of 16 finished before the kill at the 40th tile
+    reads.update(n=0, fail_at=-1)
+    assert curate_embed(tiles_dir, out) == 0
+    n = len(tile_rows(tiles_dir))
+    assert reads["n"] == n - done  # finished rows were not recomputed
+    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(clean_run / "embeddings.npy"))
+    assert (out / "slides.csv").read_text() == (clean_run / "slides.csv").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "manifest.json", "slides.csv"]
+    assert reads["n"] == n - done
+    assert curate_embed(tiles_dir, out) == 0 and reads["n"] == n - done  # complete: nothing to do
+
+
+def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert embed_mod.run(parse(embed_mod, argv)) == 0
+    os._exit(0)  # passed: skip interpreter teardown, where gloo's threads can abort a finished worker
+
+
+@pytest.mark.slow  # two spawned interpreters import torch and timm: ~10 s each on 2 cores
+def test_two_gloo_ranks_equal_one(tiles_dir, clean_run, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "emb2"
+    argv = ["--tiles", str(tiles_dir), "--out", str(out), "--no-progress", *SMALL]
+    mp.spawn(_rank, args=(2, port, argv), nprocs=2, join=True)
+    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(clean_run / "embeddings.npy"))
+    assert (out / "slides.csv").read_text() == (clean_run / "slides.csv").read_text()
+    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_stale_manifest_or_unfinished_run_is_refused(tiles_dir, clean_run, tmp_path):
+    before = {p.name: p.read_bytes() for p in clean_run.iterdir()}
+    with pytest.raises(UserError, match=r"manifest\.json: embeddings of different settings "
+                                        r"\(backbone\.token \('cls' there, 'patch_mean' now\)\)"):
+        curate_embed(tiles_dir, clean_run, "embed.token=patch_mean")
+    with pytest.raises(UserError, match=r"manifest\.json: .*backbone\.seed \(0 there, 1 now\)"):
+        curate_embed(tiles_dir, clean_run, "embed.seed=1")
+    assert {p.name: p.read_bytes() for p in clean_run.iterdir()} == before
+    # Weights from a file: other weights under the same path are another backbone.
+    from dinov2_patho.eval.backbone import load_backbone
+
+    weights = tmp_path / "uni_like.pth"
+    torch.manual_seed(1)
+    torch.save(load_backbone(None, ARCH, **TINY).state_dict(), weights)
+    out = tmp_path / "emb"
+    (out / "run.json").parent.mkdir()
+    stale = json.loads((clean_run / "manifest.json").read_text())["settings"]
+    stale["backbone"]["path"] = "/elsewhere.pth"
+    (out / "run.json").write_text(json.dumps({"settings": stale}))
+    with pytest.raises(UserError, match=r"run\.json: an unfinished run of different settings "
+                                        r"\(backbone\.path \('/elsewhere\.pth' there"):
+        curate_embed(tiles_dir, out, "--backbone", str(weights))
+    (out / "run.json").unlink()
+    assert curate_embed(tiles_dir, out, "--backbone", str(weights)) == 0
+    torch.manual_seed(2)
+    torch.save(load_backbone(None, ARCH, **TINY).state_dict(), weights)
+    with pytest.raises(UserError, match=r"manifest\.json: .*backbone\.weights_sha256"):
+        curate_embed(tiles_dir, out, "--backbone", str(weights))
+    torch.save({"blocks.0.unexpected": torch.zeros(1)}, weights)
+    with pytest.raises(UserError, match=r"uni_like\.pth: does not fit --arch timm/vit_tiny_patch16_224"):
+        curate_embed(tiles_dir, tmp_path / "other", "--backbone", str(weights))
+
+
+def test_embeddings_of_another_tile_list_are_refused(tiles_dir, clean_run, tmp_path):
+    other = tmp_path / "tiles"
+    slides = json.loads((tiles_dir / "tiles.json").read_text())["slides"]
+    assert tissue.run(parse(tissue, ["--slides", slides, "--out", str(other), "--no-progress",
+                                     "tiles.workers=1", "tiles.min_tissue_fraction=0.95"])) == 0
+    assert len(tile_rows(other)) != len(tile_rows(tiles_dir))
+    with pytest.raises(UserError, match=r"manifest\.json: embeddings of different settings "
+                                        r"\(tiles\.fingerprint"):
+        curate_embed(other, clean_run)
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tiles_dir, tmp_path):
+    out = tmp_path / "emb"
+    with pytest.raises(UserError, match=r"nowhere: not a tile list of `curate tiles` \(no index/manifest"):
+        curate_embed(tmp_path / "nowhere", out)
+    with pytest.raises(UserError, match=r"missing\.csv.*neither a directory nor a CSV file"):
+        curate_embed(tiles_dir, out, "--slides", str(tmp_path / "missing.csv"))
+    with pytest.raises(UserError, match=r"embed\.token: unknown 'mean'"):
+        curate_embed(tiles_dir, out, "embed.token=mean")
+    with pytest.raises(UserError, match=r"nope\.pth"):
+        curate_embed(tiles_dir, out, "--backbone", str(tmp_path / "nope.pth"))
+    assert not out.exists()
