@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dinov2_patho.hashing import hash_key, uniform01
+
 from .base import SamplerError
-from .permute import hash_key, uniform01
 from .strata import CHUNK
 
 _KEY = 21  # hash domain

@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinov2_patho.hashing import hash_key, splitmix64
+
 from .base import GlobalBatchSampler, SamplerError
-from .permute import hash_key, mix64, permute
+from .permute import permute
 from .strata import CHUNK, Strata, build_strata, load_or_build
 from .telemetry import Columns, batch_stats
 from .views import RowMap, cache_dir
@@ -71,7 +73,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         self.counters = np.zeros(len(self.sizes), dtype=np.int64)
         self._layout = self._alpha_layout() if self.alpha != 0.0 else None
         self._seed_key = int(hash_key(self.seed, _STEP)[0])
-        # one key per stratum; a pass's permutation key is mix64(stratum key ^ pass)
+        # one key per stratum; a pass's permutation key is splitmix64(stratum key ^ pass)
         self._stratum_keys = hash_key(self.seed, _TILE, np.arange(len(self.sizes)))
 
     def _build(self, num_labels: int, cache: bool) -> Strata:
@@ -146,7 +148,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         draw = first[which] + np.arange(self.batch_size) - np.repeat(np.cumsum(quota) - quota, quota)
         size = self.sizes[stratum]
         passes = draw // size
-        keys = mix64(self._stratum_keys[stratum] ^ passes.astype(np.uint64))
+        keys = splitmix64(self._stratum_keys[stratum] ^ passes.astype(np.uint64))
         member = permute(draw - passes * size, size, keys)
         positions = np.asarray(self.strata.order[self.strata.offsets[stratum] + member])
         return self.rows.to_global(positions[rng.permutation(self.batch_size)]), (strata, quota)
@@ -175,7 +177,8 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
             full, rest = divmod(int(self.counters[s]), int(self.sizes[s]))
             members = np.asarray(self.strata.order[self.strata.offsets[s]:self.strata.offsets[s + 1]])
             counts[members] += full
-            firsts = permute(np.arange(rest), self.sizes[s], mix64(self._stratum_keys[s] ^ np.uint64(full)))
+            key = splitmix64(self._stratum_keys[s] ^ np.uint64(full))
+            firsts = permute(np.arange(rest), self.sizes[s], key)
             counts[members[firsts]] += 1
         return counts
 

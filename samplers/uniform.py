@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_patho.hashing import hash_key
+
 from .base import GlobalBatchSampler, SamplerError
-from .permute import hash_key, permute
+from .permute import permute
 from .telemetry import Columns, batch_stats
 from .views import RowMap
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 from dinov2_patho.samplers import SamplerError, StepBatchSampler, build_sampler, rank_slice
 from dinov2_patho.samplers.metadata import inverse_frequency_subset
-from dinov2_patho.samplers.permute import hash_key, permute
+from dinov2_patho.samplers.permute import permute
 from dinov2_patho.samplers.stratified import _distinct
 from dinov2_patho.samplers.telemetry import TelemetrySummary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.hashing import hash_key
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -84,6 +85,15 @@ def draw(sampler, n: int) -> np.ndarray:
 
 
 # --- permutations ---------------------------------------------------------------------------------
+
+def test_splitmix64_is_the_reference_generator():
+    """The first outputs of Vigna's splitmix64.c seeded with 0: state k * gamma for output k + 1."""
+    from dinov2_patho.hashing import GOLDEN, splitmix64
+
+    states = np.arange(4, dtype=np.uint64) * GOLDEN
+    assert [int(v) for v in splitmix64(states)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4,
+                                                     0x06C45D188009454F, 0xF88BB8A8724C81EC]
+
 
 @SETTINGS
 @given(st.integers(1, 5000), st.integers(0, 2**63))

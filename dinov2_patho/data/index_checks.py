@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dinov2_patho.data.index_source import row_error
+from dinov2_patho.hashing import splitmix64
 from dinov2_patho.logging import get_logger
 
 if TYPE_CHECKING:
@@ -18,16 +19,10 @@ log = get_logger(__name__)
 HASH_RECORD = np.dtype([("h", "<u8"), ("row", "<u8")])
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer (uint64 arithmetic wraps)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def tile_hash(slide: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A uint64 per (slide, x, y): equal tiles hash equal (a candidate duplicate, then confirmed)."""
     key = (x.astype(np.uint64) << np.uint64(32)) | y.astype(np.uint64)
-    return _mix(key ^ _mix(slide.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
+    return splitmix64(key ^ splitmix64(slide))
 
 
 def find_duplicates(
