@@ -21,7 +21,7 @@ from dinov2_patho.io import atomic_path
 
 from .base import SamplerError
 from .build import build_sampler
-from .telemetry import TelemetrySummary
+from .telemetry import TelemetrySummary, telemetry_table
 from .views import subset_view
 
 
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dump.add_argument("--start-step", type=int, help="first step to dump (must match --resume-from's state; "
                       "without it, the batches before are drawn and discarded)")
     dump.add_argument("--save-state", help="write the sampler state after the dumped batches here")
+    dump.add_argument("--json", action="store_true", help="print the telemetry as JSON instead of a table")
     dump.add_argument("overrides", nargs="*", help="sampler options as a dot-list: sampler.name=uniform ... "
                       "and data.subset=ROWS.npy")
 
@@ -91,5 +92,5 @@ def run(args: argparse.Namespace) -> int:
             torch.save(sampler.state_dict(), tmp)
     report = {"sampler": sampler.name, "steps": f"{first}..{sampler.step - 1}", "batch_size": args.batch_size,
               "world_size": args.world_size, **summary.summary()}
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1) if args.json else telemetry_table(report))
     return 0

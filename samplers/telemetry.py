@@ -96,3 +96,29 @@ def _label_sizes(labels: np.ndarray, num_labels: int, chunk: int = 1 << 22) -> n
         lab = np.asarray(labels[a:a + chunk]).astype(np.int64)
         sizes += np.bincount(lab[lab >= 0], minlength=num_labels)
     return sizes
+
+
+def telemetry_table(stats: dict[str, Any]) -> str:
+    """Telemetry as aligned `name  value` lines for people; per-batch min / mean / max of one
+    statistic (`X_min`, `X_mean`, `X_max`) share a line."""
+    rows: list[tuple[str, str]] = []
+    done: set[str] = set()
+    for key, value in stats.items():
+        if key in done:
+            continue
+        base = key.rsplit("_", 1)[0]
+        trio = [f"{base}_min", f"{base}_mean", f"{base}_max"]
+        if key.endswith(("_min", "_mean", "_max")) and all(k in stats for k in trio):
+            done.update(trio)
+            low, mean, high = (_fmt(stats[k]) for k in trio)
+            rows.append((f"{base} per batch", f"min {low}  mean {mean}  max {high}"))
+        else:
+            rows.append((key, _fmt(value)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

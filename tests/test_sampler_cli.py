@@ -37,7 +37,7 @@ def dump(root, out, *extra):
 def test_dump_writes_batches_and_telemetry(tiny_index, tmp_path, capsys):
     root, index = tiny_index
     opts = ["sampler.name=cluster_stratified", "sampler.level=1", "sampler.seed=3"]
-    assert dump(root, tmp_path / "b.npy", "--steps", "5", "--world-size", "4", *opts) == 0
+    assert dump(root, tmp_path / "b.npy", "--steps", "5", "--world-size", "4", "--json", *opts) == 0
     batches = np.load(tmp_path / "b.npy")
     assert batches.shape == (5, 12) and batches.dtype == np.int64
     expected = build_sampler({"name": "cluster_stratified", "level": 1, "seed": 3}, index, 12)
@@ -45,6 +45,14 @@ def test_dump_writes_batches_and_telemetry(tiny_index, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["batches"] == 5 and report["samples"] == 60
     assert report["clusters_level_1_min"] == 12 and report["cluster_coverage"] == 1.0
+    # without --json: the same figures as a table for people, one statistic per line
+    assert dump(root, tmp_path / "b.npy", "--steps", "5", "--world-size", "4", *opts) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split("  ")[0].strip(): line.split("  ", 1)[1].strip() for line in lines}
+    assert table["sampler"] == "cluster_stratified" and table["samples"] == "60"
+    assert table["cluster_coverage"] == "1"
+    assert table["clusters_level_1 per batch"] == "min 12  mean 12  max 12"
+    assert len({line.index(table[key]) for key, line in zip(table, lines)}) == 1  # one value column
 
 
 def test_dump_resume_continues_the_stream(tiny_index, tmp_path):
