@@ -151,7 +151,16 @@ def test_write_round_trip(cohort_index, tmp_path, capsys):
         np.testing.assert_array_equal(a, b)
     for k in (1, 2, 3):
         np.testing.assert_array_equal(index.cluster_values(k)[index.level(k)], tree.tile_labels(k))
-    assert [p.name for p in out.iterdir()] and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir()) == ["clusters.csv", "index"]  # no temp files left
+    # the index trains: batches stratified over the tree's level 2 take equal shares of its clusters
+    from dinov2_patho.samplers import build_sampler
+
+    sampler = build_sampler({"name": "cluster_stratified", "level": 2, "cache": False}, index, 18)
+    labels = tree.tile_labels(2)
+    nonempty = np.flatnonzero(np.bincount(labels, minlength=9))
+    for _ in range(3):
+        shares = np.bincount(labels[sampler.next_batch()], minlength=9)[nonempty]
+        assert shares.sum() == 18 and shares.max() - shares.min() <= 1
 
 
 def test_write_count_mismatch_names_both_files(cohort_index, tmp_path, capsys):
