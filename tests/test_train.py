@@ -127,6 +127,21 @@ def test_bad_data_subset_is_a_user_error_naming_it(cohort, cohort_index, tmp_pat
         trainer_mod.run_training(cfg, tmp_path / "out")
 
 
+def test_the_trainer_builds_its_backbone_only_through_ssl_meta_arch(cohort, cohort_index, tmp_path,
+                                                                    monkeypatch):
+    from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
+
+    class Built(Exception):
+        pass
+
+    def build(cfg):
+        raise Built(cfg.student.embed_dim)
+
+    monkeypatch.setattr(SSLMetaArch, "_build_backbone", staticmethod(build))
+    with pytest.raises(Built, match="48"):  # TINY's custom sizes, which once took a path of their own
+        trainer_mod.run_training(tiny_cfg(cohort, cohort_index, "train.iterations=1"), tmp_path)
+
+
 def test_cli_prints_user_errors_as_one_line(tmp_path):
     out = subprocess.run(_cli(tmp_path, [f"data.index={tmp_path / 'nope'}"]), capture_output=True, text=True,
                          env=_env())

@@ -85,9 +85,11 @@ class SSLMetaArch(nn.Module):
         self.amp = cfg.compute_precision.amp
         autocast_dtype(self.amp, torch.device("cpu"))  # validate early
         _check_ibot(cfg.ibot)
-        arch = cfg.student.arch if backbone is None else type(backbone).__name__
         if backbone is None:
             backbone = self._build_backbone(cfg)
+            arch = cfg.student.arch or type(backbone).__name__
+        else:
+            arch = type(backbone).__name__
         self.embed_dim = backbone.embed_dim
         self.patch_size = backbone.patch_size
         for key in ("global_crops_size", "local_crops_size"):

@@ -32,7 +32,7 @@ from dinov2_patho.logging import get_logger, setup_logging
 from dinov2_patho.samplers import StepBatchSampler, build_sampler, subset_view
 from dinov2_patho.train import checkpoint as ckpt
 from dinov2_patho.train import fsdp
-from dinov2_patho.train.backbone import build_student_backbone, has_custom_size
+from dinov2_patho.train.backbone import build_student_backbone
 from dinov2_patho.train.config import global_batch_size, validate_config
 from dinov2_patho.train.config_values import check_resume_config
 from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
@@ -123,15 +123,9 @@ class Trainer:
     # ------------------------------------------------------------------ construction
 
     def _build_model(self) -> nn.Module:
-        from dinov2_patho.models import load_pretrained
         from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
 
-        backbone = None
-        if has_custom_size(self.cfg):
-            backbone = build_student_backbone(self.cfg)
-            if self.cfg.student.pretrained_weights:
-                load_pretrained(backbone, self.cfg.student.pretrained_weights)
-        return SSLMetaArch(self.cfg, backbone=backbone).to(self.ctx.device)
+        return SSLMetaArch(self.cfg).to(self.ctx.device)
 
     def _wrap_ddp(self) -> None:
         """Data parallel: each student module in DDP (SSLMetaArch calls each exactly once per
