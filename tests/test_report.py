@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dinov2_patho.eval.report import COLUMNS, write_tables
+from dinov2_patho.samplers import build_sampler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,7 +21,7 @@ from test_train import tiny_cfg
 
 from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
-from dinov2_patho.report import mosaic, write_report
+from dinov2_patho.report import batches, mosaic, write_report
 from dinov2_patho.report.figures import MAX_POINTS, downsample
 from dinov2_patho.report.page import PANELS
 from dinov2_patho.train.trainer import run_training
@@ -200,6 +201,25 @@ def test_cluster_rows_are_distinct_members_of_their_cluster(cohort_index, monkey
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+@pytest.mark.parametrize("batch", [7, 64])
+def test_replayed_coverage_and_per_batch_measures(cohort_index, batch):
+    n = len(cohort_index)
+    steps = -(-n // batch) + 2
+    sampler = build_sampler({"name": "uniform", "seed": 3}, cohort_index, batch)
+    uniform = batches.replay(sampler, "u", 4, steps, progress=False)
+    # one reshuffled pass covers each row once: exactly t * B rows after t batches, all after ceil(N / B)
+    expected = np.minimum(np.arange(1, steps + 1) * batch, n) / n
+    np.testing.assert_allclose(uniform.tile_coverage, expected)
+    assert uniform.summary["batches"] == steps
+    k = int((cohort_index.cluster_sizes(2) > 0).sum())
+    stratified = batches.replay(build_sampler({"name": "cluster_stratified", "seed": 3, "level": 2},
+                                              cohort_index, batch), "s", 2, steps, progress=False)
+    # every batch spreads over min(K, B) clusters of its level, within one tile of equal shares
+    assert all(b["clusters"] == min(k, batch) for b in stratified.per_batch)
+    assert all(b["per_cluster_max"] - b["per_cluster_min"] <= 1 for b in stratified.per_batch)
+    assert np.all(np.diff(stratified.cluster_coverage) >= 0) and stratified.cluster_coverage[-1] <= 1
 
 
 def test_largest_and_smallest_do_not_overlap():

@@ -34,7 +34,8 @@ def replay(sampler, name: str, level: int, steps: int, progress: bool) -> Replay
     index = sampler.index
     labels = index.level(level)
     sizes = index.cluster_sizes(level)
-    seen_tiles = np.zeros(len(index), bool)
+    nonempty = max(int((sizes > 0).sum()), 1)
+    seen_tiles = np.empty(0, np.int64)  # sorted positions: no per-row array over a 350M-row index
     seen_clusters = np.zeros(len(sizes), bool)
     telemetry = TelemetrySummary(sampler)
     out = Replay(name)
@@ -43,10 +44,10 @@ def replay(sampler, name: str, level: int, steps: int, progress: bool) -> Replay
         positions = sampler.rows.to_positions(batch)
         telemetry.update(batch)
         out.per_batch.append(batch_stats(sampler.columns, positions, labels))
-        seen_tiles[positions] = True
+        seen_tiles = np.union1d(seen_tiles, positions)
         seen_clusters[np.asarray(labels[np.sort(positions)]).astype(np.int64)] = True
-        out.tile_coverage.append(float(seen_tiles.sum()) / max(sampler.eligible, 1))
-        out.cluster_coverage.append(float(seen_clusters.sum()) / max(int((sizes > 0).sum()), 1))
+        out.tile_coverage.append(len(seen_tiles) / max(sampler.eligible, 1))
+        out.cluster_coverage.append(float(seen_clusters.sum()) / nonempty)
     out.summary = telemetry.summary()
     return out
 
