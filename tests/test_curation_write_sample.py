@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -164,12 +165,15 @@ def test_write_round_trip(cohort_index, tmp_path, capsys):
 
 
 def test_write_count_mismatch_names_both_files(cohort_index, tmp_path, capsys):
+    """A `curate tiles` output directory (TILES_DIR/index) whose tile count is not the tree's."""
+    tiles_dir = tmp_path / "tiles"
+    shutil.copytree(cohort_index.path, tiles_dir / "index")
     make_tree(tmp_path / "tree", len(cohort_index) + 1, [4], seed=0)
     out = tmp_path / "out"
-    assert main(["curate", "write", "--tiles", str(cohort_index.path), "--tree", str(tmp_path / "tree"),
+    assert main(["curate", "write", "--tiles", str(tiles_dir), "--tree", str(tmp_path / "tree"),
                  "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and str(cohort_index.path) in err
+    assert "\n" not in err and str(tiles_dir / "index") in err
     assert str(tmp_path / "tree" / "manifest.json") in err
     assert f"{len(cohort_index)} tiles" in err and f"num_points {len(cohort_index) + 1}" in err
     assert not out.exists()
