@@ -189,5 +189,6 @@ def run(args: argparse.Namespace) -> int:
         {"tree": str(Path(args.tree).resolve()), "target": args.target, "strategy": strategy, "seed": seed,
          "levels": levels}, indent=1))
     print(format_summary(levels))
-    print(f"{out}: {subset.rows.size:,} of {tree.num_points:,} tiles (train on it with data.subset={out})")
+    print(f"{out}: {subset.rows.size:,} of {tree.num_points:,} tiles; train on them with data.subset={out} "
+          "and data.index=<the index `curate write` made from this tree>")
     return 0
