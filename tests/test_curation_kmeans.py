@@ -130,11 +130,11 @@ def test_resume_after_a_kill_between_levels_and_between_steps(tmp_path, monkeypa
     real_kmeans = hierarchy.LevelBuilder.kmeans
 
     def kmeans_killed_at(kill: tuple[int, str] | None):
-        def kmeans(self, points, k, seed, desc):
+        def kmeans(self, points, k, seed, desc, centroids=None):
             calls.append((self.level, desc))
             if (self.level, desc) == kill:
                 raise Killed
-            return real_kmeans(self, points, k, seed, desc)
+            return real_kmeans(self, points, k, seed, desc, centroids)
         return kmeans
 
     out = tmp_path / "tree"

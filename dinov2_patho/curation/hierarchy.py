@@ -161,8 +161,10 @@ def check_finite(array: np.ndarray, source: Path, chunk_rows: int, progress: boo
     """UserError naming the first row holding NaN or inf (one streaming pass)."""
     from tqdm import tqdm
 
+    from dinov2_patho.curation.kmeans import read_rows
+
     for a in tqdm(range(0, len(array), chunk_rows), desc="check finite", disable=not progress, leave=False):
-        ok = np.isfinite(array[a:a + chunk_rows]).all(axis=1)
+        ok = np.isfinite(read_rows(array, slice(a, a + chunk_rows))).all(axis=1)
         if not ok.all():
             raise UserError(f"{source}: row {a + int(np.argmin(ok))} holds NaN or inf")
 
@@ -175,17 +177,15 @@ class LevelBuilder:
     def __init__(self, level: int, spec: LevelSpec, cfg: Any, out: Path, progress: bool):
         self.level, self.spec, self.cfg, self.progress = level, spec, cfg, progress
         self.steps_dir = tree.level_dir(out, level) / STEPS_DIR
+        self.options = lloyd_options(spec, cfg)
 
     def seed(self, *parts: int) -> int:
         return int(np.random.SeedSequence([int(self.cfg.seed), self.level, *parts]).generate_state(1)[0])
 
-    def kmeans(self, points, k: int, seed: int, desc: str):
+    def kmeans(self, points, k: int, seed: int, desc: str, centroids: np.ndarray | None = None):
         from dinov2_patho.curation.kmeans import kmeans
 
-        c = self.cfg
-        return kmeans(points, k, self.spec.iterations, self.spec.init, seed, c.engine, c.device,
-                      int(c.chunk_rows), int(c.init_points_per_centroid), c.max_points_per_centroid,
-                      self.progress, desc)
+        return kmeans(points, k, seed, self.options, centroids, self.progress, desc)
 
     def run(self, points):
         return self.split(points) if self.spec.split > 1 else self.resampled(points)
@@ -203,9 +203,10 @@ class LevelBuilder:
                     np.arange(points.start, points.stop), self.seed(step, 1))
                 picked = select_per_cluster(points, result.assignment, keys, spec.sample_per_cluster)
                 subset = points.subset(picked)
-                sub = self.kmeans(subset, spec.clusters, self.seed(step), f"{name} step {step}")
-                assignment, distances, _, _ = assign(points, sub.centroids, self.cfg.engine, self.cfg.device,
-                                                     int(self.cfg.chunk_rows))
+                warm = result.centroids if self.cfg.warm_resampling else None
+                sub = self.kmeans(subset, spec.clusters, self.seed(step), f"{name} step {step}", warm)
+                assignment, distances, _, _ = assign(points, sub.centroids, self.options.engine,
+                                                     self.options.device, self.options.chunk_rows)
                 result = KMeansResult(sub.centroids, assignment, distances, mean_distance(points, distances),
                                       sub.iterations)
             if points.start == 0 and spec.resampling_steps > 1:  # rank 0 checkpoints the step
@@ -222,8 +223,8 @@ class LevelBuilder:
         if not done:
             return 0, None
         centroids = np.load(self.steps_dir / f"step_{done[-1]}.npy")
-        assignment, distances, _, _ = assign(points, centroids, self.cfg.engine, self.cfg.device,
-                                             int(self.cfg.chunk_rows))
+        assignment, distances, _, _ = assign(points, centroids, self.options.engine, self.options.device,
+                                             self.options.chunk_rows)
         objective = mean_distance(points, distances)
         return done[-1] + 1, KMeansResult(centroids, assignment, distances, objective, 0)
 
@@ -296,13 +297,21 @@ def random_keys(positions: np.ndarray, seed: int) -> np.ndarray:
     return ((z ^ (z >> np.uint64(31))) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
+def lloyd_options(spec: LevelSpec, cfg: Any):
+    from dinov2_patho.curation.kmeans import LloydOptions
+
+    return LloydOptions(spec.iterations, spec.init, cfg.engine, cfg.device, int(cfg.chunk_rows),
+                        int(cfg.init_points_per_centroid), cfg.max_points_per_centroid, float(cfg.tol))
+
+
 # --- the tree ------------------------------------------------------------------------------
 
 def level_record(spec: LevelSpec, cfg: Any) -> dict[str, Any]:
     """What a level's result depends on: a finished level is reused only if this matches."""
     return {"spec": asdict(spec), "seed": int(cfg.seed),
             "init_points_per_centroid": int(cfg.init_points_per_centroid),
-            "max_points_per_centroid": cfg.max_points_per_centroid}
+            "max_points_per_centroid": cfg.max_points_per_centroid, "tol": float(cfg.tol),
+            "warm_resampling": bool(cfg.warm_resampling)}
 
 
 def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progress: bool = True,
