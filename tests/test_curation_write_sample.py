@@ -154,7 +154,7 @@ def test_write_round_trip(cohort_index, tmp_path, capsys):
         np.testing.assert_array_equal(index.cluster_values(k)[index.level(k)], tree.tile_labels(k))
     assert sorted(p.name for p in out.iterdir()) == ["clusters.csv", "index"]  # no temp files left
     # the index trains: batches stratified over the tree's level 2 take equal shares of its clusters
-    from dinov2_patho.samplers import build_sampler
+    from dinov2_patho.samplers import build_sampler, subset_view
 
     sampler = build_sampler({"name": "cluster_stratified", "level": 2, "cache": False}, index, 18)
     labels = tree.tile_labels(2)
@@ -162,6 +162,14 @@ def test_write_round_trip(cohort_index, tmp_path, capsys):
     for _ in range(3):
         shares = np.bincount(labels[sampler.next_batch()], minlength=9)[nonempty]
         assert shares.sum() == 18 and shares.max() - shares.min() <= 1
+    # and a balanced subset of the same tree is its `data.subset` view
+    subset = tmp_path / "subset.npy"
+    assert main(["curate", "sample", "--tree", str(tree.root), "--target", str(n // 3), "--out", str(subset),
+                 "--no-progress"]) == 0
+    view = subset_view(index, subset)
+    np.testing.assert_array_equal(view.row_ids(), np.load(subset))
+    batch = build_sampler({"name": "uniform"}, view, 32).next_batch()
+    assert np.isin(batch, np.load(subset)).all()
 
 
 def test_write_count_mismatch_names_both_files(cohort_index, tmp_path, capsys):
