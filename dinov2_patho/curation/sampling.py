@@ -108,8 +108,8 @@ def pick_members(tree: ClusterTree, counts: np.ndarray, strategy: str, rng: np.r
         pos = _ranges(offsets[clusters], sizes[clusters])
         local = np.repeat(np.arange(clusters.size, dtype=np.uint64), sizes[clusters])
         key = (local << np.uint64(32)) | rng.integers(0, 1 << 32, pos.size, dtype=np.uint64)
-        pos = pos[np.argsort(key, kind="stable")]  # grouped by cluster, random order within; stable: ties
-        # (equal random keys) break the same way on every platform
+        # grouped by cluster, random order within; stable, so equal keys break alike on every platform
+        pos = pos[np.argsort(key, kind="stable")]
         first = np.cumsum(sizes[clusters]) - sizes[clusters]
         positions.append(pos[_ranges(first, counts[clusters])])
     return np.sort(np.asarray(members[np.sort(np.concatenate(positions))], dtype=np.int64))
