@@ -198,3 +198,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiles_dir, tmp_path):
     with pytest.raises(UserError, match=r"nope\.pth"):
         curate_embed(tiles_dir, out, "--backbone", str(tmp_path / "nope.pth"))
     assert not out.exists()
+
+
+def test_launch_curate_checks_the_command_before_submitting(tmp_path):
+    pytest.importorskip("submitit")
+    from dinov2_patho.run.cli import checked_command
+
+    args = ["embed", "--tiles", "t", "--out", "e_%j", "--backbone", "uni.bin", "embed.batch_size=256"]
+    assert checked_command("curate", args) == ["curate", *args]
+    with pytest.raises(UserError, match=r"launch curate: `dinov2-patho curate embed --bogus` is not a valid"):
+        checked_command("curate", ["embed", "--bogus"])
+    with pytest.raises(UserError, match="arguments after `--`"):
+        checked_command("curate", [])

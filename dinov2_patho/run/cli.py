@@ -1,8 +1,9 @@
-"""`dinov2-patho launch train|eval`: submit a training or evaluation job to SLURM.
+"""`dinov2-patho launch train|eval|curate`: submit a training, evaluation or curation job to SLURM.
 
     dinov2-patho launch train --nodes 2 --gpus-per-node 8 --partition gpu --timeout 1440 \
         --config-file configs/train/vitl14_t1_bs.yaml train.iterations=125000
     dinov2-patho launch eval --partition gpu --gpus-per-node 1 -- <dinov2-patho eval arguments>
+    dinov2-patho launch curate --nodes 4 --gpus-per-node 8 -- embed --tiles T --out E --backbone uni.bin ...
 
 The job runs one task per GPU (or `--tasks-per-node` tasks on a CPU partition) with
 torch.distributed's variables set from SLURM's; its output directory is
@@ -67,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_slurm_arguments(evaluate, "dinov2-patho-eval")
     evaluate.add_argument("eval_args", nargs=argparse.REMAINDER, metavar="-- EVAL_ARGS",
                           help="arguments of `dinov2-patho eval`, after `--`")
+    curate = sub.add_parser("curate", help="curation", description="Submit `dinov2-patho curate ARGS` "
+                            "on every task (`curate embed` shards the tiles over them and resumes when "
+                            "requeued); `%%j` in an argument becomes the job id.")
+    _add_slurm_arguments(curate, "dinov2-patho-curate")
+    curate.add_argument("curate_args", nargs=argparse.REMAINDER, metavar="-- CURATE_ARGS",
+                        help="arguments of `dinov2-patho curate`, after `--`")
 
 
 def resources_from_args(args: argparse.Namespace) -> SlurmResources:
@@ -79,20 +86,30 @@ def resources_from_args(args: argparse.Namespace) -> SlurmResources:
     )
 
 
+def _after_dashes(args: list[str]) -> list[str]:
+    return args[1:] if args[:1] == ["--"] else list(args)
+
+
+def checked_command(command: str, args: list[str]) -> list[str]:
+    """`COMMAND ARGS`, checked now by that command's parser, so a typo fails here, not in the queue."""
+    if not args:
+        raise LaunchError(f"launch {command}: give the `dinov2-patho {command}` arguments after `--`")
+    argv = [command, *args]
+    try:
+        build_parser(command).parse_args(argv)
+    except SystemExit as e:  # argparse printed the reason
+        raise LaunchError(f"launch {command}: `dinov2-patho {shlex.join(argv)}` is not a valid "
+                          "command") from e
+    return argv
+
+
 def eval_command(eval_args: list[str], output_dir: Path) -> list[str]:
     """`eval ARGS`, checked now by the eval parser; the job's output directory unless
     ARGS name one."""
-    eval_args = eval_args[1:] if eval_args[:1] == ["--"] else list(eval_args)
-    if not eval_args:
-        raise LaunchError("launch eval: give the `dinov2-patho eval` arguments after `--`")
-    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in eval_args):
+    eval_args = _after_dashes(eval_args)
+    if eval_args and not any(a == "--output-dir" or a.startswith("--output-dir=") for a in eval_args):
         eval_args += ["--output-dir", str(output_dir)]
-    argv = ["eval", *eval_args]
-    try:
-        build_parser("eval").parse_args(argv)
-    except SystemExit as e:  # argparse printed the reason
-        raise LaunchError(f"launch eval: `dinov2-patho {shlex.join(argv)}` is not a valid command") from e
-    return argv
+    return checked_command("eval", eval_args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         job, output_dir = submit(TrainJob(to_container(cfg), pattern), resources, args.output_root, args.name,
                                  config=cfg, argv=sys.argv)
     else:
-        job, output_dir = submit(CommandJob(eval_command(args.eval_args, pattern)), resources,
-                                 args.output_root, args.name, argv=sys.argv)
+        argv = eval_command(args.eval_args, pattern) if args.job == "eval" else \
+            checked_command("curate", _after_dashes(args.curate_args))
+        job, output_dir = submit(CommandJob(argv), resources, args.output_root, args.name, argv=sys.argv)
     print(f"submitted job {job.job_id}: output {output_dir}")
     return 0
