@@ -17,14 +17,14 @@ from dinov2_patho.samplers import build_sampler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_train import tiny_cfg
+from test_train import _patch_step, tiny_cfg
 
 from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
 from dinov2_patho.report import batches, mosaic, write_report
 from dinov2_patho.report.figures import MAX_POINTS, downsample
 from dinov2_patho.report.page import PANELS
-from dinov2_patho.train.trainer import run_training
+from dinov2_patho.train import trainer as trainer_mod
 
 ITERATIONS = 6
 MAP_POINTS = 120
@@ -70,10 +70,19 @@ def map_data(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def run_dir(cohort, cohort_index, tmp_path_factory) -> Path:
-    """A real 6-iteration tiny run, a checkpoint at 3 and 6, and eval results beside it."""
+    """A real tiny run asked to stop during iteration 3 (checkpoint at 4), resumed to 6; eval results."""
     out = tmp_path_factory.mktemp("report_run") / "run"
-    run_training(tiny_cfg(cohort, cohort_index, f"train.iterations={ITERATIONS}", "train.num_workers=0",
-                          "checkpoint.every_n_iterations=3"), out)
+    cfg = tiny_cfg(cohort, cohort_index, f"train.iterations={ITERATIONS}", "train.num_workers=0",
+                   "checkpoint.every_n_iterations=100")
+
+    def preempt(step, losses):
+        if step == 3:
+            trainer_mod.request_stop()
+
+    with pytest.MonkeyPatch.context() as mp:
+        _patch_step(mp, preempt)
+        assert trainer_mod.run_training(cfg, out)["stopped"]
+    assert not trainer_mod.run_training(cfg, out)["stopped"]
     rows = [{**dict.fromkeys(COLUMNS, ""), "benchmark": "synthetic", "head": "linear",
              "balanced_accuracy": 0.8125, "balanced_accuracy_std": 0.01, "macro_f1": 0.8, "auroc": 0.9,
              "n_train": 40, "n_eval": 20, "eval_split": "test"}]
@@ -101,11 +110,17 @@ def report(run_dir, embeddings, cohort, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------- structure
 
 
+@pytest.mark.slow  # shares the module's real training run and report (setup 27 s on the loaded 2 cores)
 def test_every_panel_is_there_and_nothing_is_fetched(report):
     page, text = parse(report)
     assert [key for key, _ in PANELS] == list(page.sections)
     assert len(page.tags("training", "img")) == 3  # losses, schedules, throughput
     assert page.tags("training", "details")  # the resolved config
+    assert re.search(r"<td>started [\d:]+</td><td>at iteration 0,", text)
+    assert re.search(r"<td>stopped \(requested\) [\d:]+</td><td>at iteration 4</td>", text)
+    assert re.search(r"<td>resumed [\d:]+</td><td>at iteration 4,", text)
+    assert "<td>checkpoints</td><td>iter_00000004, iter_00000006</td>" in text
+    assert f"iterations logged</td><td>{ITERATIONS} (last {ITERATIONS - 1})" in text
     assert len(page.tags("batches", "img")) == 2  # telemetry as logged, and the replay vs uniform
     assert "uniform" in text and "trained: cluster_stratified" in text
     assert len(page.tags("tree", "img")) == 3  # sizes, largest and smallest clusters' mosaics
@@ -116,6 +131,7 @@ def test_every_panel_is_there_and_nothing_is_fetched(report):
     assert not re.search(r"<script[^>]*\bsrc=", text)
 
 
+@pytest.mark.slow  # shares the module's real training run and report (setup 27 s on the loaded 2 cores)
 def test_map_points_carry_their_own_clusters_slides_and_tiles(report, cohort_index):
     data = map_data(report.read_text())
     rows = np.array(data["row"])
@@ -134,6 +150,7 @@ def test_map_points_carry_their_own_clusters_slides_and_tiles(report, cohort_ind
 # ---------------------------------------------------------------------------- bad and partial input
 
 
+@pytest.mark.slow  # shares the module's real training run and report (setup 27 s on the loaded 2 cores)
 def test_bad_input_is_one_line(run_dir, embeddings, cohort_index, tmp_path, capsys):
     with pytest.raises(UserError, match="has no metrics.jsonl"):
         write_report(tmp_path, tmp_path / "r.html", progress=False)
@@ -150,6 +167,7 @@ def test_bad_input_is_one_line(run_dir, embeddings, cohort_index, tmp_path, caps
     assert not (tmp_path / "r.html").exists()
 
 
+@pytest.mark.slow  # shares the module's real training run and report (setup 27 s on the loaded 2 cores)
 def test_a_partial_run_gets_a_report_of_what_exists(run_dir, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -263,6 +281,7 @@ def chromium() -> str:
         pytest.skip(str(e))
 
 
+@pytest.mark.slow  # shares the module's real training run and report (setup 27 s on the loaded 2 cores)
 def test_report_renders_in_chromium_and_a_click_shows_the_tile(report, chromium):
     from chromium import Browser
 
