@@ -15,14 +15,22 @@ def test_demo_runs_the_whole_job_and_reports_both_probes(tmp_path, capsys):
                  "checkpoint.every_n_iterations=4", "train.num_workers=0"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "cpu_smoke: 4 iterations" in printed
+    assert "cpu_smoke training done: iteration 4 (4 run in" in printed
+    table = (out / "comparison.md").read_text()
+    assert table in printed and "mean over 4 cross-validation folds by slide" in table
     for name in ("trained", "random_init"):
-        assert f"  {name}" in printed
+        assert f"| {name} | " in table
         results = json.loads((out / "eval" / name / "results.json").read_text())
         assert 0.0 <= results["synthetic"]["linear"]["balanced_accuracy"] <= 1.0
     assert (out / "index" / "manifest.json").is_file()
     assert (out / "train" / "checkpoints" / "latest").exists()
     assert (out / "train" / "metrics.jsonl").read_text().count("\n") == 4
+    # a second run reuses everything and still reports the run's final losses
+    assert main(["demo", "--output-dir", str(out), "--num-slides", "4", "train.iterations=4",
+                 "checkpoint.every_n_iterations=4", "train.num_workers=0"]) == 0
+    again = capsys.readouterr().out
+    assert "iteration 4 (nothing left to run)" in again and "final losses: dino_global_crops_loss" in again
+    assert (out / "comparison.md").read_text() == table
 
 
 def test_demo_rejects_a_bad_override(tmp_path, capsys):

@@ -119,3 +119,14 @@ def test_a_worker_read_error_is_the_same_one_line(cohort, cohort_index, tmp_path
     # on_error=skip: the same failures are substituted, and training goes on
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=3", "train.num_workers=1", "data.on_error=skip")
     assert trainer_mod.run_training(cfg, tmp_path / "skip")["iteration"] == 3
+
+
+def test_dry_run_reports_the_broken_slides_in_one_line(broken, cohort, tmp_path, capsys):
+    from dinov2_patho.cli import main
+
+    index, slides, bad = broken
+    code = main(["train", "--config-file", str(SMOKE), "--output-dir", str(tmp_path / "out"), "--dry-run",
+                 f"data.index={index.path}", f"data.slides={slides}", *TINY])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
+    assert len(err) == 1 and err[0].startswith("dinov2-patho train: error: preflight: 3 of 8 slides")

@@ -93,10 +93,13 @@ def run_dir(cohort, cohort_index, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def embeddings(cohort_index, tmp_path_factory) -> Path:
-    """Random float16 embeddings aligned with the index rows, as `curate embed` writes them."""
-    path = tmp_path_factory.mktemp("emb") / "embeddings.npy"
-    np.save(path, np.random.default_rng(0).standard_normal((len(cohort_index), 16)).astype(np.float16))
-    return path
+    """An EMB_DIR as `curate embed` leaves it: random float16 [N, 16] aligned with the index rows, and
+    manifest.json (written last, so its presence marks a finished run)."""
+    emb_dir = tmp_path_factory.mktemp("emb")
+    np.save(emb_dir / "embeddings.npy",
+            np.random.default_rng(0).standard_normal((len(cohort_index), 16)).astype(np.float16))
+    (emb_dir / "manifest.json").write_text(json.dumps({"num_rows": len(cohort_index), "dim": 16}))
+    return emb_dir
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +163,11 @@ def test_bad_input_is_one_line(run_dir, embeddings, cohort_index, tmp_path, caps
                                         rf"{len(cohort_index):,}"):
         write_report(run_dir, tmp_path / "r.html", embeddings=short, batch_steps=1, mosaic_clusters=1,
                      progress=False)
+    unfinished = tmp_path / "emb"
+    unfinished.mkdir()
+    np.save(unfinished / "embeddings.npy", np.load(embeddings / "embeddings.npy"))
+    with pytest.raises(UserError, match="have no manifest.json: `curate embed` has not finished"):
+        write_report(run_dir, tmp_path / "r.html", embeddings=unfinished, progress=False)
     assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html"), "--level", "level_9",
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

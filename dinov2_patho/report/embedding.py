@@ -15,15 +15,17 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.report.figures import image_uri
 from dinov2_patho.report.mosaic import read_thumbnails, sample_rows
 
-EMBEDDINGS_FILE = "embeddings.npy"  # `curate embed`: float16 [N, D], aligned with the index rows
-
 
 def load_embeddings(path: str | Path, index: Any) -> np.ndarray:
     """The [N, D] embeddings memory-mapped (a .npy, or a `curate embed` directory), checked against the
     index's row count."""
+    from dinov2_patho.curation.embed import EMBEDDINGS, MANIFEST
+
     path = Path(path)
     if path.is_dir():
-        path = path / EMBEDDINGS_FILE
+        if not (path / MANIFEST).is_file():
+            raise UserError(f"embeddings {path} have no {MANIFEST}: `curate embed` has not finished there")
+        path = path / EMBEDDINGS
     if not path.is_file():
         raise UserError(f"embeddings {path} do not exist (want a .npy file or a `curate embed` directory)")
     try:

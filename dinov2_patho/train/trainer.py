@@ -37,7 +37,7 @@ from dinov2_patho.train.config import global_batch_size, validate_config
 from dinov2_patho.train.config_values import check_resume_config
 from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
 from dinov2_patho.train.dist import DistContext, broadcast_object, distributed_context
-from dinov2_patho.train.metrics import MetricsWriter
+from dinov2_patho.train.metrics import MetricsWriter, read_metrics
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
 
@@ -67,8 +67,9 @@ def install_stop_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGUS
 
 def run_training(cfg: DictConfig, output_dir: str | Path, *, force_resume: bool = False) -> dict[str, Any]:
     """Train per `cfg` into `output_dir`. Returns a summary: "iteration" (completed
-    iterations), "losses" (the last iteration's, averaged over ranks), "checkpoint" (the
-    latest checkpoint's path), "stopped" (True when stopped early by `request_stop`).
+    iterations), "start_iteration" (where this call began), "losses" (the last iteration's,
+    averaged over ranks), "checkpoint" (the latest checkpoint's path), "stopped" (True when
+    stopped early by `request_stop`), "output_dir", "metrics" (metrics.jsonl), "seconds".
     Resuming under a config that differs from the checkpoint's in a key that breaks exact
     resume is refused unless `force_resume`."""
     output_dir = Path(output_dir)
@@ -80,6 +81,33 @@ def run_training(cfg: DictConfig, output_dir: str | Path, *, force_resume: bool 
             return trainer.train()
         finally:
             trainer.close()
+
+
+def open_training_data(cfg: DictConfig, global_batch: int):
+    """The tile index (a view on `data.subset` when set) and the sampler over it."""
+    from dinov2_patho.data.index import TileIndex
+
+    index = TileIndex.open(cfg.data.index)
+    if cfg.data.subset is not None:
+        index = subset_view(index, cfg.data.subset)
+    return index, build_sampler(cfg.sampler, index, global_batch)
+
+
+def slide_preflight(cfg: DictConfig, index, *, progress: bool = True) -> str | None:
+    """One line naming every slide of `index` that training would fail on, or None (also for
+    tile stores, whose tiles were read once already)."""
+    from dinov2_patho.data.dataset import build_tile_source
+    from dinov2_patho.data.readers import SlideTileSource
+
+    source = build_tile_source(cfg.data)
+    try:
+        if not isinstance(source, SlideTileSource):
+            return None
+        problems, slides = preflight_slides(index, source, threads=max(4, int(cfg.train.num_workers)),
+                                            progress=progress)
+        return describe(problems, slides) if problems else None
+    finally:
+        source.close()
 
 
 def _batch_digest(batch: np.ndarray) -> int:
@@ -101,7 +129,7 @@ class Trainer:
             torch.set_num_threads(int(cfg.train.cpu_threads))
 
         self.fsdp = ctx.distributed and cfg.train.distributed == "fsdp"
-        self.index, self.sampler = self._build_sampler()
+        self.index, self.sampler = open_training_data(cfg, self.global_batch)
         self._preflight()  # slide problems before the model is built, not in a DataLoader worker
         torch.manual_seed(self.seed)  # the same initial weights on every rank
         self.model = self._build_model()
@@ -148,30 +176,11 @@ class Trainer:
             return fsdp.full_state_dict(self.model)
         return {_DDP_PREFIX.sub(r"\1", k): v for k, v in self.model.state_dict().items()}
 
-    def _build_sampler(self):
-        from dinov2_patho.data.index import TileIndex
-
-        index = TileIndex.open(self.cfg.data.index)
-        if self.cfg.data.subset is not None:
-            index = subset_view(index, self.cfg.data.subset)
-        sampler = build_sampler(self.cfg.sampler, index, self.global_batch)
-        return index, sampler
-
     def _preflight(self) -> None:
         """Rank 0 opens every slide the index reaches (cached when clean) and every rank raises its
         one-line report; under data.on_error=skip the report is a warning and their tiles are
         substituted (and counted) as they fail."""
-        from dinov2_patho.data.dataset import build_tile_source
-        from dinov2_patho.data.readers import SlideTileSource
-
-        report = None
-        if self.ctx.is_main:
-            source = build_tile_source(self.cfg.data)
-            if isinstance(source, SlideTileSource):
-                problems, slides = preflight_slides(self.index, source,
-                                                    threads=max(4, int(self.cfg.train.num_workers)))
-                report = describe(problems, slides) if problems else None
-            source.close()
+        report = slide_preflight(self.cfg, self.index) if self.ctx.is_main else None
         report = broadcast_object(report, self.ctx)
         if report is None:
             return
@@ -261,6 +270,7 @@ class Trainer:
         log.info("training iterations %d..%d, global batch %d over %d rank(s)", self.start, self.total,
                  self.global_batch, ctx.world_size)
         self.model.train()
+        t_start = time.perf_counter()
         self._loader_iter = iter(self.loader)
         losses: dict[str, float] = {}
         stopped = False
@@ -316,9 +326,13 @@ class Trainer:
                 break
         if stopped:
             _STOP.clear()  # honoured; a later run in this process starts afresh
-        return {"iteration": iteration, "losses": losses,
+        if not losses:  # nothing left to run (a finished run started again): its last logged losses
+            last = (read_metrics(self.metrics.path) or [{}])[-1]
+            losses = {k: v for k, v in last.items() if k.endswith("loss")}
+        return {"iteration": iteration, "start_iteration": self.start, "losses": losses,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None, "stopped": stopped,
-                "output_dir": str(self.output_dir)}
+                "output_dir": str(self.output_dir), "metrics": str(self.metrics.path),
+                "seconds": time.perf_counter() - t_start}
 
     def _check_batch(self, batch: dict[str, Any], iteration: int) -> np.ndarray:
         """The global batch of `iteration`, after checking that the loader delivered it."""
