@@ -16,13 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_parser = sub.add_parser("run", help="evaluate a frozen backbone on benchmarks",
                                 description="Extract features (cached), fit linear probe / kNN / logistic "
                                             "regression, write results.{csv,md,json,png}.")
-    run_parser.add_argument("--backbone", help="checkpoint path (ours, DINOv2 hub or timm); omit for a "
-                                               "randomly initialised baseline")
+    run_parser.add_argument("--backbone", help="a training run or checkpoint directory (its teacher, at "
+                                               "its own size: no --arch needed), or a weights file (ours, "
+                                               "DINOv2 hub or timm); omit for a random-init baseline")
     run_parser.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
     run_parser.add_argument("--benchmarks", help="comma-separated: bach,crc,mhist,pcam,bracs,breakhis,"
                                                  "unitopatho,chaoyang,synthetic,folder,csv")
     run_parser.add_argument("--data-root", help="folder holding one folder per benchmark")
-    run_parser.add_argument("--output-dir", required=True, type=Path)
+    run_parser.add_argument("--output-dir", required=True, type=Path,
+                            help="results.{csv,md,json,png}, cached features, config.yaml, log")
     run_parser.add_argument("--config-file", help="eval config over configs/eval/default.yaml")
     run_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. "
                             "heads.linear.n_runs=3 datasets.bach.root=/data/BACH")

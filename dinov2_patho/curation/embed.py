@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                 "manifest.json")
     parser.add_argument("--backbone", help="checkpoint file (ours, DINOv2 hub, timm); absent: random init")
     parser.add_argument("--arch", default="vit_small", help="our backbone name, or timm/<model name>")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(parser)
 
 

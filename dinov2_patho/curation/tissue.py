@@ -200,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "registry CSV slide_id,path")
     parser.add_argument("--out", required=True, type=Path, help="TILES_DIR: tiles.csv, index/, slides.csv")
     parser.add_argument("--workers", type=int, help="processes over slides (default tiles.workers)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(parser)
 
 

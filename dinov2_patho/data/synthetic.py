@@ -284,8 +284,8 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (created; must be empty or absent)")
-    parser.add_argument("--num-slides", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-slides", type=int, default=8, help="slides in the cohort (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the layouts and stains (default 0)")
     parser.add_argument("--grid", type=int, nargs=2, default=(10, 10), metavar=("ROWS", "COLS"),
                         help="slide size in 224-px tiles")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -180,8 +180,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ext.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
     ext.add_argument("--slides", required=True, help="slide directory or slide_id,path CSV")
     ext.add_argument("--out", required=True, help="tile store directory")
-    ext.add_argument("--backend", default="openslide", choices=BACKENDS)
-    ext.add_argument("--fallback", default="tiffslide", choices=(*BACKENDS, "none"))
+    ext.add_argument("--backend", default="openslide", choices=BACKENDS, help="whole-slide reader")
+    ext.add_argument("--fallback", default="tiffslide", choices=(*BACKENDS, "none"),
+                     help="reader tried when --backend cannot open a slide")
     ext.add_argument("--mpp-override", type=float, default=None, help="um/px for every slide")
     ext.add_argument("--slide-id", action="append", default=None, help="only this slide (repeatable)")
     ext.add_argument("--workers", type=int, default=1, help="processes, one slide each at a time")

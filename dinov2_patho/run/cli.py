@@ -32,17 +32,17 @@ from dinov2_patho.run.submit import (
 
 def _add_slurm_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     group = parser.add_argument_group("SLURM resources")
-    group.add_argument("--nodes", type=int, default=1)
+    group.add_argument("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
     group.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (default: 0, CPU job)")
     group.add_argument("--tasks-per-node", type=int, default=None,
                        help="tasks per node on a CPU partition (default: --gpus-per-node, or 1)")
     group.add_argument("--cpus-per-task", type=int, default=None, help="default: 8 with GPUs, 1 without")
-    group.add_argument("--partition", default=None)
+    group.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
     group.add_argument("--timeout", type=int, default=60, metavar="MIN", help="time limit in minutes")
     group.add_argument("--mem-gb", type=float, default=None, help="memory per node")
-    group.add_argument("--account", default=None)
-    group.add_argument("--qos", default=None)
-    group.add_argument("--constraint", default=None)
+    group.add_argument("--account", default=None, help="SLURM account to charge")
+    group.add_argument("--qos", default=None, help="SLURM quality of service")
+    group.add_argument("--constraint", default=None, help="SLURM node features, e.g. a100")
     group.add_argument("--signal-delay", type=int, default=120, metavar="S",
                        help="send the checkpoint signal S seconds before the time limit")
     group.add_argument("--max-timeouts", type=int, default=10,
@@ -63,14 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.iterations=10")
     evaluate = sub.add_parser("eval", help="evaluation", description="Submit `dinov2-patho eval ARGS`; "
-                              "`%%j` in an argument becomes the job id; without --output-dir, the "
+                              "`%j` in an argument becomes the job id; without --output-dir, the "
                               "results go to the job's output directory.")
     _add_slurm_arguments(evaluate, "dinov2-patho-eval")
     evaluate.add_argument("eval_args", nargs=argparse.REMAINDER, metavar="-- EVAL_ARGS",
                           help="arguments of `dinov2-patho eval`, after `--`")
     curate = sub.add_parser("curate", help="curation", description="Submit `dinov2-patho curate ARGS` "
                             "on every task (`curate embed` shards the tiles over them and resumes when "
-                            "requeued); `%%j` in an argument becomes the job id.")
+                            "requeued); `%j` in an argument becomes the job id.")
     _add_slurm_arguments(curate, "dinov2-patho-curate")
     curate.add_argument("curate_args", nargs=argparse.REMAINDER, metavar="-- CURATE_ARGS",
                         help="arguments of `dinov2-patho curate`, after `--`")

@@ -84,8 +84,11 @@ def export_teacher(checkpoint: str | Path, output_dir: str | Path,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a checkpoint directory (iter_N) or a training output directory (its latest)")
-    parser.add_argument("--output-dir", required=True, metavar="DIR")
-    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--output-dir", required=True, metavar="DIR",
+                        help="where teacher_backbone_dinov2.pth / teacher_backbone_timm.pth go")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
+                        help="dinov2: DINOv2 hub layout (our ViT, torch.hub's dinov2 models); timm: timm's "
+                             "VisionTransformer, with timm_model_kwargs.json (default: both)")
 
 
 def run(args: argparse.Namespace) -> int:
