@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # DINOv2 pretraining on one node with torchrun: one process per GPU (NCCL), or
 # NPROC CPU processes (gloo) where there is no GPU. Extra arguments are config overrides.
+# Python: PYTHON, else the project's .venv/bin/python when it exists, else python3 on PATH.
 #
 #   launch/torchrun_train.sh configs/train/vitl14_t1_bs.yaml runs/vitl14 data.index=IDX data.slides=SLIDES
 #   NPROC=2 launch/torchrun_train.sh configs/train/cpu_smoke.yaml runs/smoke data.index=IDX data.slides=SLIDES
@@ -17,10 +18,14 @@ config=$1
 output_dir=$2
 shift 2
 
-if [ -z "${NPROC:-}" ]; then
-    NPROC=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+# The project's venv python when there is one, so nothing needs activating; PYTHON overrides it.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
 fi
-PYTHON=${PYTHON:-python3}
+if [ -z "${NPROC:-}" ]; then
+    NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+fi
 # One intra-op thread per process unless told otherwise: ranks and DataLoader workers share the cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
