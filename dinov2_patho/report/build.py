@@ -44,7 +44,7 @@ def _tile_source(data: dict[str, Any], slides: str | Path | None, notes: list[st
     try:
         return build_tile_source(data)
     except UserError as e:
-        notes.append(f"no tiles drawn: {e}")
+        notes.append(f"no tiles drawn: {e} (give --slides)")
         return None
 
 

@@ -51,7 +51,10 @@ def downsample(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS
 
 
 def plot_series(ax, x: np.ndarray, y: np.ndarray, label: str | None = None, **kwargs) -> None:
-    """The bucket means as a line, the buckets' range as a light band."""
+    """The bucket means as a line, the buckets' range as a light band; x ticks as 50k, 1.2M."""
+    from matplotlib.ticker import EngFormatter
+
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     bx, mean, lo, hi = downsample(x, y)
     (line,) = ax.plot(bx, mean, label=label, linewidth=1.2, **kwargs)
     if len(bx) and (lo != hi).any():
