@@ -1,4 +1,5 @@
-"""`dinov2-patho eval run --backbone PATH --benchmarks bach,crc --output-dir DIR [key=value ...]`."""
+"""`dinov2-patho eval run --backbone PATH --benchmarks bach,crc --output-dir DIR [key=value ...]`;
+`dinov2-patho eval slide --backbone PATH --tasks camelyon16,labels.csv --output-dir DIR [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dinov2_patho.config import load_config, save_config
+from dinov2_patho.errors import UserError
 from dinov2_patho.logging import setup_logging
 
 
@@ -28,12 +30,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_parser.add_argument("--config-file", help="eval config over configs/eval/default.yaml")
     run_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. "
                             "heads.linear.n_runs=3 datasets.bach.root=/data/BACH")
+    slide = sub.add_parser("slide", help="evaluate a frozen backbone on slide-level tasks (attention-MIL)",
+                           description="Extract bags of tile features (cached per slide), fit gated "
+                                       "attention-MIL and a mean-pooling baseline, write "
+                                       "results.{csv,md,json,png}.")
+    slide.add_argument("--backbone", help="checkpoint path; omit for a randomly initialised baseline")
+    slide.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
+    slide.add_argument("--tasks", help="comma-separated task names (synthetic, camelyon16, panda) or labels "
+                                       "CSVs slide_id,label[,split][,patient_id]")
+    slide.add_argument("--slides", help="for a labels CSV: slide folder, or slide_id,path CSV")
+    slide.add_argument("--tiles", help="for a labels CSV: tile index, or `curate tiles` output folder")
+    slide.add_argument("--data-root", help="folder holding one folder per named task")
+    slide.add_argument("--output-dir", required=True, type=Path, help="results, cached bags, config, log")
+    slide.add_argument("--config-file", help="config over configs/eval/slide.yaml")
+    slide.add_argument("--no-progress", action="store_true", help="no progress bars")
+    slide.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. "
+                       "heads.abmil.n_runs=3 bags.max_tiles=1000 cross_validation.folds=5")
 
 
 def run(args: argparse.Namespace) -> int:
     from dinov2_patho.eval.backbone import load_backbone
     from dinov2_patho.eval.runner import DEFAULTS, OPEN_KEYS, run_benchmarks
 
+    if args.action == "slide":
+        return run_slide(args)
     overrides = list(args.overrides)
     if args.backbone is not None:
         overrides.append(f"backbone.path={args.backbone}")
@@ -51,5 +71,32 @@ def run(args: argparse.Namespace) -> int:
     backbone = load_backbone(spec.path, spec.arch, spec.weights_format, **model_kwargs)
     backbone = backbone.to(cfg.features.device)
     run_benchmarks(backbone, list(cfg.benchmarks), cfg, args.output_dir)
+    print((args.output_dir / "results.md").read_text(), end="")
+    return 0
+
+
+def run_slide(args: argparse.Namespace) -> int:
+    from dinov2_patho.eval.backbone import load_backbone
+    from dinov2_patho.eval.slide.runner import DEFAULTS, OPEN_KEYS, run_slide_tasks
+
+    overrides = list(args.overrides)
+    for key, value in (("backbone.path", args.backbone), ("backbone.arch", args.arch),
+                       ("slides", args.slides), ("tiles", args.tiles), ("data_root", args.data_root)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    cfg = load_config(DEFAULTS, args.config_file, overrides, open_keys=OPEN_KEYS)
+    if args.tasks is not None:
+        cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not cfg.tasks:
+        raise UserError("eval slide: no task given (--tasks or tasks= in the config)")
+    setup_logging(args.output_dir)
+    save_config(cfg, args.output_dir / "config.yaml")
+    spec = cfg.backbone
+    backbone = load_backbone(spec.path, spec.arch, spec.weights_format,
+                             **OmegaConf.to_container(spec.model, resolve=True))
+    name = f"{spec.arch}:{spec.path}" if spec.path is not None else f"{spec.arch}:random-init"
+    run_slide_tasks(backbone.to(cfg.bags.device), list(cfg.tasks), cfg, args.output_dir, name)
     print((args.output_dir / "results.md").read_text(), end="")
     return 0

@@ -10,26 +10,27 @@ from pathlib import Path
 from dinov2_patho.io import atomic_path, atomic_write_text
 
 COLUMNS = ("benchmark", "head", "balanced_accuracy", "balanced_accuracy_std", "macro_f1", "auroc", "n_train",
-           "n_eval", "eval_split")
+           "n_eval", "eval_split", "quadratic_kappa")
+# heads with one result each, in table order (kNN has one per k); the slide tasks' abmil and mean_pool
+SINGLE_HEADS = ("linear", "abmil", "logreg", "mean_pool")
 
 
 def summary_rows(results: dict) -> list[dict]:
-    """One row per benchmark and head (kNN: one per k)."""
+    """One row per benchmark (or slide task) and head (kNN: one per k); quadratic kappa where the
+    labels are ordinal, else empty."""
     rows = []
     for name, res in results.items():
         split = res["eval_split"]
         common = {"benchmark": name, "n_train": res["sizes"]["train"], "n_eval": res["sizes"][split],
                   "eval_split": split}
-        heads = []
-        if "linear" in res:
-            heads.append(("linear", res["linear"]))
+        heads = [(head, res[head]) for head in SINGLE_HEADS[:2] if head in res]
         heads += [(f"knn_k{k}", r) for k, r in res.get("knn", {}).items()]
-        if "logreg" in res:
-            heads.append(("logreg", res["logreg"]))
+        heads += [(head, res[head]) for head in SINGLE_HEADS[2:] if head in res]
         for head, r in heads:
             rows.append({**common, "head": head, "balanced_accuracy": r["balanced_accuracy"],
                          "balanced_accuracy_std": r.get("balanced_accuracy_std", ""),
-                         "macro_f1": r["macro_f1"], "auroc": r["auroc"]})
+                         "macro_f1": r["macro_f1"], "auroc": r["auroc"],
+                         "quadratic_kappa": r.get("quadratic_kappa", "")})
     return rows
 
 
@@ -48,7 +49,8 @@ def write_tables(rows: list[dict], output_dir: Path) -> None:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
     atomic_write_text(output_dir / "results.md",
-                      "Scores in % (balanced accuracy, macro F1, AUROC); linear: mean ± std over runs.\n\n"
+                      "Scores in % (balanced accuracy, macro F1, AUROC, quadratic kappa); linear and abmil: "
+                      "mean ± std over runs.\n\n"
                       + "\n".join(lines) + "\n")
 
 

@@ -10,7 +10,10 @@
   The tree nests: level_4 = tissue type, level_3 = type x texture variant, level_2 = level_3 x
   staining site, level_1 = level_2 x slide quadrant;
 - `metadata.csv`: `slide_id,tissue,primary_diagnosis,tissue_diagnosis`;
-- `labels.csv`: `slide_id,tile_x,tile_y,tissue_type`, the ground truth per tissue tile.
+- `labels.csv`: `slide_id,tile_x,tile_y,tissue_type`, the ground truth per tissue tile;
+- opt-in (`tissue_mix`, `positive_fraction`): a long tail of tissue types with a fifth, rare one
+  (necrosis), and `slide_labels.csv` (`slide_id,label,split,patient_id`): a slide is positive when it
+  holds a small planted necrosis lesion, as a Camelyon16 slide is when it holds a metastasis.
 
 Four tissue types with distinct colour and texture statistics, so a small model can separate
 them: tumour (dense large nuclei), stroma (oriented eosin fibres, sparse spindle nuclei),
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +45,10 @@ from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
 
-TISSUE_TYPES = ("tumor", "stroma", "adipose", "mucus")
+TISSUE_TYPES = ("tumor", "stroma", "adipose", "mucus")  # the default cohort's types
+RARE_TISSUE = "necrosis"  # opt-in fifth type: a long tail's rarest type, or planted lesions
+ALL_TISSUE_TYPES = (*TISSUE_TYPES, RARE_TISSUE)  # level_4 of clusters.csv indexes this
+SLIDE_CLASSES = ("negative", "positive")  # slide_labels.csv: positive = holds a planted lesion
 MPP = 0.5
 TILE = 224  # level-0 px of a 112 um tile at MPP
 _ATLAS = 768  # texture atlas side; tiles are random crops of it
@@ -51,6 +58,7 @@ _STAINS = (np.array([1.0, 1.0, 1.0]), np.array([0.94, 0.97, 1.04]))  # two stain
 # haematoxylin / eosin concentrations times a log-uniform factor in [1/s, s], plus a brightness gain.
 STAIN_SCALE = 2.0
 BRIGHTNESS = (0.8, 1.1)
+_MIX_REGIONS = 12  # Voronoi regions per slide under a tissue_mix: enough for a long tail to show
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,11 @@ class Cohort:
 
     def slide_path(self, slide_id: str) -> Path:
         return self.slides_dir / f"{slide_id}.tiff"
+
+    @property
+    def slide_labels_csv(self) -> Path:
+        """`slide_id,label,split,patient_id`; written only when lesions are planted."""
+        return self.root / "slide_labels.csv"
 
 
 # --- textures ---------------------------------------------------------------------------------
@@ -133,7 +146,21 @@ def _mucus(rng: np.random.Generator, variant: int) -> Image.Image:
     return img
 
 
-_RENDER = (_tumor, _stroma, _adipose, _mucus)
+def _necrosis(rng: np.random.Generator, variant: int) -> Image.Image:
+    # Mottled eosinophilic debris: pale-pink blotches, ghost cell outlines, karyorrhectic dust.
+    low = rng.normal(size=(24, 24)).astype(np.float32)
+    field = np.asarray(Image.fromarray(low).resize((_ATLAS, _ATLAS), Image.BICUBIC))[..., None]
+    base, blotch = np.array([236, 168, 200], np.float32), np.array([250, 214, 228], np.float32)
+    img = Image.fromarray((base + (blotch - base) * np.clip(field * 0.6 + 0.5, 0, 1)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for x, y, r in zip(*rng.uniform(0, _ATLAS, (2, 900)), rng.uniform(5.0, 9.0, 900)):
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=(214, 140, 180), width=1)
+    count, radius = ((5000, (0.8, 1.6)), (2000, (1.5, 2.5)))[variant]
+    _nuclei(draw, rng, count, radius)
+    return img
+
+
+_RENDER = (_tumor, _stroma, _adipose, _mucus, _necrosis)
 
 
 def _finish(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
@@ -143,14 +170,19 @@ def _finish(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def _atlases(rng: np.random.Generator) -> np.ndarray:
-    """[type, variant, H, W, 3] texture atlases, plus the glass background as type len(TISSUE_TYPES)."""
-    out = np.empty((len(TISSUE_TYPES) + 1, 2, _ATLAS, _ATLAS, 3), np.uint8)
-    for t, render in enumerate(_RENDER):
+def _atlases(rng: np.random.Generator, rare_rng: np.random.Generator | None = None) -> np.ndarray:
+    """[type, variant, H, W, 3] texture atlases of TISSUE_TYPES, then RARE_TISSUE's when `rare_rng`
+    is given (its own stream, so the others stay those of `rng`), then the glass background (last)."""
+    types = len(TISSUE_TYPES) + (rare_rng is not None)
+    out = np.empty((types + 1, 2, _ATLAS, _ATLAS, 3), np.uint8)
+    for t, render in enumerate(_RENDER[:len(TISSUE_TYPES)]):
         for v in range(2):
             out[t, v] = _finish(render(rng, v), rng)
     glass = np.full((_ATLAS, _ATLAS, 3), (241, 240, 244), np.uint8)
     out[-1] = _finish(Image.fromarray(glass), rng)
+    if rare_rng is not None:
+        for v in range(2):
+            out[len(TISSUE_TYPES), v] = _finish(_necrosis(rare_rng, v), rare_rng)
     return out
 
 
@@ -186,6 +218,43 @@ def _layout(rng: np.random.Generator, grid_h: int, grid_w: int, types: np.ndarra
     return mask, types[region], variant[region]
 
 
+def _mixed_types(region: np.ndarray, mask: np.ndarray, shares: np.ndarray, assigned: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Per region, the tissue type whose cohort-wide tile count lags its share most (regions in random
+    order), so the cohort's tile shares track `shares` however unevenly the regions are sized. `assigned`
+    (tiles per type so far) is updated in place."""
+    sizes = np.bincount(region[mask], minlength=region.max() + 1)
+    types = np.zeros(sizes.size, np.int64)
+    for r in rng.permutation(sizes.size):
+        if sizes[r]:
+            types[r] = int(np.argmax(shares * (assigned.sum() + sizes[r]) - assigned))
+            assigned[types[r]] += sizes[r]
+    return types[region]
+
+
+def _lesion(mask: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A compact blob of `size` tissue cells: the tissue cells nearest a random tissue cell."""
+    cells = np.argwhere(mask)
+    if len(cells) < size:
+        raise UserError(f"a slide has {len(cells)} tissue tiles, fewer than lesion_tiles={size}")
+    centre = cells[rng.integers(len(cells))]
+    dist = ((cells - centre) ** 2).sum(1) + rng.uniform(0, 0.5, len(cells))  # jitter breaks ties
+    blob = np.zeros_like(mask)
+    blob[tuple(cells[np.argsort(dist)[:size]].T)] = True
+    return blob
+
+
+def _slide_split(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """train / val / test = 1/2, 1/4, 1/4 of each class's slides."""
+    split = np.empty(len(labels), object)
+    for c in np.unique(labels):
+        slides = rng.permutation(np.flatnonzero(labels == c))
+        bounds = np.round(np.array([0.5, 0.75]) * len(slides)).astype(int)
+        for name, part in zip(("train", "val", "test"), np.split(slides, bounds)):
+            split[part] = name
+    return list(split)
+
+
 def _aperio_description(width: int, height: int, tile: int) -> str:
     return (f"Aperio Image Library v12.0.15 synthetic\r\n{width}x{height} [0,0 {width}x{height}] "
             f"({tile}x{tile}) JPEG/RGB Q=90|AppMag = 20|MPP = {MPP}|Title = dinov2_patho synthetic")
@@ -209,20 +278,57 @@ def _write_pyramid(path: Path, level0: np.ndarray, levels: int, tile: int) -> No
                       description=f"Aperio level {width}x{height} -> {img.width}x{img.height}", **opts)
 
 
+def _check_options(num_slides: int, tissue_mix: Sequence[float] | None, positive_fraction: float,
+                   lesion_tiles: int) -> np.ndarray | None:
+    """The normalised tissue shares (None: the default palette); a UserError for a bad option."""
+    if num_slides < 1:
+        raise UserError(f"num_slides must be >= 1, got {num_slides}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise UserError(f"positive_fraction must lie in [0, 1], got {positive_fraction}")
+    if positive_fraction > 0 and lesion_tiles < 1:
+        raise UserError(f"lesion_tiles must be >= 1, got {lesion_tiles}")
+    if tissue_mix is None:
+        return None
+    shares = np.asarray(tissue_mix, np.float64)
+    if len(shares) not in (len(TISSUE_TYPES), len(ALL_TISSUE_TYPES)) or (shares < 0).any() \
+            or shares.sum() <= 0:
+        raise UserError(f"tissue_mix must be {len(TISSUE_TYPES)} or {len(ALL_TISSUE_TYPES)} non-negative "
+                        f"shares of {', '.join(ALL_TISSUE_TYPES)}, got {list(tissue_mix)}")
+    if positive_fraction > 0 and len(shares) == len(ALL_TISSUE_TYPES) and shares[-1] > 0:
+        raise UserError(f"tissue_mix gives {RARE_TISSUE} a share, but with planted lesions it appears only "
+                        "in them (so that it marks the positive slides); give it 0")
+    return shares / shares.sum()
+
+
 def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid: tuple[int, int] = (10, 10),
-                margin: int = 60, levels: int = 3, tiff_tile: int = 256, overwrite: bool = False) -> Cohort:
+                margin: int = 60, levels: int = 3, tiff_tile: int = 256, overwrite: bool = False,
+                tissue_mix: Sequence[float] | None = None, positive_fraction: float = 0.0,
+                lesion_tiles: int = 4) -> Cohort:
     """Write a cohort of `num_slides` slides of `grid` (rows, cols) 224-px tiles plus `margin` px.
+
+    The defaults write the 4-type cohort of rotating palettes. Opt-in:
+    - `tissue_mix`: tile shares of ALL_TISSUE_TYPES (4 or 5 values, e.g. a long tail 60/25/10/4/1);
+      each slide is cut into `_MIX_REGIONS` regions typed so the cohort's shares follow it;
+    - `positive_fraction`: that share of the slides (rounded) gets a lesion, a compact region of
+      `lesion_tiles` tiles of RARE_TISSUE, found nowhere else; `slide_labels.csv` says which
+      (`slide_id,label,split,patient_id`, label negative/positive, split train/val/test by class).
 
     The directory is built beside `out_dir` and renamed onto it, so it is either complete or absent.
     """
     out = Path(out_dir)
-    if num_slides < 1:
-        raise UserError(f"num_slides must be >= 1, got {num_slides}")
+    shares = _check_options(num_slides, tissue_mix, positive_fraction, lesion_tiles)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     rng = np.random.default_rng(seed)
     stain_rng = np.random.default_rng([seed, 1])  # its own stream: the layouts stay those of `seed`
-    plain = _atlases(rng)
+    lesion_rng = np.random.default_rng([seed, 2])  # opt-in features draw from streams of their own
+    positive = np.zeros(num_slides, bool)
+    positive[lesion_rng.permutation(num_slides)[:round(positive_fraction * num_slides)]] = True
+    rare = positive.any() or (shares is not None and len(shares) == len(ALL_TISSUE_TYPES) and shares[-1] > 0)
+    plain = _atlases(rng, np.random.default_rng([seed, 3]) if rare else None)
+    if shares is not None:
+        shares = np.pad(shares, (0, len(plain) - 1 - len(shares)))  # types rendered, glass excluded
+        assigned = np.zeros(len(shares), np.int64)
     stained = [np.clip(plain * stain, 0, 255).astype(np.uint8) for stain in _STAINS]
     for atlases in stained:
         atlases[-1] = plain[-1]  # the stain varies by site, the glass does not
@@ -236,15 +342,23 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
         clusters, labels, metadata = [], [], []
         for i, slide_id in enumerate(slide_ids):
             # Every type appears across the cohort: each slide holds 3 regions from a rotating palette.
-            types = np.array([(i + k) % len(TISSUE_TYPES) for k in range(3)] + [int(rng.integers(0, 4))])
-            mask, ttype, variant = _layout(rng, grid_h, grid_w, types)
+            if shares is None:
+                types = np.array([(i + k) % len(TISSUE_TYPES) for k in range(3)] + [int(rng.integers(0, 4))])
+                mask, ttype, variant = _layout(rng, grid_h, grid_w, types)
+            else:
+                mask, region, variant = _layout(rng, grid_h, grid_w, np.arange(_MIX_REGIONS))
+                ttype = _mixed_types(region, mask, shares, assigned, rng)
+            if positive[i]:
+                blob = _lesion(mask, lesion_tiles, lesion_rng)
+                ttype = np.where(blob, len(TISSUE_TYPES), ttype)
+                variant = np.where(blob, lesion_rng.integers(0, 2), variant)
             site = i % len(_STAINS)
             atlases = _restain(stained[site], stain_rng)
             level0 = np.empty((height, width, 3), np.uint8)
             level0[:] = atlases[-1, 0, :1, :1]  # glass
             for gy in range(grid_h):
                 for gx in range(grid_w):
-                    t, v = (ttype[gy, gx], variant[gy, gx]) if mask[gy, gx] else (len(TISSUE_TYPES), 0)
+                    t, v = (ttype[gy, gx], variant[gy, gx]) if mask[gy, gx] else (len(atlases) - 1, 0)
                     oy, ox = rng.integers(0, _ATLAS - TILE, 2)
                     # Half turns only: a quarter turn would swap the orientation-coded texture variants.
                     patch = np.rot90(atlases[t, v, oy:oy + TILE, ox:ox + TILE], 2 * int(rng.integers(0, 2)))
@@ -259,7 +373,7 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
                 l1 = l2 * 4 + quadrant
                 x, y = int(gx) * TILE, int(gy) * TILE
                 clusters.append((slide_id, x, y, l1, l2, l3, t))
-                labels.append((slide_id, x, y, TISSUE_TYPES[t]))
+                labels.append((slide_id, x, y, ALL_TISSUE_TYPES[t]))
             organ = _ORGANS[i % len(_ORGANS)]
             diagnosis = "adenocarcinoma" if (mask & (ttype == 0)).any() else "normal"
             metadata.append((slide_id, organ, diagnosis, f"{organ}_{diagnosis}"))
@@ -268,6 +382,11 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
         _write_csv(cohort.labels_csv, ("slide_id", "tile_x", "tile_y", "tissue_type"), labels)
         _write_csv(cohort.metadata_csv,
                    ("slide_id", "tissue", "primary_diagnosis", "tissue_diagnosis"), metadata)
+        if positive_fraction > 0:
+            split = _slide_split(positive.astype(int), lesion_rng)
+            _write_csv(cohort.slide_labels_csv, ("slide_id", "label", "split", "patient_id"),
+                       [(sid, SLIDE_CLASSES[int(p)], sp, f"PAT-{sid[4:]}")
+                        for sid, p, sp in zip(slide_ids, positive, split)])
     log.info("synthetic cohort: %d slides, %d tissue tiles in %s", num_slides, len(clusters), out)
     return Cohort.at(out, slide_ids)
 
@@ -289,10 +408,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=int, nargs=2, default=(10, 10), metavar=("ROWS", "COLS"),
                         help="slide size in 224-px tiles")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--tissue-mix", type=float, nargs="+", metavar="SHARE",
+                        help=f"tile shares of {', '.join(ALL_TISSUE_TYPES)} (4 or 5 values), e.g. a long "
+                             "tail 60 25 10 4 1; default: each slide holds 3-4 types of a rotating palette")
+    parser.add_argument("--positive-fraction", type=float, default=0.0,
+                        help=f"share of slides given a small {RARE_TISSUE} lesion; writes slide_labels.csv")
+    parser.add_argument("--lesion-tiles", type=int, default=4, help="tiles per planted lesion")
 
 
 def run(args: argparse.Namespace) -> int:
     cohort = make_cohort(args.out, num_slides=args.num_slides, seed=args.seed, grid=tuple(args.grid),
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, tissue_mix=args.tissue_mix,
+                         positive_fraction=args.positive_fraction, lesion_tiles=args.lesion_tiles)
     print(f"wrote {len(cohort.slide_ids)} slides to {cohort.slides_dir}; tiles in {cohort.clusters_csv}")
     return 0

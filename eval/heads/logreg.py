@@ -23,8 +23,9 @@ def _probs(model, x: np.ndarray, num_classes: int) -> np.ndarray:
 def logistic_regression(train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
                         test: tuple[np.ndarray, np.ndarray], classes: list[str],
                         cs: tuple[float, ...] = tuple(10.0 ** np.arange(-4, 5)),
-                        max_iter: int = 1000) -> dict:
-    """Sweep C on `heldout` by balanced accuracy, refit on train + heldout, score `test`."""
+                        max_iter: int = 1000, ordinal: bool = False) -> dict:
+    """Sweep C on `heldout` by balanced accuracy, refit on train + heldout, score `test` (with the
+    quadratic kappa for `ordinal` classes)."""
     sweep = {}
     for c in cs:
         pred = _fit(*train, c, max_iter).predict(heldout[0])
@@ -33,5 +34,5 @@ def logistic_regression(train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.
     x = np.concatenate([train[0], heldout[0]])
     y = np.concatenate([train[1], heldout[1]])
     model = _fit(x, y, best_c, max_iter)
-    return {**classification_metrics(test[1], _probs(model, test[0], len(classes)), classes),
+    return {**classification_metrics(test[1], _probs(model, test[0], len(classes)), classes, ordinal),
             "C": best_c, "sweep": sweep}

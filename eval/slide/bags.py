@@ -1,0 +1,119 @@
+"""Bags: the frozen features of a slide's tissue tiles, cached per slide.
+
+`<cache>/manifest.json` records what the features are of (backbone name and a sha256 of its
+weights, the tile list's fingerprint, the slides' mpp override, token, cap and normalisation);
+a cache whose manifest differs is refused naming the first difference, never reused. Each slide's
+bag is filled by the project's one feature engine (`eval.features.fill_features`, uint8 tiles
+normalised on the device) into `<cache>/slides/<slide_id>/`: `rows.npy` (the tile rows of the
+index, written first), `features.npy` (float32 [n, D] of the token) and `progress.json`, which
+makes an interrupted extraction resume and marks the bag complete when it reaches n.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from dinov2_patho.eval.features import feature_dim, fill_features
+from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from dinov2_patho.eval.slide.tasks import SlideTask
+from torch import nn
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from dinov2_patho.curation.embed import first_difference, normalise_on_device, tile_list_fingerprint
+from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_path, atomic_write_text
+
+MANIFEST = "manifest.json"
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 of the module's parameters and buffers, in state_dict order (a module in memory, as the
+    trainer's teacher, has no weights file to hash)."""
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def capped_rows(rows: np.ndarray, slide_id: str, cap: int | None, seed: int) -> np.ndarray:
+    """At most `cap` of a slide's tile rows, drawn with a generator seeded by (seed, slide id), so a
+    slide's bag does not depend on which other slides the task holds; sorted."""
+    if cap is None or len(rows) <= cap:
+        return rows
+    rng = np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
+    return np.sort(rng.choice(rows, cap, replace=False))
+
+
+def bag_manifest(task: SlideTask, backbone: nn.Module, backbone_name: str, token: str, cap: int | None,
+                 seed: int) -> dict:
+    return {"backbone": backbone_name, "weights_sha256": weights_hash(backbone),
+            "tiles": {"index": str(Path(task.tiles.path).resolve()),
+                      "fingerprint": tile_list_fingerprint(Path(task.tiles.path))},
+            "mpp_override": task.mpp, "token": token, "max_tiles": cap, "cap_seed": seed,
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+
+
+def _check_manifest(cache: Path, manifest: dict) -> None:
+    path = cache / MANIFEST
+    if path.is_file():
+        diff = first_difference(json.loads(path.read_text()), manifest)
+        if diff is not None:
+            raise UserError(f"{path}: bags of other settings ({diff}); delete that directory or give "
+                            "another output directory")
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(manifest, indent=1))
+
+
+def _bag(backbone: nn.Module, tiles: Subset, rows: np.ndarray, slide_dir: Path, token: str,
+         dim: Callable[[], int], batch_size: int, num_workers: int, on_device) -> np.ndarray:
+    """One slide's bag, filled where the cache lacks it."""
+    progress, features = slide_dir / "progress.json", slide_dir / "features.npy"
+    if progress.is_file():
+        cached = np.load(slide_dir / "rows.npy")
+        if not np.array_equal(cached, rows):
+            raise UserError(f"{slide_dir}: cached bag of other tiles ({len(cached)} rows, {len(rows)} in the "
+                            "index now); delete the cache to re-extract")
+        array = np.load(features, mmap_mode="r+")
+    else:
+        slide_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(slide_dir / "rows.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, rows)
+        array = np.lib.format.open_memmap(features, "w+", np.float32, (len(rows), dim()))
+    fill_features(backbone, tiles, {"features": (array, token)}, progress, batch_size=batch_size,
+                  num_workers=num_workers, progress=False, on_device=on_device)
+    return np.array(array)  # in memory: the head reads every bag each epoch
+
+
+def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, backbone_name: str,
+                 token: str = "cls", cap: int | None = None, seed: int = 0, batch_size: int = 64,
+                 num_workers: int = 0, progress: bool = True, source=None) -> list[np.ndarray]:
+    """The bag [n_tiles, D] of every slide of `task` (in its order), extracted where not cached.
+    Tiles are read through `source` (default: the task's slides at their own or the override mpp)."""
+    from dinov2_patho.data.dataset import TileDataset
+    from dinov2_patho.data.readers import SlideTileSource
+
+    cache = Path(cache)
+    _check_manifest(cache, bag_manifest(task, backbone, backbone_name, token, cap, seed))
+    source = source if source is not None else SlideTileSource(task.registry, mpp_override=task.mpp)
+    dataset = TileDataset(task.tiles, source)  # (uint8 [3, 224, 224] tile, row id) by global row id
+    on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
+    blank = on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0]
+    dim = functools.cache(lambda: feature_dim(backbone, blank, token))  # only when a bag is missing
+    bags = []
+    for slide_id in tqdm(task.slide_ids, desc=f"{task.name} bags", unit="slide", disable=not progress):
+        rows = capped_rows(task.tile_rows(slide_id), slide_id, cap, seed)
+        if len(rows) == 0:  # task_from_rows refuses such slides before any bag
+            raise UserError(f"slide task {task.name}: slide {slide_id!r} has no tiles to make a bag of")
+        bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, cache / "slides" / slide_id, token,
+                         dim, batch_size, num_workers, on_device))
+    return bags

@@ -1,0 +1,148 @@
+"""Evaluate a frozen backbone on slide tasks: bags of tile features (cached), gated
+attention-MIL and a mean-pooling baseline, written as `eval run` writes its results
+(results.{json,csv,md,png})."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from dinov2_patho.eval.heads.abmil import AbmilConfig, abmil
+from dinov2_patho.eval.heads.logreg import logistic_regression
+from dinov2_patho.eval.report import summary_rows, write_plot, write_tables
+from dinov2_patho.eval.runner import group_folds, mean_over_folds
+from dinov2_patho.eval.slide.adapters import SLIDE_TASKS
+from dinov2_patho.eval.slide.bags import extract_bags
+from dinov2_patho.eval.slide.tasks import SlideTask, csv_task
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dinov2_patho.config import check_keys, load_config
+from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_write_text
+from dinov2_patho.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULTS = "eval/slide.yaml"
+OPEN_KEYS = ("datasets", "backbone.model")
+
+
+def slide_config(cfg: DictConfig | dict | None = None) -> DictConfig:
+    """The packaged slide-eval defaults under `cfg` (a full or partial config)."""
+    base = load_config(DEFAULTS)
+    if cfg is None:
+        return base
+    layer = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    check_keys(layer, base, "slide eval config", OPEN_KEYS)
+    return OmegaConf.merge(base, layer)
+
+
+def open_task(name: str, cfg: DictConfig, cache: Path) -> SlideTask:
+    """A registered task by name, or a labels CSV with `cfg.slides` and `cfg.tiles`."""
+    if name in SLIDE_TASKS:
+        node = cfg.datasets.get(name)
+        options = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+        root = Path(options.pop("root", None) or Path(cfg.data_root) / name)
+        return SLIDE_TASKS.get(name)(root, cache, **options)
+    if Path(name).suffix.lower() == ".csv" or Path(name).is_file():
+        if cfg.slides is None or cfg.tiles is None:
+            raise UserError(f"slide task {name}: a labels CSV needs --slides (folder or slide_id,path CSV) "
+                            "and --tiles (tile index or `curate tiles` TILES_DIR)")
+        return csv_task(name, cfg.slides, cfg.tiles, mpp=cfg.mpp)
+    raise UserError(f"unknown slide task {name!r}: not a labels CSV; tasks: {', '.join(SLIDE_TASKS.names())}")
+
+
+def partitions(task: SlideTask, cfg: DictConfig) -> list[dict[str, np.ndarray]]:
+    """Slide indices per split: the task's own splits (scored on test, else val), or K folds by
+    patient (fold f tests, fold f+1 validates, the rest train)."""
+    folds = cfg.cross_validation.folds
+    if folds is None:
+        if task.splits is None:
+            raise UserError(f"slide task {task.name}: its labels have no split column; set "
+                            "cross_validation.folds=K to evaluate on K folds by patient")
+        return [{s: np.flatnonzero(task.splits == s) for s in ("train", "val", "test")
+                 if (task.splits == s).any()}]
+    n_patients = len(np.unique(task.patients))
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 3 <= folds <= n_patients:
+        raise UserError(f"slide task {task.name}: cross_validation.folds={folds!r} must be an integer "
+                        f"between 3 and its number of patients ({n_patients})")
+    fold = group_folds(task.patients, folds, int(cfg.cross_validation.seed))
+    return [{"train": np.flatnonzero((fold != f) & (fold != (f + 1) % folds)),
+             "val": np.flatnonzero(fold == (f + 1) % folds), "test": np.flatnonzero(fold == f)}
+            for f in range(folds)]
+
+
+def abmil_config(cfg: DictConfig) -> AbmilConfig:
+    params = {k: v for k, v in OmegaConf.to_container(cfg.heads.abmil).items() if k != "enabled"}
+    return AbmilConfig(**{**params, "mlp": tuple(params["mlp"])}, device=cfg.bags.device)
+
+
+def evaluate_bags(bags: list[np.ndarray], labels: np.ndarray, part: dict[str, np.ndarray], task: SlideTask,
+                  cfg: DictConfig) -> dict:
+    """Every enabled head on one partition; scored on its test slides, else on val."""
+    eval_split = "test" if "test" in part else "val"
+    classes = list(task.classes)
+
+    def pick(split: str) -> tuple[list[np.ndarray], np.ndarray]:
+        return [bags[i] for i in part[split]], labels[part[split]]
+
+    out: dict = {"eval_split": eval_split, "sizes": {k: int(len(v)) for k, v in part.items()}}
+    if cfg.heads.abmil.enabled:
+        out["abmil"] = abmil(pick("train"), pick("val"), pick(eval_split), classes, abmil_config(cfg),
+                             task.ordinal)
+    if cfg.heads.mean_pool.enabled:
+        pooled = np.stack([bag.mean(0) for bag in bags])
+        xy = {s: (pooled[idx], labels[idx]) for s, idx in part.items()}
+        cs = tuple(float(c) for c in cfg.heads.mean_pool.C)
+        out["mean_pool"] = logistic_regression(xy["train"], xy["val"], xy[eval_split], classes, cs,
+                                               cfg.heads.mean_pool.max_iter, task.ordinal)
+    return out
+
+
+def run_slide_task(backbone: nn.Module, task: SlideTask, cfg: DictConfig, output_dir: Path,
+                   backbone_name: str) -> dict:
+    b = cfg.bags
+    bags = extract_bags(task, backbone, output_dir / "bags" / task.name, backbone_name=backbone_name,
+                        token=b.token, cap=b.max_tiles, seed=b.seed, batch_size=b.batch_size,
+                        num_workers=b.num_workers, progress=cfg.progress)
+    parts = partitions(task, cfg)
+    per_part = [evaluate_bags(bags, task.labels, part, task, cfg) for part in parts]
+    if len(per_part) == 1:
+        result = per_part[0]
+    else:
+        result = mean_over_folds(per_part)
+        result.update(folds=per_part, eval_split="test", cv_folds=len(parts),
+                      sizes={k: int(round(np.mean([p["sizes"][k] for p in per_part])))
+                             for k in per_part[0]["sizes"]})
+    result.update(classes=list(task.classes), tiles_per_slide=float(np.mean([len(b) for b in bags])))
+    return result
+
+
+def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dict | None,
+                    output_dir: str | Path, backbone_name: str = "backbone") -> dict:
+    """Evaluate `backbone` (frozen here) on each slide task; write results to `output_dir`.
+    Bags are cached in `output_dir/bags/<task>`, keyed by `backbone_name` and a hash of its weights."""
+    cfg = slide_config(cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    was_training = backbone.training
+    backbone.eval()
+    results = {}
+    try:
+        for name in tasks:
+            task = open_task(name, cfg, output_dir / "tiles" / Path(name).stem)
+            results[task.name] = run_slide_task(backbone, task, cfg, output_dir, backbone_name)
+            if "abmil" in results[task.name]:
+                r = results[task.name]["abmil"]
+                log.info("%s: attention-MIL AUROC %.2f, balanced accuracy %.2f", task.name, 100 * r["auroc"],
+                         100 * r["balanced_accuracy"])
+    finally:
+        backbone.train(was_training)
+    rows = summary_rows(results)
+    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=1, default=str))
+    write_tables(rows, output_dir)
+    if cfg.plot and rows:
+        write_plot(rows, output_dir)
+    return results

@@ -1,0 +1,125 @@
+"""Slide-level tasks: slide labels, where the slides are, and which tiles make each slide's bag.
+
+A task is a labels CSV `slide_id,label[,split][,patient_id]` (one row per slide; `split` is
+train / val / test; `patient_id` defaults to the slide), a slide registry (a folder searched
+for `<slide_id>.<ext>`, or a `slide_id,path` CSV) and a tile source: a TileIndex of the
+tissue tiles (`dinov2-patho index build`, or the TILES_DIR that `dinov2-patho curate tiles`
+writes, whose `index/` is one). Every check that would leave a bag empty or a split
+unusable runs here, before any feature is computed.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dinov2_patho.data.index import TileIndex
+from dinov2_patho.data.slides import SlideRegistry
+from dinov2_patho.errors import UserError
+
+SPLITS = ("train", "val", "test")
+COLUMNS = ("slide_id", "label", "split", "patient_id")
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    name: str
+    classes: tuple[str, ...]  # label of class i; in grade order when `ordinal`
+    slide_ids: tuple[str, ...]
+    labels: np.ndarray  # [S] int64
+    splits: np.ndarray | None  # [S] str (train / val / test), None: K folds by patient
+    patients: np.ndarray  # [S] str
+    registry: SlideRegistry
+    tiles: TileIndex
+    ordinal: bool = False
+    mpp: float | None = None  # overrides the slides' own µm/px
+
+    def tile_rows(self, slide_id: str) -> np.ndarray:
+        """Global row ids in `tiles` of the slide's tissue tiles."""
+        return self.tiles.select_slides([slide_id]).row_ids()
+
+
+def open_tiles(path: str | Path) -> TileIndex:
+    """A TileIndex directory, or a `curate tiles` TILES_DIR holding one in `index/`."""
+    path = Path(path)
+    for candidate in (path, path / "index"):
+        if (candidate / "manifest.json").is_file():
+            return TileIndex.open(candidate)
+    raise UserError(f"tiles {path}: neither a tile index (no manifest.json) nor a `curate tiles` output "
+                    "(no index/manifest.json)")
+
+
+def read_labels(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a labels CSV, with the columns checked; `line` added to each row."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"slide labels {path}: file not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in COLUMNS[:2] if c not in header]
+        if missing:
+            raise UserError(f"{path}: header lacks column(s) {missing}; expected {','.join(COLUMNS)} "
+                            "(split and patient_id optional)")
+        rows = [{**row, "line": str(line)} for line, row in enumerate(reader, start=2)]
+    if not rows:
+        raise UserError(f"{path}: no slides")
+    return rows
+
+
+def task_from_rows(name: str, rows: list[dict[str, str]], source: Path, registry: SlideRegistry,
+                   tiles: TileIndex, classes: tuple[str, ...] | None = None, ordinal: bool = False,
+                   mpp: float | None = None) -> SlideTask:
+    """Check every row (one-line error naming `source` and its line) and build the task.
+    `classes`: the label order (required for ordinal labels); default: sorted labels."""
+    known_tiles = set(tiles.slide_names)
+    tile_counts = np.bincount(tiles.slides(), minlength=len(tiles.slide_names))
+    count_of = dict(zip(tiles.slide_names, tile_counts))
+    has_split = any((r.get("split") or "").strip() for r in rows)
+    seen: set[str] = set()
+    for row in rows:
+        where = f"{source}: line {row['line']}"
+        sid, label = (row.get("slide_id") or "").strip(), (row.get("label") or "").strip()
+        if not sid or not label:
+            raise UserError(f"{where}: empty slide_id or label")
+        if sid in seen:
+            raise UserError(f"{where}: slide {sid!r} listed twice")
+        seen.add(sid)
+        if sid not in registry:
+            raise UserError(f"{where}: unknown slide {sid!r} (not in the slides {registry.source})")
+        if sid not in known_tiles or count_of[sid] == 0:
+            raise UserError(f"{where}: slide {sid!r} has no tissue tiles in {tiles.path}")
+        if classes is not None and label not in classes:
+            raise UserError(f"{where}: label {label!r} is not one of {list(classes)}")
+        split = (row.get("split") or "").strip()
+        if has_split and split not in SPLITS:
+            raise UserError(f"{where}: split {split!r} must be one of {'/'.join(SPLITS)} "
+                            "(the split column, where present, is needed on every row)")
+    labels_seen = sorted({r["label"].strip() for r in rows})
+    classes = tuple(classes) if classes is not None else tuple(labels_seen)
+    if len(labels_seen) < 2:
+        raise UserError(f"{source}: a single class ({labels_seen[0]!r}); a slide task needs at least two")
+    splits = np.array([r["split"].strip() for r in rows]) if has_split else None
+    if splits is not None:
+        for split in ("train", "val"):
+            if split not in splits:
+                raise UserError(f"{source}: no slide in the {split} split (train and val are required)")
+        train_labels = {r["label"].strip() for r, s in zip(rows, splits) if s == "train"}
+        if len(train_labels) < 2:
+            raise UserError(f"{source}: the train split holds a single class ({sorted(train_labels)})")
+    slide_ids = tuple(r["slide_id"].strip() for r in rows)
+    patients = np.array([(r.get("patient_id") or "").strip() or sid for r, sid in zip(rows, slide_ids)])
+    labels = np.array([classes.index(r["label"].strip()) for r in rows], np.int64)
+    return SlideTask(name, classes, slide_ids, labels, splits, patients, registry, tiles, ordinal, mpp)
+
+
+def csv_task(labels_csv: str | Path, slides: str | Path, tiles: str | Path, name: str | None = None,
+             classes: tuple[str, ...] | None = None, ordinal: bool = False,
+             mpp: float | None = None) -> SlideTask:
+    """The generic task: a labels CSV, a slide folder or CSV, a tile index or TILES_DIR."""
+    labels_csv = Path(labels_csv)
+    return task_from_rows(name or labels_csv.stem, read_labels(labels_csv), labels_csv,
+                          SlideRegistry.from_spec(slides), open_tiles(tiles), classes, ordinal, mpp)
