@@ -12,6 +12,7 @@ first missing row. `meta.json` appears last, marking the split complete.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +99,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 def fill_features(backbone: nn.Module, dataset: Dataset, outputs: dict[str, tuple[np.ndarray, str]],
                   progress_file: str | Path, *, batch_size: int = 64, num_workers: int = 0,
                   progress: bool = True, desc: str = "features", unit: str = "img", amp: str = "none",
-                  on_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                  on_device: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  checkpoint_seconds: float = 0.0) -> None:
     """Embed items `(image, label)` of `dataset` into rows of the `outputs` arrays, in order.
 
     `outputs` maps a name to (array with len(dataset) rows, source): a token of `select_token`, or
     `label`. Arrays are flushed, then `progress_file` ({"rows": done}) rewritten atomically after
-    every batch, so a killed run resumes at its first missing row; a complete run leaves
+    a batch once `checkpoint_seconds` have passed since the last time (0: every batch; a cluster
+    file system makes each fsync costly), so a killed run resumes at its last checkpoint; the end
+    of the run is always checkpointed. A complete run leaves
     {"rows": len(dataset)} there and returns at once when called again. `on_device` maps a batch on
     the backbone's device to its input (say uint8 tiles -> normalised floats: 4x fewer bytes to
     move); `amp` (bf16 | fp16 | none) autocasts the forward pass on CUDA."""
@@ -122,6 +126,7 @@ def fill_features(backbone: nn.Module, dataset: Dataset, outputs: dict[str, tupl
         log.info("%s: resuming at row %d of %d", desc, done, n)
     loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, num_workers=num_workers,
                         shuffle=False, persistent_workers=False, pin_memory=device.type == "cuda")
+    last_checkpoint = time.monotonic()
     with tqdm(total=n, initial=done, desc=desc, disable=not progress, unit=unit, unit_scale=True) as bar:
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
@@ -131,11 +136,13 @@ def fill_features(backbone: nn.Module, dataset: Dataset, outputs: dict[str, tupl
             for array, source in outputs.values():
                 array[done:stop] = labels.numpy() if source == "label" else \
                     select_token(out, source).float().cpu().numpy()
-            for array, _ in outputs.values():
-                if isinstance(array, np.memmap):
-                    array.flush()
             done = stop
-            atomic_write_text(progress_file, json.dumps({"rows": done}))
+            if done == n or time.monotonic() - last_checkpoint >= checkpoint_seconds:
+                for array, _ in outputs.values():
+                    if isinstance(array, np.memmap):
+                        array.flush()
+                atomic_write_text(progress_file, json.dumps({"rows": done}))
+                last_checkpoint = time.monotonic()
             bar.update(images.shape[0])
 
 

@@ -25,7 +25,7 @@ from dinov2_patho.errors import UserError
 ARCH = "timm/vit_tiny_patch16_224"
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 SMALL = ("--arch", ARCH, *(f"embed.model.{k}={v}" for k, v in TINY.items()), "embed.batch_size=16",
-         "embed.num_workers=0", "embed.device=cpu")
+         "embed.num_workers=0", "embed.device=cpu", "embed.checkpoint_seconds=0")
 
 
 def parse(module, argv: list[str]) -> argparse.Namespace:
@@ -120,6 +120,22 @@ def test_resume_after_a_kill_equals_a_clean_run(tiles_dir, clean_run, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "manifest.json", "slides.csv"]
     assert reads["n"] == n - done
     assert curate_embed(tiles_dir, out) == 0 and reads["n"] == n - done  # complete: nothing to do
+
+
+def test_checkpoints_are_spaced_by_checkpoint_seconds(tiles_dir, tmp_path, monkeypatch):
+    real_read = SlideTileSource.read
+
+    def read_then_kill(self, slide_id, x, y):
+        if read_then_kill.calls == 40:
+            raise KeyboardInterrupt
+        read_then_kill.calls += 1
+        return real_read(self, slide_id, x, y)
+
+    read_then_kill.calls = 0
+    monkeypatch.setattr(SlideTileSource, "read", read_then_kill)
+    with pytest.raises(KeyboardInterrupt):
+        curate_embed(tiles_dir, tmp_path / "emb", "embed.checkpoint_seconds=3600")
+    assert list((tmp_path / "emb" / "progress").iterdir()) == []  # no checkpoint within the hour
 
 
 def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:

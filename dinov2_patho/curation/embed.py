@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                           progress=not args.no_progress and ctx.is_main, unit="tile",
                           desc=f"curate embed (rank {ctx.rank}/{ctx.world_size})", amp=cfg.amp,
-                          on_device=on_device)
+                          on_device=on_device, checkpoint_seconds=cfg.checkpoint_seconds)
             del rows
         barrier(ctx)
         if ctx.is_main:
