@@ -22,7 +22,7 @@ def summary_rows(results: dict) -> list[dict]:
     for name, res in results.items():
         split = res["eval_split"]
         common = {"benchmark": name, "n_train": res["sizes"]["train"], "n_eval": res["sizes"][split],
-                  "eval_split": split}
+                  "eval_split": split, "cv_folds": res.get("cv_folds")}
         heads = [(head, res[head]) for head in SINGLE_HEADS[:2] if head in res]
         heads += [(f"knn_k{k}", r) for k, r in res.get("knn", {}).items()]
         heads += [(head, res[head]) for head in SINGLE_HEADS[2:] if head in res]
@@ -40,9 +40,23 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _notes(rows: list[dict]) -> str:
+    """What the scores and the counts are, per benchmark: a markdown list."""
+    notes = []
+    for name, folds in dict.fromkeys((r["benchmark"], r.get("cv_folds")) for r in rows):
+        if folds:
+            notes.append(f"{name}: {folds}-fold cross-validation by slide/patient; scores are the mean over "
+                         f"the {folds} test folds, balanced_accuracy_std their spread over folds; n_train "
+                         f"and n_eval are images per fold (mean)")
+        else:
+            notes.append(f"{name}: the benchmark's own splits; n_train and n_eval are the images of train "
+                         f"and of eval_split")
+    return "".join(f"- {note}\n" for note in notes) + "\n" if notes else ""
+
+
 def write_tables(rows: list[dict], output_dir: Path) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(output_dir / "results.csv", buf.getvalue())
@@ -51,7 +65,7 @@ def write_tables(rows: list[dict], output_dir: Path) -> None:
     atomic_write_text(output_dir / "results.md",
                       "Scores in % (balanced accuracy, macro F1, AUROC, quadratic kappa); linear and abmil: "
                       "mean ± std over runs.\n\n"
-                      + "\n".join(lines) + "\n")
+                      + _notes(rows) + "\n".join(lines) + "\n")
 
 
 def write_plot(rows: list[dict], output_dir: Path) -> None:
