@@ -107,7 +107,7 @@ def test_resume_after_a_kill_equals_a_clean_run(tiles_dir, clean_run, tmp_path, 
     out = tmp_path / "emb"
     with pytest.raises(KeyboardInterrupt):
         curate_embed(tiles_dir, out)
-    assert not (out / "manifest.json").exists()
+    assert not (out / "manifest.json").exists() and not (out / "embeddings.npy").exists()
     (progress,) = (out / "progress").iterdir()
     done = json.loads(progress.read_text())["rows"]
     assert done == 32  # two batches of 16 finished before the kill at the 40th tile

@@ -8,6 +8,8 @@ EMB_DIR holds:
                      its presence marks a complete run
     run.json         while running: the same settings, so a resumed run never mixes two backbones
     progress/        while running: rows done per shard (rows_<start>_<stop>.json)
+    embeddings.partial.npy  while running: the rows so far, renamed to embeddings.npy once complete,
+                     so no reader ever takes an unfinished matrix for embeddings
 
 Rank r of W embeds rows [N r / W, N (r + 1) / W) through the feature engine (eval/features.py),
 writing into its slice of the one preallocated .npy; a killed run resumes each shard at its first
@@ -20,6 +22,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 EMBEDDINGS, SLIDES, MANIFEST = "embeddings.npy", "slides.csv", "manifest.json"
-RUN, PROGRESS = "run.json", "progress"
+RUN, PROGRESS, PARTIAL = "run.json", "progress", "embeddings.partial.npy"
 TOKENS = ("cls", "patch_mean", "cls+patch_mean")
 
 
@@ -197,11 +200,11 @@ def run(args: argparse.Namespace) -> int:
         barrier(ctx)
         start, stop = shard(n, ctx.rank, ctx.world_size)
         if stop > start:
-            full = np.load(out / EMBEDDINGS, mmap_mode="r")
+            full = np.load(out / PARTIAL, mmap_mode="r")
             if full.shape != (n, dim) or full.dtype != np.float16:
-                raise UserError(f"{out / EMBEDDINGS}: shape {full.shape} {full.dtype}, expected ({n}, {dim}) "
+                raise UserError(f"{out / PARTIAL}: shape {full.shape} {full.dtype}, expected ({n}, {dim}) "
                                 "float16; delete the directory to start over")
-            rows = np.memmap(out / EMBEDDINGS, np.float16, "r+", offset=full.offset + start * dim * 2,
+            rows = np.memmap(out / PARTIAL, np.float16, "r+", offset=full.offset + start * dim * 2,
                              shape=(stop - start, dim))
             del full
             fill_features(backbone, torch.utils.data.Subset(dataset, range(start, stop)),
@@ -220,11 +223,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> None:
     """A fresh run: the preallocated (sparse) .npy, then run.json; a resumed one keeps both."""
-    if (out / RUN).is_file() and (out / EMBEDDINGS).is_file():
+    if (out / RUN).is_file() and (out / PARTIAL).is_file():
         return
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / PROGRESS, ignore_errors=True)
-    with atomic_path(out / EMBEDDINGS) as tmp:
+    for stale in (EMBEDDINGS, SLIDES):  # of an older run whose manifest was removed: never mixed in
+        (out / stale).unlink(missing_ok=True)
+    with atomic_path(out / PARTIAL) as tmp:
         np.lib.format.open_memmap(tmp, "w+", np.float16, (n, dim)).flush()
     (out / PROGRESS).mkdir()
     run_state = {"format_version": FORMAT_VERSION, "settings": settings}
@@ -232,7 +237,8 @@ def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> None:
 
 
 def _finish(out: Path, index: Any, settings: dict[str, Any], world_size: int) -> None:
-    """Check every shard is complete, then slides.csv, then manifest.json (last); drop the run state."""
+    """Check every shard is complete, then embeddings.npy, slides.csv, manifest.json (last); drop the run
+    state."""
     n = settings["tiles"]["num_rows"]
     for rank in range(world_size):
         start, stop = shard(n, rank, world_size)
@@ -246,6 +252,7 @@ def _finish(out: Path, index: Any, settings: dict[str, Any], world_size: int) ->
         w.writerow(("slide_id", "start_row", "end_row"))
         for a, b in zip(bounds[:-1], bounds[1:]):
             w.writerow((index.slide_names[slide_of_row[a]], int(a), int(b)))
+    os.replace(out / PARTIAL, out / EMBEDDINGS)
     manifest = {"format_version": FORMAT_VERSION, "settings": settings, "num_rows": n, "dim": settings["dim"],
                 "dtype": "float16", "world_size": world_size}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
