@@ -33,7 +33,6 @@ setup(
         # a GPU machine brings its own CUDA build.
         "torch>=2.4",
         "timm>=1.0",
-        "fvcore",
         "omegaconf>=2.3",
         "numpy>=1.26",
         "faiss-cpu>=1.8",
@@ -43,7 +42,6 @@ setup(
         "h5py>=3.10",
         "scikit-learn>=1.4",
         "scipy",  # curation: tissue mask morphology (already a scikit-learn dependency)
-        "psutil",
         "matplotlib",  # eval's results plot
     ],
     extras_require={

@@ -8,7 +8,8 @@
     only CPU path; without xformers it also cannot batch crop sizes, so both run crop sets one by one).
 (b) full step: our SSLMetaArch.forward_backward (DINO + iBOT + KoLeo, heads of the default config),
     an AdamW step and the teacher EMA update. The reference's meta-architecture needs xformers, so
-    (b) has no reference figure.
+    (b) has no reference figure; its FLOPs are counted (train/flops.py) and, on a GPU of known
+    peak, its model FLOPs utilisation printed.
 CPU: ViT-S/14 at a small batch in float32. GPU (when available): ViT-L/14, batch 32, bf16 autocast.
 
     git clone https://github.com/facebookresearch/dinov2 /tmp/dinov2_ref     # outside the project
@@ -136,7 +137,8 @@ def bench_full_step(args, device) -> None:
         from dinov2_patho.data.collate import collate_multicrop
         from dinov2_patho.data.masking import MaskingGenerator
         from dinov2_patho.train.config import load_train_config
-        from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
+        from dinov2_patho.train.flops import counted, peak_flops, utilisation
+        from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype
     except ImportError as exc:
         print(f"  not measured: {exc}")
         return
@@ -165,9 +167,14 @@ def bench_full_step(args, device) -> None:
         model.update_teacher(0.994)
 
     sec, median = time_alternating({"full": step}, args.iters, device)["full"]
+    _, flops = counted(step)
     heads = f"{cfg.dino.head_n_prototypes} prototypes, {'separate' if cfg.ibot.separate_head else 'shared'}"
     print(f"  ours full SSL step ({heads} iBOT head): best {sec:7.3f} s/step = "
           f"{args.batch / sec:6.2f} samples/s (median {median:.3f} s)")
+    peak = peak_flops(device, autocast_dtype(amp, device))
+    rate = utilisation(flops, sec, peak)
+    mfu = f"MFU {rate['mfu']:.3f} of the {peak / 1e12:.0f} TFLOP/s peak" if peak else "no known peak: no MFU"
+    print(f"  {flops / 1e12:.3f} TFLOP/step (counted): {rate['tflops']:.2f} TFLOP/s at best; {mfu}")
 
 
 def main() -> None:

@@ -217,7 +217,7 @@ def test_evaluation_hook_runs_benchmarks_on_the_teacher(cohort, cohort_index, tm
     assert calls[0][0] is not None and calls[0][0].embed_dim == 48
 
 
-def test_pseudo_epoch_is_one_value_in_the_logs(cohort, cohort_index, tmp_path):
+def test_logs_hold_one_pseudo_epoch_and_the_step_flops(cohort, cohort_index, tmp_path):
     # B = 8, 12 samples: 2 batches per pseudo-epoch, where floor(it * B / L) would say epoch 2 at it 3
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=5", "train.num_workers=0",
                    "sampler.pseudo_epoch_samples=12")
@@ -225,6 +225,9 @@ def test_pseudo_epoch_is_one_value_in_the_logs(cohort, cohort_index, tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     logged = [(r["pseudo_epoch"], r["sampler/pseudo_epoch"]) for r in records]
     assert logged == [(e, e) for e in (0, 0, 1, 1, 2)]
+    # FLOPs counted on the first step: achieved TFLOP/s = FLOPs / iteration time; no MFU on a CPU
+    step_flops = {round(r["tflops"] * 1e12 * r["iter_time"]) for r in records}
+    assert len(step_flops) == 1 and step_flops.pop() > 0 and "mfu" not in records[0]
     with pytest.raises(ConfigError, match="train.pseudo_epoch_length is now sampler.pseudo_epoch_samples"):
         load_train_config(SMOKE, ["train.pseudo_epoch_length=12"])
 

@@ -37,9 +37,11 @@ from dinov2_patho.train.config import global_batch_size, validate_config
 from dinov2_patho.train.config_values import check_resume_config
 from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
 from dinov2_patho.train.dist import DistContext, broadcast_object, distributed_context
+from dinov2_patho.train.flops import counted, peak_flops, utilisation
 from dinov2_patho.train.metrics import MetricsWriter, read_metrics
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
+from dinov2_patho.train.ssl_meta_arch import autocast_dtype
 
 log = get_logger(__name__)
 
@@ -138,6 +140,10 @@ class Trainer:
         # after sharding, which replaces the parameters
         self.optimizer = build_optimizer(self.model.get_params_groups(), cfg)
         self.scaler = self.model.grad_scaler
+        # FLOPs of a step over all ranks (counted on the first), and the ranks' peak FLOP/s if known
+        self.step_flops: float | None = None
+        peak = peak_flops(ctx.device, autocast_dtype(cfg.compute_precision.amp, ctx.device))
+        self.peak_flops = peak * ctx.world_size if peak else None
         self.schedules = Schedules(cfg, self.global_batch)
         self.start = self._resume()
         if self.start == 0:
@@ -286,7 +292,12 @@ class Trainer:
             values = self.schedules.at(iteration)
             apply_schedule(self.optimizer, values)
             self.optimizer.zero_grad(set_to_none=True)
-            loss_dict = self.model.forward_backward(batch, teacher_temp=values.teacher_temp)
+            if self.step_flops is None:  # counted once per run, on its first step
+                loss_dict, flops = counted(self.model.forward_backward, batch,
+                                           teacher_temp=values.teacher_temp)
+                self.step_flops = flops * ctx.world_size
+            else:
+                loss_dict = self.model.forward_backward(batch, teacher_temp=values.teacher_temp)
             losses, stop = self._reduce(loss_dict)
             if not all(math.isfinite(v) for v in losses.values()):
                 raise NonFiniteLossError(
@@ -306,6 +317,7 @@ class Trainer:
                       **losses, **values.as_dict(), "grad_norm": grad_norm,
                       "data_time": t_data, "step_time": t_iter - t_data, "iter_time": t_iter,
                       "samples_per_s": self.global_batch / t_iter,
+                      **utilisation(self.step_flops, t_iter, self.peak_flops),
                       "batch_digest": _batch_digest(global_batch)}
             if ctx.is_main:
                 record.update({f"sampler/{k}": v
