@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dinov2_patho.curation import embed as embed_mod
 from dinov2_patho.curation import tissue
@@ -226,3 +228,12 @@ def test_launch_curate_checks_the_command_before_submitting(tmp_path):
         checked_command("curate", ["embed", "--bogus"])
     with pytest.raises(UserError, match="arguments after `--`"):
         checked_command("curate", [])
+
+
+@given(st.integers(0, 10**12), st.integers(1, 4096))
+def test_shards_partition_the_rows_contiguously_and_evenly(n, world):
+    bounds = [embed_mod.shard(n, r, world) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) - min(sizes) <= 1
