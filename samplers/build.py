@@ -147,6 +147,8 @@ def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> Glob
     """A sampler from its config section: `{name: ..., seed: ..., <options>}`. To draw from a
     subset of the index, pass its view (`subset_view(index, data.subset)`)."""
     options = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
+    # null is "not set": a dot-override cannot delete a key a config file set (sampler.level=null)
+    options = {key: value for key, value in options.items() if value is not None}
     name = options.get("name")
     if name is None:
         raise SamplerError(f"sampler.name is missing; valid: {', '.join(SAMPLERS.names())}")

@@ -412,6 +412,8 @@ def test_options_the_chosen_branch_ignores_are_errors_naming_them():
         build_sampler({"name": "cluster_stratified", "level": 1, "column": "tissue_diagnosis"}, index, 8)
     with pytest.raises(UserError, match=r"sampler.max_slides_per_epoch: not an option of sampler 'uniform'"):
         build_sampler({"name": "uniform", "max_slides_per_epoch": 800}, index, 8)
+    # null is unset: a config file's level can be cleared by an override when switching to uniform
+    build_sampler({"name": "uniform", "level": None}, index, 8)
     with pytest.raises(UserError, match=r"sampler.alpha: .*could not be converted"):
         build_sampler({"name": "cluster_stratified", "level": 1, "alpha": "high"}, index, 8)
 
