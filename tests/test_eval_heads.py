@@ -144,3 +144,13 @@ def test_embed_reads_our_vit_cls_and_mean_patch_tokens():
         out, ref = embed(vit, x), vit.forward_features(x)
     torch.testing.assert_close(out["cls"], ref["x_norm_clstoken"])
     torch.testing.assert_close(out["patch_mean"], ref["x_norm_patchtokens"].mean(1))
+
+
+def test_summarized_runs_keep_each_class_recall_as_its_mean_over_runs():
+    from dinov2_patho.eval.heads.linear import summarize_runs
+
+    runs = [{"balanced_accuracy": 0.5, "per_class_recall": {"a": 1.0, "b": 0.0}},
+            {"balanced_accuracy": 0.7, "per_class_recall": {"a": 0.5, "b": float("nan")}}]
+    out = summarize_runs(runs)
+    assert out["balanced_accuracy"] == pytest.approx(0.6)
+    assert out["per_class_recall"] == {"a": 0.75, "b": 0.0}

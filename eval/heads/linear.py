@@ -173,4 +173,7 @@ def summarize_runs(runs: list[dict]) -> dict:
         values = np.array([run[key] for run in runs], np.float64)
         out[key] = float(values.mean())
         out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    for key, value in runs[0].items():
+        if isinstance(value, dict):  # per-class metrics: each class's mean over runs
+            out[key] = {c: float(np.nanmean([run[key][c] for run in runs])) for c in value}
     return out
