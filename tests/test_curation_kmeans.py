@@ -307,3 +307,15 @@ def test_paper_trees_at_paper_scale_and_scaled_down(name, paper):
     assert [s.resampling_steps for s in specs] == [1, 10, 10, 10]
     small = [s.total_clusters for s in hierarchy.scale_levels(specs, 1_000_000, name)]
     assert small[0] == 35 * 287 and all(a > b for a, b in zip(small, small[1:]))
+
+
+def test_tol_stops_lloyd_early_at_a_close_objective():
+    from dinov2_patho.curation.kmeans import LloydOptions, kmeans
+
+    x = np.random.default_rng(9).standard_normal((3000, 4)).astype(np.float32)
+    exact = kmeans(Points(x), 30, seed=0, options=LloydOptions(iterations=60, engine="torch"))
+    early = kmeans(Points(x), 30, seed=0, options=LloydOptions(iterations=60, engine="torch", tol=1e-3))
+    assert early.iterations < exact.iterations
+    assert early.objective <= exact.objective * 1.02
+    warm = kmeans(Points(x), 30, seed=1, centroids=exact.centroids, options=LloydOptions(engine="torch"))
+    assert warm.iterations <= 2 and warm.objective <= exact.objective * (1 + 1e-6)  # already a fixed point
