@@ -164,6 +164,13 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
     return summarize_runs(runs)
 
 
+def _nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN, without a warning, when all are)."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
 def summarize_runs(runs: list[dict]) -> dict:
     """mean and sample std (eva's `statistics.stdev`; 0 for one run) over runs of every
     scalar metric, plus the runs."""
@@ -175,5 +182,5 @@ def summarize_runs(runs: list[dict]) -> dict:
         out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     for key, value in runs[0].items():
         if isinstance(value, dict):  # per-class metrics: each class's mean over runs
-            out[key] = {c: float(np.nanmean([run[key][c] for run in runs])) for c in value}
+            out[key] = {c: _nanmean([run[key][c] for run in runs]) for c in value}
     return out
