@@ -1,8 +1,9 @@
 """FLOPs of a training step, counted on the step itself, and model FLOPs utilisation (MFU).
 
 torch's FlopCounterMode counts at the dispatcher what the step really runs (matmuls,
-convolutions, attention; forward and backward, masked patches and heads included), in
-FLOPs of 2 per multiply-add, as MFU figures (PaLM, torchtitan) count them. fvcore, which
+convolutions, attention; forward and backward, masked patches and heads included; blocks
+that stochastic depth skips on part of the batch count only for the rest), in FLOPs of 2
+per multiply-add, as MFU figures (PaLM, torchtitan) count them. fvcore, which
 DINOv2 lists, counts by jit-tracing a forward: it cannot trace our ViT (position embeddings
 resampled from traced shapes) and would leave backward to a 2x rule, so it is not used.
 """
