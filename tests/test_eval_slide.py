@@ -20,10 +20,10 @@ from dinov2_patho.eval.metrics import quadratic_kappa
 from dinov2_patho.eval.slide.adapters import SLIDE_TASKS
 from dinov2_patho.eval.slide.bags import capped_rows, extract_bags
 from dinov2_patho.eval.slide.runner import evaluate_bags, partitions, slide_config
+from dinov2_patho.eval.slide.synthetic_check import ColourTexture, synthetic_mil_check
 from dinov2_patho.eval.slide.tasks import csv_task, open_tiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from dinov2_patho.cli import main
 from dinov2_patho.data.index import build_index
@@ -39,22 +39,6 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def _write(path: Path, header: str, lines: list[str]) -> Path:
     path.write_text("\n".join([header, *lines]) + "\n")
     return path
-
-
-class Handcrafted(nn.Module):
-    """Colour and texture statistics of a tile: channel mean and std, mean |Laplacian| at full and
-    1/4 resolution (12 numbers). Through the feature engine like any backbone, in milliseconds."""
-
-    def __init__(self):
-        super().__init__()
-        lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])
-        self.register_buffer("laplacian", lap.view(1, 1, 3, 3).repeat(3, 1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fine = nn.functional.conv2d(x, self.laplacian, groups=3).abs().mean((2, 3))
-        coarse = nn.functional.conv2d(nn.functional.avg_pool2d(x, 4), self.laplacian, groups=3)
-        coarse = coarse.abs().mean((2, 3))
-        return torch.cat([x.mean((2, 3)), x.std((2, 3)), fine, coarse], 1)
 
 
 @pytest.fixture
@@ -198,12 +182,12 @@ def test_capped_rows_are_a_sorted_deterministic_subset(n, cap, seed):
 def test_bag_cache_is_reused_and_a_stale_one_refused(cohort, cohort_index, tmp_path, one_thread):
     task = csv_task(_labels(tmp_path, _good_lines(cohort)[:4] + _good_lines(cohort)[4:6]), cohort.slides_dir,
                     cohort_index.path)
-    backbone = Handcrafted()
+    backbone = ColourTexture()
     bags = extract_bags(task, backbone, tmp_path / "bags", backbone_name="hand", cap=20, progress=False)
     assert [len(b) for b in bags] == [min(20, len(task.tile_rows(s))) for s in task.slide_ids]
     assert all(b.shape[1] == 12 for b in bags)
 
-    class Refuses(Handcrafted):
+    class Refuses(ColourTexture):
         def forward(self, x):
             raise AssertionError("the cache was not reused")
 
@@ -243,7 +227,7 @@ def test_an_empty_bag_never_reaches_the_head():
         pad_bags([np.zeros((3, 4), np.float32), np.zeros((0, 4), np.float32)])
 
 
-def test_attention_finds_the_key_instance_in_gaussian_bags():
+def test_attention_finds_the_key_instance_in_gaussian_bags(one_thread):
     """Bags of 20 noise vectors; positives hold one shifted instance: the trained net attends to it."""
     rng = np.random.default_rng(0)
 
@@ -344,3 +328,22 @@ def test_panda_layout_is_ordinal(tmp_path):
     result = evaluate_bags(bags, task.labels, part, task, cfg)
     assert "quadratic_kappa" in result["abmil"] and "quadratic_kappa" in result["mean_pool"]
     assert open_tiles(tmp_path / "tiles").path == tmp_path / "tiles"
+
+
+
+# benchmarks/slide_mil.py on cohort seeds 0-3 (benchmarks/RESULTS.md, "Slide-level evaluation"):
+# attention-MIL AUROC 89.6 / 99.3 / 78.9 / 91.9, mean pooling 72.2 / 61.8 / 79.9 / 85.4, top-2 attention
+# tiles in the lesion 92 / 92 / 33 / 96 % (chance: 2 of ~12 tissue tiles, 16 %). Attention-MIL beat mean
+# pooling on 3 seeds of 4 (seed 2: -0.9 points), so what is asserted is what held on all four: bounds
+# below each minimum.
+MIN_ABMIL_AUROC = 0.75
+MIN_GAIN_OVER_MEAN_POOLING = -0.05
+MIN_ATTENTION_IN_LESION = 0.30
+
+
+@pytest.mark.slow
+def test_attention_mil_scores_on_the_synthetic_slide_task_and_attends_to_the_lesions(tmp_path, one_thread):
+    result = synthetic_mil_check(tmp_path, seed=0)
+    assert result["abmil_auroc"] > MIN_ABMIL_AUROC, result
+    assert result["abmil_auroc"] - result["mean_pool_auroc"] > MIN_GAIN_OVER_MEAN_POOLING, result
+    assert result["attention_in_lesion"] > MIN_ATTENTION_IN_LESION, result

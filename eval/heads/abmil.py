@@ -13,6 +13,7 @@ with BCE, as the linear probe does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,15 +146,21 @@ def attention_weights(net: GatedAttentionMIL, bag: np.ndarray, device: str = "cp
         return net.attention(x.to(device), mask.to(device))[0][0].cpu().numpy()
 
 
+def standardizer(bags: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """z-scores by the mean and std of every tile of `bags` (the training bags)."""
+    tiles = np.concatenate(bags)
+    mean, std = tiles.mean(0), tiles.std(0) + 1e-6
+    return lambda bag: (bag - mean) / std
+
+
 def abmil(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray], np.ndarray],
           test: tuple[list[np.ndarray], np.ndarray], classes: list[str], cfg: AbmilConfig,
           ordinal: bool = False) -> dict:
     """`n_runs` networks (seeds seed, seed+1, ...) trained on `train`, early-stopped on `val`,
     scored on `test`; per-run metrics and mean/std of the scalar ones."""
     if cfg.standardize:
-        tiles = np.concatenate(train[0])
-        mean, std = tiles.mean(0), tiles.std(0) + 1e-6
-        train, val, test = (([(bag - mean) / std for bag in bags], y) for bags, y in (train, val, test))
+        standardize = standardizer(train[0])
+        train, val, test = (([standardize(bag) for bag in bags], y) for bags, y in (train, val, test))
     runs = []
     with _single_thread(cfg.device):
         for r in range(cfg.n_runs):
