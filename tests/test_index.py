@@ -342,3 +342,31 @@ def test_cluster_values_leaving_the_lookup_table_midway(tmp_path, monkeypatch):
     rows = [("s", i, 0, i % 50 if i < 1000 else (i % 70) * 2**40 + i % 3) for i in range(2000)]
     index = build_index(write_csv(tmp_path / "c.csv", rows, 1), tmp_path / "idx", progress=False)
     check_round_trip(index, rows, 1)
+
+
+@pytest.mark.parametrize("rows, coords, grouped, stored", [
+    ([("s0", 0, 0, 0), ("s0", 224, 0, 1), ("s1", 0, 224, 1)], "uint24", True, False),
+    ([("s0", 0, 0, 5), ("s1", 1 << 24, 0, -3), ("s0", 224, 0, 5)], "int32", False, True),
+])
+def test_the_format_module_defines_every_file_and_manifest_key(tmp_path, rows, coords, grouped, stored):
+    from dinov2_patho.data.index_format import Manifest, index_files
+
+    index = build_index(write_csv(tmp_path / "c.csv", rows, 1), tmp_path / "idx", progress=False)
+    manifest = Manifest.read(tmp_path / "idx")
+    layout = (manifest.coords, manifest.grouped_by_slide, manifest.levels[0].values_stored)
+    assert layout == (coords, grouped, stored)
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(index_files(manifest))
+    assert index.manifest == json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert index.summary()["bytes_on_disk"] == sum(p.stat().st_size for p in (tmp_path / "idx").iterdir())
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, (1 << 24) - 1), st.integers(0, (1 << 24) - 1)), max_size=50))
+def test_uint24_codec_round_trips(pairs):
+    from dinov2_patho.data.index_format import UINT24, decode_xy, encode_xy
+
+    x, y = (np.array([p[i] for p in pairs], np.int32) for i in (0, 1))
+    encoded = encode_xy(UINT24, x, y)
+    assert encoded.dtype == np.uint8 and encoded.shape == (len(pairs), 6)
+    dx, dy = decode_xy(encoded)
+    assert dx.tolist() == x.tolist() and dy.tolist() == y.tolist()

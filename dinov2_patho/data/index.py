@@ -1,13 +1,7 @@
 """TileIndex: the clustering CSV, ingested once, read as memory maps; views select rows without copying.
 
-On disk (a directory; `manifest.json` is written last, so its presence marks a complete index):
-- `xy.npy`: per-row coordinates, uint8 [N, 6] (x, y as little-endian 24-bit, when every coordinate is
-  below 2^24 px, always so for a WSI) or int32 [N, 2];
-- `level_k.npy`: per-row dense cluster id, narrowest unsigned dtype; `level_k.sizes.npy` rows per
-  cluster; `level_k.values.npy` the original CSV values by dense id (absent when they are 0..K-1);
-- `slide_offsets.npy` (int64 [S+1], when the CSV lists each slide's rows contiguously) or `slide.npy`
-  (per-row slide index, otherwise); `slides.json` slide index -> slide_id.
-Row i is data row i of the CSV (after `--dedupe`, of the kept rows, in order).
+The files on disk are defined in index_format.py; row i is data row i of the CSV (after `--dedupe`,
+of the kept rows, in order).
 """
 
 from __future__ import annotations
@@ -18,7 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.data.index_ingest import FORMAT_VERSION, MANIFEST, SLIDES, build
+from dinov2_patho.data.index_format import (
+    SLIDE,
+    SLIDE_OFFSETS,
+    SLIDES,
+    XY,
+    Manifest,
+    decode_xy,
+    index_files,
+    level_file,
+    level_sizes_file,
+    level_values_file,
+)
+from dinov2_patho.data.index_ingest import build
 from dinov2_patho.data.index_source import read_text_table
 from dinov2_patho.errors import UserError
 
@@ -31,55 +37,29 @@ def build_index(
     return TileIndex.open(out)
 
 
-def decode_xy(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int32 x, y from stored coordinates (24-bit packed or int32 pairs)."""
-    if xy.dtype == np.int32:
-        return np.array(xy[:, 0]), np.array(xy[:, 1])
-    out = []
-    for lo in (0, 3):
-        b = xy[:, lo : lo + 3].astype(np.int32)
-        out.append(b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16))
-    return out[0], out[1]
-
-
 class _Store:
     """The memory-mapped arrays of one index directory, shared by all its views."""
 
     def __init__(self, path: Path):
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(
-                f"{path}: not a tile index (no {MANIFEST}); build one with `dinov2-patho index build`"
-            )
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(
-                f"{path}: index format {self.manifest.get('format_version')}, this code reads "
-                f"{FORMAT_VERSION}; rebuild it"
-            )
-        self.num_rows: int = self.manifest["num_rows"]
-        self.level_names = tuple(self.manifest["level_names"])
+        self.manifest = Manifest.read(path)
+        self.num_rows: int = self.manifest.num_rows
+        self.level_names = tuple(self.manifest.level_names)
         self.slide_names: list[str] = json.loads((path / SLIDES).read_text())
-        self.xy = np.load(path / "xy.npy", mmap_mode="r")
-        self.levels = [
-            np.load(path / f"level_{k}.npy", mmap_mode="r") for k in range(1, len(self.level_names) + 1)
+        self.xy = np.load(path / XY, mmap_mode="r")
+        ks = range(1, len(self.level_names) + 1)
+        self.levels = [np.load(path / level_file(k), mmap_mode="r") for k in ks]
+        self.sizes = [np.load(path / level_sizes_file(k)).astype(np.int64) for k in ks]
+        self.values = [
+            np.load(path / level_values_file(k)).astype(np.int64)
+            if meta.values_stored
+            else np.arange(meta.num_clusters, dtype=np.int64)
+            for k, meta in zip(ks, self.manifest.levels)
         ]
-        self.sizes = [
-            np.load(path / f"level_{k}.sizes.npy").astype(np.int64) for k in range(1, len(self.levels) + 1)
-        ]
-        self.values = []
-        for k, meta in enumerate(self.manifest["levels"], 1):
-            stored = meta["values_stored"]
-            self.values.append(
-                np.load(path / f"level_{k}.values.npy").astype(np.int64)
-                if stored
-                else np.arange(meta["num_clusters"], dtype=np.int64)
-            )
-        self.grouped: bool = self.manifest["grouped_by_slide"]
+        self.grouped: bool = self.manifest.grouped_by_slide
         if self.grouped:
-            self.offsets = np.load(path / "slide_offsets.npy")
+            self.offsets = np.load(path / SLIDE_OFFSETS)
         else:
-            self.slide = np.load(path / "slide.npy", mmap_mode="r")
+            self.slide = np.load(path / SLIDE, mmap_mode="r")
 
 
 class TileIndex:
@@ -126,7 +106,8 @@ class TileIndex:
 
     @property
     def manifest(self) -> dict:
-        return self._store.manifest
+        """The manifest as stored (see index_format.Manifest)."""
+        return self._store.manifest.as_dict()
 
     # --- per-row data ---------------------------------------------------------------------------
     def row_ids(self) -> np.ndarray:
@@ -257,25 +238,24 @@ class TileIndex:
     # --- summary ----------------------------------------------------------------------------------
     def summary(self) -> dict:
         """Rows, slides, clusters and cluster-size statistics per level, storage (for `index info`)."""
-        disk = (
-            sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) if self._rows is None else None
-        )
+        files = index_files(self._store.manifest)
+        disk = sum((self.path / f).stat().st_size for f in files) if self._rows is None else None
         levels = []
         for k, name in enumerate(self.level_names, 1):
             sizes = self.cluster_sizes(k)
             nonempty = sizes[sizes > 0] if sizes.any() else np.zeros(1, np.int64)
-            meta = self.manifest["levels"][k - 1]
+            meta = self._store.manifest.levels[k - 1]
             levels.append(
                 {
                     "name": name,
                     "clusters": self.num_clusters(k),
-                    "dtype": meta["dtype"],
+                    "dtype": meta.dtype,
                     "nonempty": int((sizes > 0).sum()),
                     "size_min": int(nonempty.min()),
                     "size_median": float(np.median(nonempty)),
                     "size_mean": float(nonempty.mean()),
                     "size_max": int(nonempty.max()),
-                    "nesting": meta["nesting"],
+                    "nesting": meta.nesting,
                 }
             )
         return {
@@ -283,9 +263,9 @@ class TileIndex:
             "rows": len(self),
             "slides": len(self.slide_names),
             "grouped_by_slide": self.grouped_by_slide,
-            "coords": self.manifest["coords"],
-            "duplicates_dropped": self.manifest["duplicates_dropped"],
-            "source": self.manifest["source"],
+            "coords": self._store.manifest.coords,
+            "duplicates_dropped": self._store.manifest.duplicates_dropped,
+            "source": self._store.manifest.source,
             "bytes_on_disk": disk,
             "bytes_per_row": disk / max(len(self), 1) if disk else None,
             "levels": levels,

@@ -12,7 +12,7 @@ from dinov2_patho.hashing import splitmix64
 from dinov2_patho.logging import get_logger
 
 if TYPE_CHECKING:
-    from dinov2_patho.data.index_ingest import _Scratch
+    from dinov2_patho.data.index_ingest import Scratch
 
 log = get_logger(__name__)
 
@@ -26,16 +26,31 @@ def tile_hash(slide: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def find_duplicates(
-    src: Path, scratch: _Scratch, num_rows: int, slide_names: list[str], *, dedupe: bool, csv_lines: bool
+    src: Path, scratch: Scratch, num_rows: int, slide_names: list[str], *, dedupe: bool, csv_lines: bool
 ) -> tuple[np.ndarray | None, int]:
     """Bitmap (1 bit per row) of repeated (slide, x, y) rows after their first occurrence (or None), and
     their number.
 
     Equal hashes are only candidates: they are confirmed on the exact (slide, x, y) values."""
-    xs, ys, ss = (scratch.reader(n, dt) for n, dt in (("x", np.int32), ("y", np.int32), ("slide", np.uint32)))
+    with scratch.reader("x") as xs, scratch.reader("y") as ys, scratch.reader("slide") as ss:
+        bitmap, first_dup, count = _scan_partitions(scratch, xs, ys, ss, num_rows, dedupe)
+    if first_dup is not None:
+        row, orig, s, x, y = first_dup
+        raise row_error(
+            src,
+            row + 1,
+            f"duplicate tile (slide_id={slide_names[s]!r}, tile_x={x}, tile_y={y}), "
+            f"first at data row {orig + 1}; pass --dedupe to drop repeats",
+            csv_lines=csv_lines,
+        )
+    return bitmap, count
+
+
+def _scan_partitions(scratch: Scratch, xs, ys, ss, num_rows: int, dedupe: bool):
+    """The dropped-rows bitmap (with `dedupe`) or the first duplicate (without), and the count."""
     bitmap, first_dup, count = None, None, 0
     for p in range(scratch.num_parts):
-        rec = np.fromfile(scratch.work / f"part{p:03d}.raw", HASH_RECORD)
+        rec = scratch.partition(p)
         hs = np.sort(rec["h"])
         dup_h = np.unique(hs[1:][hs[1:] == hs[:-1]])
         if not dup_h.size:
@@ -58,18 +73,7 @@ def find_duplicates(
             bitmap = np.zeros((num_rows + 7) // 8, np.uint8)
         np.bitwise_or.at(bitmap, rows[dup] >> 3, (1 << (rows[dup] & 7)).astype(np.uint8))
         count += dup.size
-    for r in (xs, ys, ss):
-        r.f.close()
-    if first_dup is not None:
-        row, orig, s, x, y = first_dup
-        raise row_error(
-            src,
-            row + 1,
-            f"duplicate tile (slide_id={slide_names[s]!r}, tile_x={x}, tile_y={y}), "
-            f"first at data row {orig + 1}; pass --dedupe to drop repeats",
-            csv_lines=csv_lines,
-        )
-    return bitmap, count
+    return bitmap, first_dup, count
 
 
 class TreeCheck:

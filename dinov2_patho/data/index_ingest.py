@@ -11,12 +11,31 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from dinov2_patho.data.index_checks import HASH_RECORD, TreeCheck, find_duplicates, tile_hash
+from dinov2_patho.data.index_format import (
+    MANIFEST,
+    SLIDE,
+    SLIDE_OFFSETS,
+    SLIDES,
+    XY,
+    LevelMeta,
+    Manifest,
+    coords_for,
+    encode_xy,
+    level_file,
+    level_sizes_file,
+    level_values_file,
+    narrow_signed,
+    narrow_unsigned,
+    xy_layout,
+)
 from dinov2_patho.data.index_source import Batch, is_parquet, iter_batches
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir
@@ -24,29 +43,11 @@ from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SLIDES = "slides.json"
-UINT24_LIMIT = 1 << 24
 _MAX_PARTITIONS = 256  # 350M rows (25 GB of CSV) -> ~1.4M (hash, row) records per partition
 _PARTITION_BYTES = 64 << 20  # of input per partition
 _LUT_LIMIT = 1 << 24  # cluster values in [0, 2^24) map through a lookup table, others through a sorted table
 _FLUSH_ROWS = 1 << 20
 _PASS2_ROWS = 1 << 20
-
-
-def narrow_unsigned(max_value: int) -> np.dtype:
-    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
-        if max_value <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    raise ValueError(max_value)
-
-
-def narrow_signed(lo: int, hi: int) -> np.dtype:
-    for dt in (np.int8, np.int16, np.int32, np.int64):
-        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    raise ValueError((lo, hi))
 
 
 class _ValueMap:
@@ -100,18 +101,21 @@ class _ValueMap:
         return np.concatenate(self.values) if self.values else np.zeros(0, np.int64)
 
 
-class _Scratch:
+class Scratch:
     """Pass-1 output: raw columns appended to files, and (hash, row) records in hash partitions.
 
-    Blocks are buffered to ~1M rows before writing: the partition writes of a flush stay large."""
+    Columns are "x", "y" (int32), "slide" and "level1".."levelK" (uint32 provisional ids). Blocks are
+    buffered to ~1M rows before writing: the partition writes of a flush stay large."""
 
     def __init__(self, work: Path, num_levels: int, input_bytes: int):
         self.work = work
         # a power of two, from the input size: small inputs need few files, large ones small partitions
         self.num_parts = min(_MAX_PARTITIONS, 1 << max(0, (input_bytes // _PARTITION_BYTES).bit_length()))
-        self.names = ["x", "y", "slide", *[f"level{k}" for k in range(1, num_levels + 1)]]
-        self.files = {n: open(work / f"{n}.raw", "wb") for n in self.names}  # noqa: SIM115 (closed in close())
-        self.parts = [open(work / f"part{p:03d}.raw", "wb") for p in range(self.num_parts)]  # noqa: SIM115
+        self.dtypes = {"x": np.dtype(np.int32), "y": np.dtype(np.int32), "slide": np.dtype(np.uint32),
+                       **{f"level{k}": np.dtype(np.uint32) for k in range(1, num_levels + 1)}}
+        self.names = list(self.dtypes)
+        self.files = {n: open(self._column(n), "wb") for n in self.names}  # noqa: SIM115 (closed in close())
+        self.parts = [open(self._partition(p), "wb") for p in range(self.num_parts)]  # noqa: SIM115
         self.buffer: list[dict[str, np.ndarray]] = []
         self.buffered = 0
         self.flushed = 0  # rows written
@@ -145,21 +149,35 @@ class _Scratch:
         for f in [*self.files.values(), *self.parts]:
             f.close()
 
-    def reader(self, name: str, dtype: np.dtype):
-        return _ChunkReader(self.work / f"{name}.raw", dtype)
+    def _column(self, name: str) -> Path:
+        return self.work / f"{name}.raw"
+
+    def _partition(self, p: int) -> Path:
+        return self.work / f"part{p:03d}.raw"
+
+    def reader(self, name: str) -> ChunkReader:
+        """Column `name` in chunks; a context manager."""
+        return ChunkReader(self._column(name), self.dtypes[name])
+
+    def partition(self, p: int) -> np.ndarray:
+        """The (hash, row) records of hash partition `p`."""
+        return np.fromfile(self._partition(p), HASH_RECORD)
 
 
-class _ChunkReader:
+class ChunkReader:
     """Sequential chunks of a raw file with plain reads (a memmap would count its pages in RSS)."""
 
     def __init__(self, path: Path, dtype):
         self.f = open(path, "rb")  # noqa: SIM115 (closed by the pass that owns it)
         self.dtype = np.dtype(dtype)
 
-    def __enter__(self) -> _ChunkReader:
+    def __enter__(self) -> ChunkReader:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.f.close()
 
     def read(self, n: int) -> np.ndarray:
@@ -188,13 +206,6 @@ class _NpyWriter:
         self.f.close()
 
 
-def encode_uint24(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    out = np.empty((x.size, 6), np.uint8)
-    out[:, 0:3] = x.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3]
-    out[:, 3:6] = y.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3]
-    return out
-
-
 def build(src: Path, out: Path, *, dedupe: bool = False, progress: bool = True) -> None:
     """Build the index for `src` at `out`, atomically (a temp dir beside `out`, then renames)."""
     src, out = Path(src), Path(out)
@@ -215,7 +226,7 @@ def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
         disable=not progress,
     )
     level_names, batches = iter_batches(src, on_bytes=bar.update)
-    scratch = _Scratch(work, len(level_names), src.stat().st_size)
+    scratch = Scratch(work, len(level_names), src.stat().st_size)
     slide_ids: dict[str, int] = {}
     maps = [_ValueMap() for _ in level_names]
     num_rows, max_xy = 0, 0
@@ -235,22 +246,31 @@ def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
     dropped, num_dropped = find_duplicates(
         src, scratch, num_rows, list(slide_ids), dedupe=dedupe, csv_lines=csv_lines
     )
-    manifest = _pass2(
-        tmp, scratch, maps, level_names, len(slide_ids), num_rows, max_xy, dropped, num_dropped, progress
-    )
-    manifest.update(
-        format_version=FORMAT_VERSION,
-        source=str(src.resolve()),
+    # pass 2, in steps: number the clusters, write the columns, then what the counts give
+    chunks = _KeptChunks(num_rows, dropped, num_dropped)
+    remaps, levels = _dense_levels(tmp, scratch, maps, level_names, chunks)
+    coords = coords_for(max_xy)
+    written = _write_columns(tmp, scratch, remaps, levels, coords, len(slide_ids), chunks, progress)
+    _write_sizes(tmp, written.sizes)
+    _write_slide_ranges(tmp, written)
+    for meta, warning in zip(levels, written.tree.report(level_names)):
+        meta.nesting = warning
+    manifest = Manifest(
+        num_rows=chunks.kept,
+        num_slides=len(slide_ids),
+        grouped_by_slide=written.grouped,
+        coords=coords,
+        slide_dtype=None if written.grouped else narrow_unsigned(max(len(slide_ids) - 1, 0)).str,
+        levels=levels,
         level_names=list(level_names),
-        duplicates_dropped=int(num_rows - manifest["num_rows"]),
+        source=str(src.resolve()),
+        duplicates_dropped=num_dropped,
     )
     shutil.rmtree(work)
     (tmp / SLIDES).write_text(json.dumps(list(slide_ids)))
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence marks a complete index
-    if manifest["duplicates_dropped"]:
-        log.info(
-            "%s: dropped %d duplicate (slide_id, tile_x, tile_y) rows", src, manifest["duplicates_dropped"]
-        )
+    manifest.write(tmp)  # last: its presence marks a complete index
+    if num_dropped:
+        log.info("%s: dropped %d duplicate (slide_id, tile_x, tile_y) rows", src, num_dropped)
 
 
 def _slide_ids(b: Batch, table: dict[str, int]) -> np.ndarray:
@@ -260,112 +280,127 @@ def _slide_ids(b: Batch, table: dict[str, int]) -> np.ndarray:
     return lut[b.slide_codes]
 
 
-def _pass2(
-    tmp: Path,
-    scratch: _Scratch,
-    maps: list[_ValueMap],
-    level_names,
-    num_slides: int,
-    num_rows: int,
-    max_xy: int,
-    dropped: np.ndarray | None,
-    num_dropped: int,
-    progress: bool,
-) -> dict:
-    """Rewrite the scratch columns, minus dropped rows, in final form; return the manifest fields."""
+class _KeptChunks:
+    """Chunks of rows for pass 2: (kept mask or None, n) each, aligned to bytes of the dropped bitmap."""
 
-    def chunks():
-        """(kept mask or None, n) per chunk of rows, aligned to bytes of the bitmap."""
-        for start in range(0, num_rows, _PASS2_ROWS):
-            n = min(_PASS2_ROWS, num_rows - start)
-            if dropped is None:
+    def __init__(self, num_rows: int, dropped: np.ndarray | None, num_dropped: int):
+        self.num_rows, self.dropped, self.kept = num_rows, dropped, num_rows - num_dropped
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int]]:
+        for start in range(0, self.num_rows, _PASS2_ROWS):
+            n = min(_PASS2_ROWS, self.num_rows - start)
+            if self.dropped is None:
                 yield None, n
             else:
-                bits = np.unpackbits(dropped[start // 8 : (start + n + 7) // 8], bitorder="little")[:n]
+                bits = np.unpackbits(self.dropped[start // 8 : (start + n + 7) // 8], bitorder="little")[:n]
                 yield bits == 0, n
 
-    kept = num_rows - num_dropped
-    levels_meta, remaps, sizes = [], [], []
+
+def _dense_levels(tmp: Path, scratch: Scratch, maps: list[_ValueMap], level_names,
+                  chunks: _KeptChunks) -> tuple[list[np.ndarray], list[LevelMeta]]:
+    """Per level: provisional id -> dense id of the clusters that kept rows, numbered in value order,
+    and its metadata; the original values are stored when they are not 0..K-1."""
+    remaps, metas = [], []
     for k, (name, m) in enumerate(zip(level_names, maps), 1):
         present = np.arange(m.size)
-        if dropped is not None:  # a cluster may have lost all its rows with the duplicates
+        if chunks.dropped is not None:  # a cluster may have lost all its rows with the duplicates
             counts = np.zeros(m.size, np.int64)
-            with scratch.reader(f"level{k}", np.uint32) as r:
-                for keep, n in chunks():
+            with scratch.reader(f"level{k}") as r:
+                for keep, n in chunks:
                     counts += np.bincount(r.read(n)[keep], minlength=m.size)
             present = np.flatnonzero(counts)
         values = m.all_values()[present]
         order = np.argsort(values, kind="stable")
         values = values[order]
         dtype = narrow_unsigned(max(present.size - 1, 0))
-        remap = np.zeros(m.size, dtype)  # provisional id -> dense id, dense ids in value order
+        remap = np.zeros(m.size, dtype)
         remap[present[order]] = np.arange(present.size, dtype=dtype)
-        if not np.array_equal(values, np.arange(values.size)):  # values 0..K-1 (the usual case): not stored
-            np.save(
-                tmp / f"level_{k}.values.npy", values.astype(narrow_signed(int(values[0]), int(values[-1])))
-            )
+        stored = not np.array_equal(values, np.arange(values.size))  # 0..K-1, the usual case: not stored
+        if stored:
+            np.save(tmp / level_values_file(k), values.astype(narrow_signed(int(values[0]), int(values[-1]))))
         remaps.append(remap)
-        sizes.append(np.zeros(present.size, np.int64))
-        levels_meta.append(
-            {
-                "name": name,
-                "num_clusters": int(present.size),
-                "dtype": dtype.str,
-                "values_stored": (tmp / f"level_{k}.values.npy").exists(),
-            }
-        )
-    coords = "uint24" if max_xy < UINT24_LIMIT else "int32"
-    xy_shape = (kept, 6) if coords == "uint24" else (kept, 2)
-    xy_out = _NpyWriter(tmp / "xy.npy", np.uint8 if coords == "uint24" else np.int32, xy_shape)
-    slide_dtype = narrow_unsigned(max(num_slides - 1, 0))
-    slide_out = _NpyWriter(tmp / "slide.npy", slide_dtype, (kept,))
-    level_out = [
-        _NpyWriter(tmp / f"level_{k}.npy", lm["dtype"], (kept,)) for k, lm in enumerate(levels_meta, 1)
-    ]
-    readers = [
-        scratch.reader("x", np.int32),
-        scratch.reader("y", np.int32),
-        scratch.reader("slide", np.uint32),
-        *[scratch.reader(f"level{k}", np.uint32) for k in range(1, len(maps) + 1)],
-    ]
-    tree = TreeCheck([lm["num_clusters"] for lm in levels_meta])
+        metas.append(LevelMeta(name=name, num_clusters=int(present.size), dtype=dtype.str,
+                               values_stored=stored))
+    return remaps, metas
+
+
+class _SlideOrder:
+    """Do the rows list each slide's tiles contiguously, slides in id order (ids are first-seen order)?"""
+
+    def __init__(self) -> None:
+        self.grouped, self.last = True, -1
+
+    def update(self, s: np.ndarray) -> None:
+        if self.grouped and s.size:
+            runs = s[np.r_[True, s[1:] != s[:-1]]].astype(np.int64)
+            runs = runs[1:] if runs[0] == self.last else runs
+            self.grouped = bool(np.array_equal(runs, np.arange(self.last + 1, self.last + 1 + runs.size)))
+            self.last = int(s[-1])
+
+
+@dataclass
+class _Written:
+    sizes: list[np.ndarray]  # rows per dense cluster, per level
+    slide_rows: np.ndarray   # rows per slide
+    grouped: bool
+    tree: TreeCheck
+
+
+class _NpyWriters:
+    """The per-row column files of pass 2, written chunk by chunk."""
+
+    def __init__(self, tmp: Path, coords: str, num_rows: int, num_slides: int, levels: list[LevelMeta]):
+        xy_dtype, xy_shape = xy_layout(coords, num_rows)
+        self.xy = _NpyWriter(tmp / XY, xy_dtype, xy_shape)
+        self.slide = _NpyWriter(tmp / SLIDE, narrow_unsigned(max(num_slides - 1, 0)), (num_rows,))
+        self.levels = [_NpyWriter(tmp / level_file(k), meta.dtype, (num_rows,))
+                       for k, meta in enumerate(levels, 1)]
+
+    def close(self) -> None:
+        for w in [self.xy, self.slide, *self.levels]:
+            w.close()
+
+
+def _write_columns(tmp: Path, scratch: Scratch, remaps: list[np.ndarray], levels: list[LevelMeta],
+                   coords: str, num_slides: int, chunks: _KeptChunks, progress: bool) -> _Written:
+    """Stream the kept rows into xy, slide and level columns in final form; count rows per cluster
+    and per slide, check the levels nest, and see whether slides come grouped."""
+    out = _NpyWriters(tmp, coords, chunks.kept, num_slides, levels)
+    readers = [scratch.reader(name) for name in scratch.names]  # x, y, slide, level1..levelK
+    sizes = [np.zeros(meta.num_clusters, np.int64) for meta in levels]
     slide_rows = np.zeros(num_slides, np.int64)
-    grouped, last_slide = True, -1
-    with tqdm(total=num_rows, unit="row", unit_scale=True, desc="index write", disable=not progress) as bar:
-        for keep, n in chunks():
-            x, y, s, *levels = (r.read(n) for r in readers)
-            if keep is not None:
-                x, y, s, levels = x[keep], y[keep], s[keep], [lv[keep] for lv in levels]
-            xy_out.write(encode_uint24(x, y) if coords == "uint24" else np.stack([x, y], 1))
-            slide_out.write(s)
-            dense = [remap[lv] for remap, lv in zip(remaps, levels)]
-            for w, d, size in zip(level_out, dense, sizes):
-                w.write(d)
-                size += np.bincount(d, minlength=size.size)
-            tree.update(dense)
-            slide_rows += np.bincount(s, minlength=num_slides)
-            if grouped and s.size:  # grouped: slide runs appear in slide-id order (ids are first-seen order)
-                runs = s[np.r_[True, s[1:] != s[:-1]]].astype(np.int64)
-                runs = runs[1:] if runs[0] == last_slide else runs
-                grouped = bool(np.array_equal(runs, np.arange(last_slide + 1, last_slide + 1 + runs.size)))
-                last_slide = int(s[-1])
-            bar.update(n)
-    for r in readers:
-        r.f.close()
-    for w in [xy_out, slide_out, *level_out]:
-        w.close()
+    tree, order = TreeCheck([meta.num_clusters for meta in levels]), _SlideOrder()
+    try:
+        with tqdm(total=chunks.num_rows, unit="row", unit_scale=True, desc="index write",
+                  disable=not progress) as bar:
+            for keep, n in chunks:
+                x, y, s, *raw = (r.read(n) for r in readers)
+                if keep is not None:
+                    x, y, s, raw = x[keep], y[keep], s[keep], [lv[keep] for lv in raw]
+                out.xy.write(encode_xy(coords, x, y))
+                out.slide.write(s)
+                dense = [remap[lv] for remap, lv in zip(remaps, raw)]
+                for w, d, size in zip(out.levels, dense, sizes):
+                    w.write(d)
+                    size += np.bincount(d, minlength=size.size)
+                tree.update(dense)
+                slide_rows += np.bincount(s, minlength=num_slides)
+                order.update(s)
+                bar.update(n)
+    finally:
+        for r in readers:
+            r.close()
+        out.close()
+    return _Written(sizes, slide_rows, order.grouped, tree)
+
+
+def _write_sizes(tmp: Path, sizes: list[np.ndarray]) -> None:
     for k, size in enumerate(sizes, 1):
-        np.save(tmp / f"level_{k}.sizes.npy", size.astype(narrow_unsigned(int(size.max()))))
-    if grouped:  # rows of slide i are offsets[i]:offsets[i+1]; the per-row column is redundant
-        (tmp / "slide.npy").unlink()
-        np.save(tmp / "slide_offsets.npy", np.r_[0, np.cumsum(slide_rows)].astype(np.int64))
-    for lm, warning in zip(levels_meta, tree.report(level_names)):
-        lm["nesting"] = warning
-    return {
-        "num_rows": kept,
-        "num_slides": num_slides,
-        "grouped_by_slide": grouped,
-        "coords": coords,
-        "slide_dtype": None if grouped else slide_dtype.str,
-        "levels": levels_meta,
-    }
+        np.save(tmp / level_sizes_file(k), size.astype(narrow_unsigned(int(size.max(initial=0)))))
+
+
+def _write_slide_ranges(tmp: Path, written: _Written) -> None:
+    """Grouped rows: slide i is rows offsets[i]:offsets[i+1], and the per-row column is redundant."""
+    if written.grouped:
+        (tmp / SLIDE).unlink()
+        np.save(tmp / SLIDE_OFFSETS, np.r_[0, np.cumsum(written.slide_rows)].astype(np.int64))
