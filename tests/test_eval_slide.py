@@ -19,7 +19,7 @@ from dinov2_patho.eval.heads.abmil import (
 from dinov2_patho.eval.metrics import quadratic_kappa
 from dinov2_patho.eval.slide.adapters import SLIDE_TASKS
 from dinov2_patho.eval.slide.bags import capped_rows, extract_bags
-from dinov2_patho.eval.slide.runner import evaluate_bags, partitions, slide_config
+from dinov2_patho.eval.slide.runner import evaluate_bags, partitions, run_slide_tasks, slide_config
 from dinov2_patho.eval.slide.synthetic_check import ColourTexture, synthetic_mil_check
 from dinov2_patho.eval.slide.tasks import csv_task, open_tiles
 from hypothesis import given, settings
@@ -347,3 +347,19 @@ def test_attention_mil_scores_on_the_synthetic_slide_task_and_attends_to_the_les
     assert result["abmil_auroc"] > MIN_ABMIL_AUROC, result
     assert result["abmil_auroc"] - result["mean_pool_auroc"] > MIN_GAIN_OVER_MEAN_POOLING, result
     assert result["attention_in_lesion"] > MIN_ATTENTION_IN_LESION, result
+
+
+def test_run_slide_tasks_on_patient_folds_reports_the_fold_mean(cohort, cohort_index, tmp_path, one_thread):
+    lines = [f"{sid},{'ab'[i % 2]},P{i // 2}" for i, sid in enumerate(cohort.slide_ids)]
+    labels = _labels(tmp_path, lines, "slide_id,label,patient_id")
+    cfg = {"slides": str(cohort.slides_dir), "tiles": str(cohort_index.path), "bags": {"max_tiles": 8},
+           "cross_validation": {"folds": 4}, "heads": {"abmil": {"n_runs": 1, "max_epochs": 3}},
+           "plot": False, "progress": False}
+    results = run_slide_tasks(ColourTexture(), [str(labels)], cfg, tmp_path / "out", "colour_texture")
+    result = results["labels"]
+    assert result["cv_folds"] == 4 and len(result["folds"]) == 4
+    fold_aurocs = [f["abmil"]["auroc"] for f in result["folds"]]
+    assert result["abmil"]["auroc"] == pytest.approx(np.nanmean(fold_aurocs))
+    rows = _rows(tmp_path / "out" / "results.csv")
+    assert [(r["head"], r["eval_split"], r["n_eval"]) for r in rows] == [("abmil", "test", "2"),
+                                                                        ("mean_pool", "test", "2")]
