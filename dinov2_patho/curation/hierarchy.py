@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from dinov2_patho.curation import tree
 from dinov2_patho.curation.config import add_config_arguments, config_from_args
 from dinov2_patho.errors import UserError
+from dinov2_patho.hashing import hash_key, uniform01
 from dinov2_patho.io import atomic_path, atomic_write_text
 
 LEVEL_KEYS = {"clusters", "split", "iterations", "init", "resampling_steps", "sample_per_cluster", "strategy",
@@ -289,12 +290,8 @@ def select_per_cluster(points, assignment: np.ndarray, keys: np.ndarray, per_clu
 
 
 def random_keys(positions: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform key per point from (position, seed) alone (splitmix64): the same on any sharding."""
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
-        z = positions.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return ((z ^ (z >> np.uint64(31))) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    """A uniform key per point from (position, seed) alone: the same on any sharding."""
+    return uniform01(hash_key(seed, positions))
 
 
 def lloyd_options(spec: LevelSpec, cfg: Any):
