@@ -248,6 +248,26 @@ def test_replayed_coverage_and_per_batch_measures(cohort_index, batch):
     assert np.all(np.diff(stratified.cluster_coverage) >= 0) and stratified.cluster_coverage[-1] <= 1
 
 
+def test_replay_of_a_subset_run_draws_from_its_data_subset(cohort_index, tmp_path):
+    """A run trained on `data.subset` is replayed over that view, as the trainer drew it, and the
+    uniform comparison over the whole index."""
+    slides = cohort_index.slides()
+    rows = np.flatnonzero(slides == slides[0])[::2]  # half the tiles of one slide
+    np.save(tmp_path / "rows.npy", rows)
+    batch = 4
+    steps = -(-len(rows) // batch)
+    replays, notes = batches.compare_samplers(cohort_index, {"name": "uniform", "seed": 1}, batch, 2, steps,
+                                              progress=False, subset=str(tmp_path / "rows.npy"))
+    assert not notes
+    trained, uniform = replays
+    assert all(b["slides"] == 1 for b in trained.per_batch)
+    assert trained.tile_coverage[-1] == 1.0  # one pass over the subset's rows, not the index's
+    assert uniform.tile_coverage[-1] == pytest.approx(steps * batch / len(cohort_index))
+    replays, notes = batches.compare_samplers(cohort_index, {"name": "uniform"}, batch, 2, steps,
+                                              progress=False, subset=str(tmp_path / "absent.npy"))
+    assert [r.name for r in replays] == ["uniform"] and "absent.npy" in notes[0]
+
+
 def test_largest_and_smallest_do_not_overlap():
     sizes = np.array([5, 0, 9, 1, 3, 7])
     largest, smallest = mosaic.largest_and_smallest(sizes, 2)

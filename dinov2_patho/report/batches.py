@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from dinov2_patho.report.figures import figure_uri, plot_series, pyplot
 from dinov2_patho.report.training import Metrics
-from dinov2_patho.samplers import SamplerError, build_sampler
+from dinov2_patho.samplers import SamplerError, build_sampler, subset_view
 from dinov2_patho.samplers.telemetry import TelemetrySummary, batch_stats
 
 TELEMETRY = ("sampler/clusters", "sampler/slides", "sampler/per_cluster_min", "sampler/per_cluster_max")
@@ -53,16 +53,22 @@ def replay(sampler, name: str, level: int, steps: int, progress: bool) -> Replay
 
 
 def compare_samplers(index, sampler_cfg: dict[str, Any], global_batch: int, level: int, steps: int,
-                     progress: bool) -> tuple[list[Replay], list[str]]:
-    """Replays of the run's sampler and of a uniform sampler with the same seed; notes on what failed."""
+                     progress: bool, subset: str | None = None) -> tuple[list[Replay], list[str]]:
+    """Replays of the run's sampler, over its `data.subset` view as the trainer draws it when `subset`
+    is set, and of a uniform sampler over the whole index with the same seed; notes on what failed."""
     cfg = dict(sampler_cfg)
     replays, notes = [], []
-    candidates = [(f"trained: {cfg.get('name')}", cfg)]
-    if cfg.get("name") != "uniform" or cfg.get("subset"):
-        candidates.append(("uniform", {"name": "uniform", "seed": cfg.get("seed", 0)}))
-    for name, section in candidates:
+    try:
+        trained_index = index if subset is None else subset_view(index, subset)
+    except SamplerError as e:
+        trained_index = None
+        notes.append(f"sampler trained: {cfg.get('name')} not replayed: {e}")
+    candidates = [] if trained_index is None else [(f"trained: {cfg.get('name')}", cfg, trained_index)]
+    if cfg.get("name") != "uniform" or subset is not None:
+        candidates.append(("uniform", {"name": "uniform", "seed": cfg.get("seed", 0)}, index))
+    for name, section, view in candidates:
         try:
-            sampler = build_sampler(section, index, global_batch)
+            sampler = build_sampler(section, view, global_batch)
         except (SamplerError, OSError) as e:
             notes.append(f"sampler {name} not replayed: {e}")
             continue

@@ -112,11 +112,15 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
     elif sampler_cfg:
         steps = max(1, min(batch_steps, len(metrics)))
         global_batch = _global_batch(sessions, metrics, config)
+        subset = data.get("subset")
         replays, notes = batches.compare_samplers(tile_index, sampler_cfg, global_batch, level, steps,
-                                                  progress)
+                                                  progress, subset=subset)
         b.notes += notes
         if replays:
-            b.text(f"The run's sampler and a uniform sampler over the same index, replayed here for their "
+            which = ("The run's sampler and a uniform sampler over the same index" if subset is None else
+                     f"The run's sampler over its data.subset {subset} and a uniform sampler over the "
+                     "whole index")
+            b.text(f"{which}, replayed here for their "
                    f"first {steps} batches of {global_batch} tiles; clusters at "
                    f"{tile_index.level_names[level - 1]}.")
             b.figure(batches.comparison_figure(replays, tile_index.level_names[level - 1]), "comparison")
