@@ -9,9 +9,12 @@ rows) plus one chunk; the result can be cached next to the index and memory-mapp
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,27 +107,52 @@ def cache_key(**parts) -> str:
     return h.hexdigest()
 
 
+def _load(final: Path) -> Strata:
+    return Strata(**{f: np.load(final / f"{f}.npy", mmap_mode="r") for f in _FILES})
+
+
+@contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (made if missing; the kernel drops the lock if
+    this process dies, so a killed builder never blocks the next one)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], Strata]) -> Strata:
     """Memory-map cached strata from `cache_dir/<digest of key_parts>`, else build and cache
     them atomically. The digest covers the labels (and slide groups) by content, so a
-    cache entry can never serve different strata."""
+    cache entry can never serve different strata. Processes that start together (the ranks
+    of a node) build once: the first takes a lock on the cache directory and builds, the others wait
+    and memory-map its result, so the page cache holds one copy for all of them."""
     if cache_dir is None:
         return build()
     key = cache_key(**key_parts)
     final = cache_dir / key
-    damaged = False
-    if final.is_dir():
+    with ExitStack() as held:
         try:
-            return Strata(**{f: np.load(final / f"{f}.npy", mmap_mode="r") for f in _FILES})
-        except (OSError, ValueError) as e:  # a damaged cache is rebuilt, never trusted
-            log.warning("sampler cache %s unreadable (%s): rebuilding", final, e)
-            damaged = True
-    strata = build()
-    try:
-        # if another process cached it meanwhile, theirs is identical: keep it
-        with atomic_dir(final, keep_existing=not damaged) as tmp:
-            for f in _FILES:
-                np.save(tmp / f"{f}.npy", getattr(strata, f))
-    except OSError as e:
-        log.warning("cannot cache sampler strata in %s (%s): continuing uncached", cache_dir, e)
-    return strata
+            held.enter_context(_exclusive(cache_dir))
+        except OSError as e:  # a read-only index directory: build here, uncached
+            log.warning("cannot cache sampler strata in %s (%s): continuing uncached", cache_dir, e)
+            return build()
+        damaged = False
+        if final.is_dir():
+            try:
+                return _load(final)
+            except (OSError, ValueError) as e:  # a damaged cache is rebuilt, never trusted
+                log.warning("sampler cache %s unreadable (%s): rebuilding", final, e)
+                damaged = True
+        strata = build()
+        try:
+            with atomic_dir(final, keep_existing=not damaged) as tmp:
+                for f in _FILES:
+                    np.save(tmp / f"{f}.npy", getattr(strata, f))
+            return _load(final)  # memory-mapped like the other processes' copy, not private memory
+        except (OSError, ValueError) as e:
+            log.warning("cannot cache sampler strata in %s (%s): continuing uncached", cache_dir, e)
+            return strata

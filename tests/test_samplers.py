@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 from dinov2_patho.samplers import SamplerError, StepBatchSampler, build_sampler, rank_slice
 from dinov2_patho.samplers.metadata import inverse_frequency_subset
 from dinov2_patho.samplers.permute import permute
+from dinov2_patho.samplers.strata import build_strata, load_or_build
 from dinov2_patho.samplers.stratified import _distinct
 from dinov2_patho.samplers.telemetry import TelemetrySummary
 from hypothesis import HealthCheck, given, settings
@@ -313,6 +317,30 @@ def test_strata_cache_is_reused(tmp_path):
     b = build_sampler(cfg, index, 32)
     assert isinstance(b.strata.order, np.memmap)
     assert np.array_equal(draw(a, 5), draw(b, 5))
+
+
+def test_strata_starting_together_are_built_once_and_shared(tmp_path):
+    """The ranks of a node open the same index at once: one builds, the others map its cache."""
+    labels = np.random.default_rng(0).integers(0, 7, 1000)
+    builds = []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.3)  # long enough for every other caller to arrive meanwhile
+        return build_strata(len(labels), 7, lambda a, b: labels[a:b])
+
+    start = threading.Barrier(4)
+
+    def open_strata(_):
+        start.wait()
+        return load_or_build(tmp_path / ".sampler_cache", {"labels": labels, "num_labels": 7}, build)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(open_strata, range(4)))
+    assert len(builds) == 1
+    assert all(isinstance(r.order, np.memmap) for r in results)  # the builder maps the cache too
+    assert all(np.array_equal(r.order, results[0].order) for r in results)
+    assert np.array_equal(np.sort(results[0].order), np.arange(len(labels)))
 
 
 def test_subset_view_yields_global_row_ids():
