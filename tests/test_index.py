@@ -370,3 +370,21 @@ def test_uint24_codec_round_trips(pairs):
     assert encoded.dtype == np.uint8 and encoded.shape == (len(pairs), 6)
     dx, dy = decode_xy(encoded)
     assert dx.tolist() == x.tolist() and dy.tolist() == y.tolist()
+
+
+def test_format_names_are_imported_from_the_format_module():
+    """Nothing reaches into the ingest for a name that the format module defines."""
+    import ast
+
+    from dinov2_patho.data import index_format
+
+    root = Path(__file__).resolve().parents[1]
+    format_names = {n for n in vars(index_format) if not n.startswith("_")}
+    found = []
+    for package in ("dinov2_patho", "samplers", "eval"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("index_ingest"):
+                    found += [f"{path.relative_to(root)}: {a.name}" for a in node.names
+                              if a.name in format_names]
+    assert not found

@@ -20,7 +20,7 @@ from dinov2_patho.curation.tree import MANIFEST as TREE_MANIFEST
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
 from dinov2_patho.data.index import TileIndex, build_index
-from dinov2_patho.data.index_ingest import MANIFEST as INDEX_MANIFEST
+from dinov2_patho.data.index_format import MANIFEST as INDEX_MANIFEST
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 
