@@ -43,12 +43,15 @@ setup(
         "scikit-learn>=1.4",
         "scipy",  # curation: tissue mask morphology (already a scikit-learn dependency)
         "matplotlib",  # eval's results plot
+        "pyyaml",  # config errors (yaml.YAMLError); omegaconf brings it, but we import it
+        "safetensors",  # .safetensors checkpoints (timm brings it, but we import it)
     ],
     extras_require={
         "wsi": ["openslide-python>=1.3", "openslide-bin>=4.0", "tiffslide>=2.4", "tifffile", "imagecodecs"],
         "gpu": ["xformers", "faiss-gpu-cu12"],
         "slurm": ["submitit>=1.5"],
-        "dev": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.6", "matplotlib"],
+        "umap": ["umap-learn"],  # the report's embedding map (PCA without it)
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["dinov2-patho = dinov2_patho.cli:main"]},
 )
