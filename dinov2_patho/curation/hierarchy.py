@@ -34,6 +34,7 @@ from dinov2_patho.curation.config import add_config_arguments, config_from_args
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key, uniform01
 from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.textfile import open_text
 
 LEVEL_KEYS = {"clusters", "split", "iterations", "init", "resampling_steps", "sample_per_cluster", "strategy",
               "min_mean_cluster_size"}
@@ -150,7 +151,7 @@ def _csv_rows(path: Path) -> int:
 def _last_end_row(path: Path) -> int:
     import csv
 
-    with open(path, newline="") as f:
+    with open_text(path) as f:
         rows = list(csv.DictReader(f))
     try:
         return max((int(r["end_row"]) for r in rows), default=0)

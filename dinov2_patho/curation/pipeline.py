@@ -18,6 +18,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
+from dinov2_patho.textfile import open_text
 
 
 def run_command(*argv: str) -> None:
@@ -92,7 +93,7 @@ def planted_labels(index: TileIndex, labels_csv: str | Path, column: str = "tiss
     """The `column` of `labels_csv` (slide_id,tile_x,tile_y,...) for every row of `index`, "" where
     the CSV has no such tile (tissue found by `curate tiles` beyond the planted tissue)."""
     truth: dict[tuple[str, int, int], str] = {}
-    with open(labels_csv, newline="") as f:
+    with open_text(labels_csv) as f:
         for row in csv.DictReader(f):
             truth[row["slide_id"], int(row["tile_x"]), int(row["tile_y"])] = row[column]
     x, y = index.coords()

@@ -20,6 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.textfile import BOM, check_text_file
 
 REQUIRED = ("slide_id", "tile_x", "tile_y")
 _LEVEL = re.compile(r"level_([1-9][0-9]*)$")
@@ -121,6 +122,7 @@ def _csv(path: Path, on_bytes) -> tuple[tuple[str, ...], Iterator[Batch]]:
                     yield _to_batch(path, rb, start, levels, csv_lines=True)
                     start += rb.num_rows
             except pa.ArrowInvalid as e:
+                check_text_file(path)  # invalid UTF-8 (pyarrow does not say where): name its offset
                 raise _diagnose_csv(path, header, start, e) from None
         if start == 0:
             raise UserError(f"{path}: no data rows (header only)")
@@ -130,7 +132,7 @@ def _csv(path: Path, on_bytes) -> tuple[tuple[str, ...], Iterator[Batch]]:
 
 def _diagnose_csv(path: Path, header: list[str], start: int, error: Exception) -> UserError:
     """pyarrow says a block is bad but not where: re-read from that block with `csv` to name the row."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         lines = islice(f, start + 1, None)  # skip the header and the rows already accepted
         for row, line in enumerate(lines, start + 1):
             fields = next(csv.reader([line]), [])
@@ -149,8 +151,15 @@ def _diagnose_csv(path: Path, header: list[str], start: int, error: Exception) -
 
 
 def _header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:  # pyarrow skips a BOM too
-        return next(csv.reader([f.readline()]), [])
+    with open(path, "rb") as f:
+        line = f.readline()
+    try:
+        if b"\0" not in line:
+            return next(csv.reader([line.removeprefix(BOM).decode("utf-8")]), [])  # pyarrow skips a BOM too
+    except UnicodeDecodeError:
+        pass
+    check_text_file(path)  # raises, naming the NUL or invalid UTF-8 byte
+    raise AssertionError("unreachable: check_text_file accepted a header it cannot decode")
 
 
 def _parquet(path: Path, on_bytes) -> tuple[tuple[str, ...], Iterator[Batch]]:
@@ -205,6 +214,9 @@ def _to_batch(
             blank &= rb.column(name).is_null().to_numpy(zero_copy_only=False)
         first(blank, "blank line")
     first(no_slide, "empty slide_id")
+    nul = [i for i, key in enumerate(keys) if "\0" in key]  # pyarrow keeps NULs inside strings
+    if nul:
+        first(np.isin(codes, nul), "NUL byte (binary data) in slide_id")
     cols = {}
     for name in ("tile_x", "tile_y", *levels):
         col = rb.column(name)
@@ -225,6 +237,7 @@ def read_text_table(path: Path) -> pa.Table:
     """A small CSV with every column as text (metadata tables)."""
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
+    check_text_file(path)  # pyarrow names neither the byte nor the row of invalid UTF-8, and keeps NULs
     names = _header(Path(path))
     try:
         return pcsv.read_csv(

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.textfile import open_text
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
@@ -33,7 +34,7 @@ class SlideRegistry:
         if not csv_path.is_file():
             raise UserError(f"slide CSV {csv_path} does not exist")
         paths: dict[str, str] = {}
-        with open(csv_path, newline="") as f:
+        with open_text(csv_path) as f:
             reader = csv.DictReader(f)
             missing = {"slide_id", "path"} - set(reader.fieldnames or ())
             if missing:

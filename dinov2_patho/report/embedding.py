@@ -14,6 +14,7 @@ from dinov2_patho.data.readers import TileSource
 from dinov2_patho.errors import UserError
 from dinov2_patho.report.figures import image_uri
 from dinov2_patho.report.mosaic import read_thumbnails, sample_rows
+from dinov2_patho.textfile import open_text
 
 
 def load_embeddings(path: str | Path, index: Any) -> np.ndarray:
@@ -64,7 +65,7 @@ def _compact(codes: np.ndarray, names: Sequence[Any] | np.ndarray) -> dict[str, 
 
 
 def metadata_columns(csv_path: str | Path) -> list[str]:
-    with open(csv_path, newline="") as f:
+    with open_text(csv_path) as f:
         header = next(csv.reader(f), [])
     return [c for c in header if c != "slide_id"]
 

@@ -6,6 +6,8 @@ import base64
 import csv
 from pathlib import Path
 
+from dinov2_patho.textfile import open_text
+
 SCORES = ("balanced_accuracy", "balanced_accuracy_std", "macro_f1", "auroc", "kappa", "quadratic_kappa")
 
 
@@ -29,7 +31,7 @@ def result_tables(directory: Path) -> list[tuple[str, list[list[str]], str | Non
     """(csv name, rows with a header row, PNG data URI of the same-stem plot or None) per results CSV."""
     out = []
     for path in sorted(directory.glob("*results*.csv")):
-        with open(path, newline="") as f:
+        with open_text(path) as f:
             rows = list(csv.reader(f))
         if not rows:
             continue

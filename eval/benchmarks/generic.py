@@ -17,6 +17,8 @@ from dinov2_patho.eval.benchmarks.base import (
     require_file,
 )
 
+from dinov2_patho.textfile import open_text
+
 SPLITS = ("train", "val", "test")
 
 
@@ -37,7 +39,7 @@ def folder(root: Path, mpp: float | None = None, name: str = "folder") -> Benchm
 def csv_benchmark(root: Path, mpp: float | None = None, name: str = "csv") -> Benchmark:
     """`root` is the CSV file."""
     path = require_file(Path(root), "a CSV with columns path,label,split")
-    with open(path, newline="") as f:
+    with open_text(path) as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("path", "label", "split") if c not in (reader.fieldnames or [])]
         if missing:

@@ -23,6 +23,8 @@ from dinov2_patho.eval.benchmarks.base import (
     require_file,
 )
 
+from dinov2_patho.textfile import open_text
+
 
 def _ranges(ranges: list[tuple[int, int]]) -> list[int]:
     return [i for start, stop in ranges for i in range(start, stop)]
@@ -58,7 +60,7 @@ def crc(root: Path) -> Benchmark:
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    with open(require_file(path, path.name), newline="") as f:
+    with open_text(require_file(path, path.name)) as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:

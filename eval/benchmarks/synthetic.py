@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from dinov2_patho.eval.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkError, ImageSplit, require_file
 
+from dinov2_patho.textfile import open_text
+
 
 class TileSplit(ImageSplit):
     def __init__(self, source, tiles: list[tuple[str, int, int]], labels: list[int]):
@@ -36,7 +38,7 @@ def synthetic(root: Path, source=None, fractions: tuple[float, float, float] = (
     root = Path(root)
     labels_csv = require_file(root / "labels.csv",
                               "the cohort's labels.csv (slide_id,tile_x,tile_y,tissue_type)")
-    with open(labels_csv, newline="") as f:
+    with open_text(labels_csv) as f:
         reader = csv.DictReader(f)
         missing = {"slide_id", "tile_x", "tile_y", "tissue_type"} - set(reader.fieldnames or [])
         if missing:

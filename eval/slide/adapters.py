@@ -25,6 +25,7 @@ from dinov2_patho.eval.slide.tasks import SlideTask, open_tiles, read_labels, ta
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
 from dinov2_patho.registry import Registry
+from dinov2_patho.textfile import open_text
 
 SLIDE_TASKS = Registry("slide task")
 
@@ -84,7 +85,7 @@ def camelyon16(root: Path, cache: Path, tiles: str | Path | None = None, val_fra
         raise UserError(f"{root / 'training'}: no .tif slides in normal/ or tumor/")
     _assign_splits(rows, (val_fraction, 0.0), seed)
     reference = _require(root / "testing" / "reference.csv", "Camelyon16's testing/reference.csv")
-    with open(reference, newline="") as f:
+    with open_text(reference) as f:
         for line, fields in enumerate(csv.reader(f), start=1):
             if len(fields) < 2 or fields[1].strip().lower() not in ("normal", "tumor"):
                 raise UserError(f"{reference}: line {line}: expected test_NNN,Normal|Tumor[,...], "
@@ -99,7 +100,7 @@ def camelyon16(root: Path, cache: Path, tiles: str | Path | None = None, val_fra
 @SLIDE_TASKS.register("panda")
 def panda(root: Path, cache: Path, tiles: str | Path | None = None, seed: int = 0) -> SlideTask:
     train_csv = _require(root / "train.csv", "PANDA's train.csv")
-    with open(train_csv, newline="") as f:
+    with open_text(train_csv) as f:
         reader = csv.DictReader(f)
         missing = {"image_id", "isup_grade"} - set(reader.fieldnames or [])
         if missing:

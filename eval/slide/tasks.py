@@ -19,6 +19,7 @@ import numpy as np
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
+from dinov2_patho.textfile import open_text
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("slide_id", "label", "split", "patient_id")
@@ -57,7 +58,7 @@ def read_labels(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"slide labels {path}: file not found")
-    with open(path, newline="") as f:
+    with open_text(path) as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in COLUMNS[:2] if c not in header]
