@@ -332,6 +332,7 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
             summaries.append({"level": level, "clusters": done["clusters"], "objective": done["objective"],
                               "seconds": 0.0, "resumed": True})
             centroids = np.load(tree.level_dir(out, level) / "centroids.npy")
+            log(f"level {level}: {done['clusters']} clusters, finished before (done.json): reused")
             continue
         if level > 1:
             if not main:
