@@ -132,6 +132,19 @@ def test_summary_names_unreadable_slides(tmp_path, cohort, capsys):
     assert out[-1].startswith("curate tiles: 2 slides (1 ok, 1 unreadable and skipped), ")
 
 
+def test_slide_without_mpp_names_the_curation_setting(tmp_path):
+    import tifffile
+
+    (tmp_path / "slides").mkdir()
+    rgb = np.full((512, 512, 3), 200, np.uint8)
+    tifffile.imwrite(tmp_path / "slides" / "nompp.tif", rgb, tile=(256, 256), photometric="rgb",
+                     compression="jpeg", metadata=None)
+    with pytest.raises(UserError, match="1 unreadable"):
+        curate_tiles(tmp_path / "slides", tmp_path / "out", "tiles.workers=1")
+    (reason,) = [r["reason"] for r in read_rows(tmp_path / "out" / "slides.csv")]
+    assert "no microns-per-pixel" in reason and reason.endswith("set tiles.mpp_override")
+
+
 def test_bad_input_is_one_line_naming_the_path(tmp_path):
     with pytest.raises(UserError, match=r"nowhere\.csv.*neither a directory nor a CSV file"):
         curate_tiles(tmp_path / "nowhere.csv", tmp_path / "out")

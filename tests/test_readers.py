@@ -134,8 +134,10 @@ def test_missing_mpp_is_a_clear_error_and_override_fixes_it(tmp_path):
     reg = SlideRegistry.from_dir(tmp_path)
     for backend in ("openslide", "tiffslide"):
         with pytest.raises(MissingMppError, match=r"slide 'nompp' \(.*nompp.tif\) has no microns-per-pixel.*"
-                                                  r"mpp_override"):
+                                                  r"set data\.mpp_override$"):
             SlideTileSource(reg, backend=backend, fallback=None).read("nompp", 0, 0)
+        with pytest.raises(MissingMppError, match=r"set --mpp-override$"):  # the caller's name for it
+            SlideTileSource(reg, backend=backend, fallback=None, mpp_key="--mpp-override").read("nompp", 0, 0)
         tile = SlideTileSource(reg, backend=backend, fallback=None, mpp_override=0.5).read("nompp", 0, 0)
         assert np.abs(tile.astype(int) - 200).max() <= 2
 

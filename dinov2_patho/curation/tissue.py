@@ -143,7 +143,8 @@ def _detect_in_worker(slide_id: str) -> SlideTiles:
 def _source(registry: Any, cfg: Any) -> Any:
     from dinov2_patho.data.readers import SlideTileSource
 
-    return SlideTileSource(registry, cfg.backend, cfg.fallback, cfg.mpp_override, cache_size=1)
+    return SlideTileSource(registry, cfg.backend, cfg.fallback, cfg.mpp_override, cache_size=1,
+                           mpp_key="tiles.mpp_override")
 
 
 def detect_all(registry: Any, cfg: Any, progress: bool) -> Iterator[SlideTiles]:

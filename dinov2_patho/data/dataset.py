@@ -36,8 +36,9 @@ _SCAN_CHUNK = 1 << 20
 _COUNTER_SLOTS = 1025
 
 
-def build_tile_source(cfg: Mapping[str, Any]) -> TileSource:
-    """The tile source described by a `data:` config section (see the module docstring)."""
+def build_tile_source(cfg: Mapping[str, Any], mpp_key: str = "data.mpp_override") -> TileSource:
+    """The tile source described by a `data:` config section (see the module docstring); `mpp_key`
+    names the caller's setting of `mpp_override` in errors."""
     defaults = packaged_section("train/default.yaml", "data")
     c = {**defaults, **{k: cfg[k] for k in cfg if k in defaults}}
     backend = c["backend"]
@@ -51,7 +52,8 @@ def build_tile_source(cfg: Mapping[str, Any]) -> TileSource:
         raise UserError(f"data.slides must name a slide directory or CSV when data.backend is {backend}")
     mpp = c["mpp_override"]
     return SlideTileSource(SlideRegistry.from_spec(c["slides"]), backend=backend, fallback=c["fallback"],
-                           mpp_override=None if mpp is None else float(mpp), cache_size=int(c["cache_size"]))
+                           mpp_override=None if mpp is None else float(mpp), cache_size=int(c["cache_size"]),
+                           mpp_key=mpp_key)
 
 
 class TileDataset(Dataset):

@@ -182,15 +182,18 @@ class SlideTileSource:
     """Tiles from whole-slide image files located through a `SlideRegistry`."""
 
     def __init__(self, registry: SlideRegistry, backend: str = "openslide",
-                 fallback: str | None = "tiffslide", mpp_override: float | None = None, cache_size: int = 16):
+                 fallback: str | None = "tiffslide", mpp_override: float | None = None, cache_size: int = 16,
+                 mpp_key: str = "data.mpp_override"):
+        """`mpp_key`: the caller's name for `mpp_override`, which a slide without mpp asks to set."""
         for key, name in (("backend", backend), ("fallback", fallback)):
             if name is not None and name not in _BACKENDS:
                 raise UserError(f"unknown slide {key} {name!r}{did_you_mean(name, BACKENDS)}")
         if mpp_override is not None and not mpp_override > 0:
-            raise UserError(f"mpp_override must be a positive number of um/px, got {mpp_override!r}")
+            raise UserError(f"{mpp_key} must be a positive number of um/px, got {mpp_override!r}")
         self.registry = registry
         self.backends = tuple(dict.fromkeys(b for b in (backend, fallback) if b is not None))
         self.mpp_override = mpp_override
+        self.mpp_key = mpp_key
         self.cache = HandleCache(cache_size)
 
     def read(self, slide_id: str, x: int, y: int) -> np.ndarray:
@@ -255,8 +258,8 @@ class SlideTileSource:
             mpp_x, mpp_y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
         except (KeyError, ValueError, TypeError):  # absent, unparsable, or None (tiffslide)
             raise MissingMppError(f"slide {slide_id!r} ({path}) has no microns-per-pixel in its properties "
-                                  f"(openslide.mpp-x/mpp-y); set data.mpp_override") from None
+                                  f"(openslide.mpp-x/mpp-y); set {self.mpp_key}") from None
         if not mpp_x > 0 or abs(mpp_x - mpp_y) > 0.01 * mpp_x:
             raise MissingMppError(f"slide {slide_id!r} ({path}): mpp-x {mpp_x} and mpp-y {mpp_y} are not a "
-                                  f"positive square pixel; set data.mpp_override")
+                                  f"positive square pixel; set {self.mpp_key}")
         return mpp_x

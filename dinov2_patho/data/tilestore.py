@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     index = TileIndex.open(args.index)
     source = SlideTileSource(SlideRegistry.from_spec(args.slides), backend=args.backend,
                              fallback=None if args.fallback == "none" else args.fallback,
-                             mpp_override=args.mpp_override)
+                             mpp_override=args.mpp_override, mpp_key="--mpp-override")
     written = extract_tiles(index, source, args.out, slide_ids=args.slide_id, overwrite=args.overwrite,
                             workers=args.workers, progress=not args.no_progress)
     done = sum(1 for n in written.values() if n)
@@ -241,7 +241,8 @@ def _preview(args: argparse.Namespace) -> int:
     index = TileIndex.open(args.index)
     source = build_tile_source({"backend": "hdf5" if args.tile_store else args.backend, "slides": args.slides,
                                 "tile_store": args.tile_store, "mpp_override": args.mpp_override,
-                                "fallback": None if args.fallback == "none" else args.fallback})
+                                "fallback": None if args.fallback == "none" else args.fallback},
+                                mpp_key="--mpp-override")
     rng = np.random.default_rng(args.seed)
     if args.by == "slide":
         slides = args.slide_id or [index.slide_names[i] for i in

@@ -104,7 +104,8 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
 
     cache = Path(cache)
     _check_manifest(cache, bag_manifest(task, backbone, backbone_name, token, cap, seed))
-    source = source if source is not None else SlideTileSource(task.registry, mpp_override=task.mpp)
+    source = source if source is not None else SlideTileSource(task.registry, mpp_override=task.mpp,
+                                                                      mpp_key="mpp (eval slide)")
     dataset = TileDataset(task.tiles, source)  # (uint8 [3, 224, 224] tile, row id) by global row id
     on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
     blank = on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0]
