@@ -50,9 +50,13 @@ def auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 
 def quadratic_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Cohen's kappa with quadratic weights over ordered classes 0..C-1 (PANDA's ISUP grade metric)."""
-    return float(cohen_kappa_score(_targets(y_true, num_classes), y_pred, labels=np.arange(num_classes),
-                                   weights="quadratic"))
+    """Cohen's kappa with quadratic weights over ordered classes 0..C-1 (PANDA's ISUP grade metric).
+    NaN when targets and predictions hold one class between them (chance agreement is then total;
+    scikit-learn warns there)."""
+    y_true = _targets(y_true, num_classes)
+    if len(np.union1d(y_true, y_pred)) < 2:
+        return float("nan")
+    return float(cohen_kappa_score(y_true, y_pred, labels=np.arange(num_classes), weights="quadratic"))
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray,

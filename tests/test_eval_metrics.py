@@ -2,10 +2,10 @@ import warnings
 
 import numpy as np
 import pytest
-from dinov2_patho.eval.metrics import auroc, classification_metrics
+from dinov2_patho.eval.metrics import auroc, classification_metrics, quadratic_kappa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, recall_score, roc_auc_score
 
 
 @st.composite
@@ -69,5 +69,12 @@ def test_absent_classes_give_nan_without_warnings_and_bad_targets_are_named():
         m = classification_metrics(y, probs, ["a", "b", "c", "d"], ordinal=True)
     assert np.isnan(m["per_class_recall"]["b"]) and np.isnan(m["per_class_recall"]["d"])
     assert m["balanced_accuracy"] == pytest.approx(0.5)
+    with warnings.catch_warnings():  # one class in targets and predictions: kappa is undefined, quietly
+        warnings.simplefilter("error")
+        one = classification_metrics(np.array([2, 2, 2]), np.eye(4)[[2, 2, 2]], ["a", "b", "c", "d"],
+                                     ordinal=True)
+        assert np.isnan(one["quadratic_kappa"]) and np.isnan(one["auroc"])
+        assert quadratic_kappa(np.array([2, 2]), np.array([1, 2]), 4) == pytest.approx(
+            cohen_kappa_score([2, 2], [1, 2], labels=range(4), weights="quadratic"))
     with pytest.raises(ValueError, match=r"target 4 is not a class index in \[0, 4\)"):
         classification_metrics(np.array([0, 4]), np.eye(4)[[0, 1]], ["a", "b", "c", "d"])
