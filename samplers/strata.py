@@ -137,9 +137,9 @@ def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], S
     with ExitStack() as held:
         try:
             held.enter_context(_exclusive(cache_dir))
-        except OSError as e:  # a read-only index directory: build here, uncached
-            log.warning("cannot cache sampler strata in %s (%s): continuing uncached", cache_dir, e)
-            return build()
+        except OSError as e:  # a read-only index directory, or a file system without flock
+            log.warning("cannot lock %s (%s): processes starting together may each build the strata",
+                        cache_dir, e)
         damaged = False
         if final.is_dir():
             try:

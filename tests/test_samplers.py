@@ -343,6 +343,19 @@ def test_strata_starting_together_are_built_once_and_shared(tmp_path):
     assert np.array_equal(np.sort(results[0].order), np.arange(len(labels)))
 
 
+def test_strata_cache_works_where_flock_does_not(tmp_path, monkeypatch, caplog):
+    def no_flock(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr("dinov2_patho.samplers.strata.fcntl.flock", no_flock)
+    labels = np.arange(300) % 5
+    parts = {"labels": labels, "num_labels": 5}
+    first = load_or_build(tmp_path, parts, lambda: build_strata(300, 5, lambda a, b: labels[a:b]))
+    assert "cannot lock" in caplog.text
+    again = load_or_build(tmp_path, parts, lambda: pytest.fail("cached strata were built again"))
+    assert np.array_equal(first.order, again.order)
+
+
 def test_subset_view_yields_global_row_ids():
     base = make_index(4, 400, 9)
     keep = np.flatnonzero(np.arange(400) % 3 == 0)
