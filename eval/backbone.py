@@ -46,6 +46,11 @@ def _training_run(path: str | Path | None) -> Path | None:
     return path.parent if path.name == SHARED_FILE and path.is_file() else None
 
 
+def _arch_name(arch: str, model_kwargs: dict[str, Any]) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in model_kwargs.items())
+    return f"arch {arch}" + (f" ({options})" if options else "")
+
+
 def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_format: str = "auto",
                   **model_kwargs: Any) -> nn.Module:
     """`arch` is one of our backbones (`vit_small`, ...; `model_kwargs` go to `build_backbone`)
@@ -71,9 +76,17 @@ def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_form
         if path is not None:
             if not Path(path).is_file():
                 raise UserError(f"{path}: checkpoint not found")
-            timm.models.load_checkpoint(model, str(path), strict=True)
+            try:
+                timm.models.load_checkpoint(model, str(path), strict=True)
+            except RuntimeError as e:  # torch's state-dict mismatch: many lines naming every key
+                from dinov2_patho.models import weights
+
+                sd, _ = weights.extract_state_dict(weights.read_checkpoint(path), str(path))
+                first = weights.first_mismatch(model.state_dict(), sd) or str(e).strip().splitlines()[0]
+                raise UserError(f"{path}: does not fit {_arch_name(arch, model_kwargs)}: {first}") from e
     else:
         from dinov2_patho.models import BACKBONES, build_backbone, load_pretrained
+        from dinov2_patho.models.weights import WeightsMismatchError
 
         if arch not in BACKBONES:
             raise UserError(f"backbone arch {arch!r} is unknown (valid: {', '.join(BACKBONES.names())}, "
@@ -81,7 +94,10 @@ def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_form
         _check_model_kwargs(arch, model_kwargs)
         model = build_backbone(arch, **model_kwargs)
         if path is not None:
-            load_pretrained(model, path, format=weights_format)
+            try:
+                load_pretrained(model, path, format=weights_format)
+            except WeightsMismatchError as e:
+                raise UserError(f"{path}: does not fit {_arch_name(arch, model_kwargs)}: {e.first}") from e
     if path is None:
         log.warning("backbone %s: no weights given, evaluating a random initialisation", arch)
     for p in model.parameters():

@@ -75,3 +75,24 @@ def test_backbone_model_keys_the_arch_does_not_take_are_one_line(tmp_path, capsy
     line = _one_line_error(capsys, ["eval", "run", "--benchmarks", "folder", "--output-dir",
                                     str(tmp_path / "o"), override])
     assert expected in line
+
+
+def test_weights_of_another_architecture_are_one_line_naming_file_arch_and_first_mismatch(tmp_path, capsys):
+    import torch
+
+    from dinov2_patho.models import build_backbone
+
+    weights = tmp_path / "patch16.pth"
+    torch.save(build_backbone("vit_small", patch_size=16).state_dict(), weights)
+    line = _one_line_error(capsys, ["eval", "run", "--backbone", str(weights), "--arch", "vit_small",
+                                    "--benchmarks", "folder", "--output-dir", str(tmp_path / "o")])
+    assert line.endswith(f"{weights}: does not fit arch vit_small: patch_embed.proj.weight [384, 3, 16, 16] "
+                         "vs model [384, 3, 14, 14]")
+    # a timm model: torch's many-line state-dict error becomes the first key the checkpoint lacks
+    state = load_backbone(None, "timm/vit_tiny_patch16_224", depth=1).state_dict()
+    dropped = next(iter(state))
+    torch.save({k: v for k, v in state.items() if k != dropped}, weights)
+    with pytest.raises(UserError) as raised:
+        load_backbone(weights, "timm/vit_tiny_patch16_224", depth=1)
+    assert str(raised.value) == (f"{weights}: does not fit arch timm/vit_tiny_patch16_224 (depth=1): "
+                                 f"{dropped} missing from the checkpoint")

@@ -107,7 +107,7 @@ def tile_dataset(tiles_dir: Path, slides: str, mpp_override: float | None, tiles
     index = TileIndex.open(tiles_dir / INDEX)
     source = build_tile_source({"backend": tiles_cfg.get("backend", "openslide"), "slides": slides,
                                 "fallback": tiles_cfg.get("fallback", "tiffslide"),
-                                "mpp_override": mpp_override, "cache_size": 4})
+                                "mpp_override": mpp_override, "cache_size": 4}, mpp_key="tiles.mpp_override")
     return TileDataset(index, source)
 
 
@@ -181,12 +181,7 @@ def run(args: argparse.Namespace) -> int:
     with distributed_context(cfg.device) as ctx:
         torch.manual_seed(cfg.seed)  # the random-init baseline: the same weights on every rank
         model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-        try:
-            backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, **model_kwargs)
-        except RuntimeError as e:  # torch's state-dict mismatch: many lines naming every key
-            raise UserError(f"{args.backbone}: does not fit --arch {args.arch} "
-                            f"{model_kwargs or ''}: {str(e).splitlines()[0]}") from e
-        backbone = backbone.to(ctx.device)
+        backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, **model_kwargs).to(ctx.device)
         on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
         dim = feature_dim(backbone, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
         fingerprint = broadcast_object(tile_list_fingerprint(tiles_dir / INDEX) if ctx.is_main else None, ctx)

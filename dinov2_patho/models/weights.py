@@ -34,6 +34,27 @@ _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+\.)")
 _LISTED = 8
 
 
+class WeightsMismatchError(UserError):
+    """Weights whose keys or shapes differ from the model's; `first` names the first difference."""
+
+    def __init__(self, message: str, first: str):
+        super().__init__(message)
+        self.first = first
+
+
+def first_mismatch(own: Mapping[str, Tensor], sd: Mapping[str, Tensor]) -> str | None:
+    """The first difference between a model's state dict and weights, in the model's key order (a
+    shape, then a key the weights lack), else the first key the model lacks; None when they fit."""
+    for key, value in own.items():
+        if key in sd and sd[key].shape != value.shape:
+            return f"{key} {list(sd[key].shape)} vs model {list(value.shape)}"
+    missing = next((k for k in own if k not in sd), None)
+    if missing is not None:
+        return f"{missing} missing from the checkpoint"
+    unexpected = next((k for k in sd if k not in own), None)
+    return None if unexpected is None else f"{unexpected} not in the model"
+
+
 @dataclass
 class LoadReport:
     source: str
@@ -195,13 +216,17 @@ def load_pretrained(
     report.unexpected = sorted(k for k in sd if k not in own)
     bad_shapes = [f"{k} {list(sd[k].shape)} vs model {list(own[k].shape)}"
                   for k in sd if k in own and sd[k].shape != own[k].shape]
+    comparable = {k: v for k, v in own.items() if k not in report.kept_init}
     if bad_shapes:
-        raise UserError(f"{name}: shapes differ from the model: {_list(bad_shapes)}")
+        raise WeightsMismatchError(f"{name}: shapes differ from the model: {_list(bad_shapes)}",
+                                   first_mismatch(comparable, sd) or bad_shapes[0])
     if not report.complete:
         message = (f"{report.summary()}. The checkpoint does not match the architecture (check arch, "
                    "patch_size, ffn, layerscale_init, num_register_tokens)")
         if strict:
-            raise UserError(message + "; refusing a partial load (strict=False loads the matching keys)")
+            raise WeightsMismatchError(
+                message + "; refusing a partial load (strict=False loads the matching keys)",
+                first_mismatch(comparable, sd) or report.summary())
         log.warning(message)
     matched = {k: v for k, v in sd.items() if k in own}
     vit.load_state_dict(matched, strict=False)
