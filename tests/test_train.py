@@ -217,6 +217,32 @@ def test_evaluation_hook_runs_benchmarks_on_the_teacher(cohort, cohort_index, tm
     assert calls[0][0] is not None and calls[0][0].embed_dim == 48
 
 
+def test_evaluation_hook_runs_slide_tasks_on_the_teacher(cohort, cohort_index, tmp_path, monkeypatch):
+    from dinov2_patho.eval.slide import runner as slide_runner
+
+    calls = []
+
+    def fake_run_slide_tasks(backbone, tasks, cfg, output_dir, backbone_name):
+        calls.append((list(tasks), cfg, Path(output_dir), backbone_name, backbone.training,
+                      backbone.embed_dim))
+        return {}
+
+    monkeypatch.setattr(slide_runner, "run_slide_tasks", fake_run_slide_tasks)
+    slide_cfg = tmp_path / "slide.yaml"
+    slide_cfg.write_text("cross_validation:\n  folds: 3\n")
+    cfg = tiny_cfg(cohort, cohort_index, "train.iterations=2", "train.num_workers=0",
+                   "evaluation.every_n_iterations=2", "evaluation.slide_tasks=[labels.csv]",
+                   f"evaluation.slide_config_file={slide_cfg}")
+    trainer_mod.run_training(cfg, tmp_path / "run")  # slide tasks alone turn the hook on
+    out = tmp_path / "run" / "eval" / "iter_00000002" / "slide"
+    folds = {"cross_validation": {"folds": 3}}
+    assert calls == [(["labels.csv"], folds, out, "teacher iter_00000002", False, 48)]
+    with pytest.raises(UserError, match=r"evaluation\.slide_config_file: .*absent\.yaml does not exist"):
+        trainer_mod.run_training(tiny_cfg(cohort, cohort_index, "evaluation.slide_tasks=[labels.csv]",
+                                          f"evaluation.slide_config_file={tmp_path / 'absent.yaml'}"),
+                                 tmp_path / "other")
+
+
 def test_logs_hold_one_pseudo_epoch_and_the_step_flops(cohort, cohort_index, tmp_path):
     # B = 8, 12 samples: 2 batches per pseudo-epoch, where floor(it * B / L) would say epoch 2 at it 3
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=5", "train.num_workers=0",

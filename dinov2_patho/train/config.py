@@ -67,6 +67,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = cfg.data[key]
         if value is not None and not Path(value).exists():
             raise UserError(f"data.{key}: {value} does not exist")
-    eval_file = cfg.evaluation.config_file
-    if cfg.evaluation.benchmarks and eval_file is not None and not Path(eval_file).is_file():
-        raise UserError(f"evaluation.config_file: {cfg.evaluation.config_file} does not exist")
+    for tasks, key in (("benchmarks", "config_file"), ("slide_tasks", "slide_config_file")):
+        eval_file = cfg.evaluation[key]
+        if cfg.evaluation[tasks] and eval_file is not None and not Path(eval_file).is_file():
+            raise UserError(f"evaluation.{key}: {eval_file} does not exist")

@@ -270,7 +270,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
         every_ckpt = int(cfg.checkpoint.every_n_iterations)
-        every_eval = int(cfg.evaluation.every_n_iterations)
+        evaluates = bool(cfg.evaluation.benchmarks or cfg.evaluation.slide_tasks)
+        every_eval = int(cfg.evaluation.every_n_iterations) if evaluates else 0
         self.metrics = MetricsWriter(self.output_dir, start_iteration=self.start, total_iterations=self.total,
                                      log_every=int(cfg.train.log_every), enabled=ctx.is_main)
         log.info("training iterations %d..%d, global batch %d over %d rank(s)", self.start, self.total,
@@ -330,7 +331,7 @@ class Trainer:
             stopped = stop
             if stopped or iteration == self.total or (every_ckpt > 0 and iteration % every_ckpt == 0):
                 self.save(iteration)
-            if every_eval > 0 and iteration % every_eval == 0 and cfg.evaluation.benchmarks:
+            if every_eval > 0 and iteration % every_eval == 0:
                 self.evaluate(iteration)
             if stopped:
                 log.warning("stop requested: checkpoint %s written, leaving at iteration %d",
@@ -387,9 +388,10 @@ class Trainer:
         return float(torch.linalg.vector_norm(torch.stack(norms)).item())
 
     def evaluate(self, iteration: int) -> None:
-        """The configured benchmarks on the teacher backbone (rank 0; others wait). Under FSDP, on an
-        unsharded copy gathered to rank 0."""
+        """The configured tile benchmarks, then slide tasks (results in `slide/`), on the teacher backbone
+        (rank 0; others wait). Under FSDP, on an unsharded copy gathered to rank 0."""
         from dinov2_patho.eval import run_benchmarks
+        from dinov2_patho.eval.slide import runner as slide_runner
         from dinov2_patho.train.dist import barrier
 
         teacher = self.model.teacher["backbone"]
@@ -401,9 +403,14 @@ class Trainer:
                 teacher.to(self.ctx.device).eval()
         if self.ctx.is_main:
             cfg = self.cfg.evaluation
-            eval_cfg = OmegaConf.load(cfg.config_file) if cfg.config_file else None
             out = self.output_dir / "eval" / ckpt.checkpoint_name(iteration)
-            run_benchmarks(teacher, list(cfg.benchmarks), eval_cfg, out)
+            if cfg.benchmarks:
+                eval_cfg = OmegaConf.load(cfg.config_file) if cfg.config_file else None
+                run_benchmarks(teacher, list(cfg.benchmarks), eval_cfg, out)
+            if cfg.slide_tasks:
+                slide_cfg = OmegaConf.load(cfg.slide_config_file) if cfg.slide_config_file else None
+                slide_runner.run_slide_tasks(teacher, list(cfg.slide_tasks), slide_cfg, out / "slide",
+                                             backbone_name=f"teacher {ckpt.checkpoint_name(iteration)}")
             self.model.train()
         barrier(self.ctx)
 
