@@ -96,3 +96,16 @@ def test_weights_of_another_architecture_are_one_line_naming_file_arch_and_first
         load_backbone(weights, "timm/vit_tiny_patch16_224", depth=1)
     assert str(raised.value) == (f"{weights}: does not fit arch timm/vit_tiny_patch16_224 (depth=1): "
                                  f"{dropped} missing from the checkpoint")
+
+
+def test_the_backbone_and_feature_engine_load_without_the_heads_and_sklearn():
+    """`curate embed` imports these; the package's `run_benchmarks` loads the rest on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dinov2_patho.eval.backbone, dinov2_patho.eval.features, "
+            "dinov2_patho.eval.preprocess; "
+            "heavy = sorted(m for m in ('sklearn', 'dinov2_patho.eval.runner') if m in sys.modules); "
+            "from dinov2_patho.eval import run_benchmarks; print(heavy, run_benchmarks.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "dinov2_patho.eval.runner"]
