@@ -1,19 +1,23 @@
 """Training on a real SLURM (started here when none runs): `dinov2-patho launch train`
 as a 2-task gloo job; a job preempted mid-run (SIGUSR2, as before a time limit) that
 checkpoints, requeues itself and ends with the same weights as the uninterrupted job;
-the plain sbatch template."""
+a job killed without warning (`scontrol requeue`) that resumes from its last periodic
+checkpoint and ends the same; `launch eval` on the trained run; the plain sbatch template."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -89,6 +93,15 @@ def _final_model(output_dir: Path) -> dict[str, torch.Tensor]:
     return shared["model"]
 
 
+def _wait_training(slurm: SlurmCluster, job_id: str, output_dir: Path, iterations: int) -> None:
+    """Until metrics.jsonl exists and logs `iterations` iterations (the job still running)."""
+    metrics, deadline = output_dir / "metrics.jsonl", time.monotonic() + DEADLINE_S
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < iterations:
+        assert slurm.job_state(job_id) not in ENDED, _job_logs(output_dir)
+        assert time.monotonic() < deadline, f"job {job_id} stuck before {iterations}\n{_job_logs(output_dir)}"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def smoke_job(slurm, cohort, cohort_index, tmp_path_factory) -> tuple[str, Path]:
     """cpu_smoke as an uninterrupted 2-task job: (job id, output directory)."""
@@ -122,12 +135,7 @@ def test_launch_trains_cpu_smoke_as_a_two_task_gloo_job(smoke_job, cohort_index)
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, smoke_job, cohort, cohort_index,
                                                                  tmp_path):
     job_id, output_dir = _launch(slurm, tmp_path, SMOKE_OVERRIDES + _data_overrides(cohort, cohort_index))
-    # the training loop has started (its signal handler is in place) once metrics.jsonl exists
-    deadline = time.monotonic() + DEADLINE_S
-    while not (output_dir / "metrics.jsonl").exists():
-        assert slurm.job_state(job_id) not in ENDED, _job_logs(output_dir)
-        assert time.monotonic() < deadline, f"job {job_id} did not start training\n{_job_logs(output_dir)}"
-        time.sleep(0.2)
+    _wait_training(slurm, job_id, output_dir, 0)  # metrics.jsonl exists: the signal handler is in place
     # what SLURM sends before the time limit (submitit's --signal=USR2@delay), or an admin's preemption
     slurm.run("scancel", "--signal=USR2", job_id)
     _wait_end(slurm, job_id, output_dir)
@@ -148,6 +156,52 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, smoke_job
     assert {k.split(".")[0] for k in reference} >= {"student", "teacher"}
     different = [k for k in reference if not torch.equal(reference[k], resumed_model[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def test_hard_requeue_resumes_from_the_last_periodic_checkpoint_exactly(slurm, smoke_job, cohort,
+                                                                        cohort_index, tmp_path):
+    job_id, output_dir = _launch(slurm, tmp_path, SMOKE_OVERRIDES + _data_overrides(cohort, cohort_index))
+    _wait_training(slurm, job_id, output_dir, 6)  # past the periodic checkpoint of iteration 4
+    # requeued, then killed at once like a node failure: `scontrol requeue` alone sends SIGTERM
+    # (which the trainer ignores) and SIGKILL only KillWait seconds later, by when this short job is done
+    pids = [int(line.split()[0]) for line in slurm.run("scontrol", "listpids", job_id).splitlines()
+            if line.split()[:1] and line.split()[0].isdigit()]
+    assert pids, f"no processes listed for job {job_id}"
+    slurm.run("scontrol", "requeue", job_id)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _wait_end(slurm, job_id, output_dir)
+
+    log = (output_dir / "log.txt").read_text()
+    assert "stop requested" not in log, "the kill was not hard: the trainer saw a stop request"
+    resumed = re.search(r"resumed from \S+iter_(\d+) at iteration (\d+)", log)
+    assert resumed, log
+    assert int(resumed.group(1)) == int(resumed.group(2)) and int(resumed.group(2)) in (4, 8)
+    assert re.search(r"\bRestarts=1\b", slurm.run("scontrol", "show", "job", job_id))
+    assert [r["iteration"] for r in _task_results(output_dir, job_id, 2)] == [ITERATIONS, ITERATIONS]
+    reference, resumed_model = _final_model(smoke_job[1]), _final_model(output_dir)
+    different = [k for k in reference if not torch.equal(reference[k], resumed_model[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def test_launch_eval_runs_the_trained_run_as_a_slurm_job(slurm, smoke_job, tmp_path):
+    from test_eval_backbone import TINY_EVAL
+    from test_eval_run import folder_benchmark
+
+    folder_benchmark(tmp_path / "data" / "folder")
+    cmd = [sys.executable, "-m", "dinov2_patho", "launch", "eval", "--cpus-per-task", "1", "--partition",
+           slurm.partition, "--timeout", "30", "--output-root", str(tmp_path), "--", "run", "--backbone",
+           str(smoke_job[1]), "--benchmarks", "folder", "--data-root", str(tmp_path / "data"), *TINY_EVAL]
+    out = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"submitted job (\d+): output (\S+)", out.stdout)
+    assert match, out.stdout
+    job_id, output_dir = match.group(1), Path(match.group(2))
+    _wait_end(slurm, job_id, output_dir)
+    assert output_dir.name == f"dinov2-patho-eval_{job_id}"
+    embed_dim = OmegaConf.load(CPU_SMOKE).student.embed_dim
+    assert np.load(output_dir / "features" / "folder" / "test" / "cls.npy").shape == (8, embed_dim)
 
 
 def test_plain_sbatch_template_trains_without_submitit(slurm, cohort, cohort_index, tmp_path):
