@@ -61,14 +61,16 @@ class RowDataset:
         return torch.tensor([float(level[row]) for level in self._levels])
 
 
-def pss_gb(pids: list[int]) -> float:
-    """The processes' proportional set size: each shared page split among its sharers."""
-    total_kb = 0
+def pss_gb(pids: list[int]) -> dict[str, float]:
+    """The processes' proportional set size (each shared page split among its sharers), in all
+    and its anonymous (heap, copied-on-write) and file-backed (memory-mapped index, libraries) parts."""
+    total_kb = {"Pss": 0, "Pss_Anon": 0, "Pss_File": 0}
     for pid in pids:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                total_kb += int(line.split()[1])
-    return total_kb / 2**20
+            name, _, value = line.partition(":")
+            if name in total_kb:
+                total_kb[name] += int(value.split()[0])
+    return {name: kb / 2**20 for name, kb in total_kb.items()}
 
 
 def children(pid: int) -> list[int]:
@@ -129,11 +131,14 @@ def report(label: str, r: dict) -> None:
     built = max(g["marks"]["sampler_built"] for g in r["ranks"])
     imported = max(g["marks"]["imported"] for g in r["ranks"])
     mapped = all(g["strata_mapped"] for g in r["ranks"])
+    pss = r["pss_gb"]
     print(f"  {label}: first batch on every rank {first:6.1f} s ({first / FIRST_BATCH_LIMIT_S:4.2f}x limit "
           f"{FIRST_BATCH_LIMIT_S:.0f} s; imports done {imported:.1f} s, sampler built {built:.1f} s)")
     print(f"  {label}: PSS of {len(r['ranks'])} ranks + workers ({r['processes']} processes) "
-          f"{r['pss_gb']:5.2f} GB ({r['pss_gb'] / PSS_LIMIT_GB:4.2f}x limit {PSS_LIMIT_GB:.0f} GB); "
-          f"ranks alone {r['pss_ranks_gb']:.2f} GB; strata memory-mapped on every rank: {mapped}", flush=True)
+          f"{pss['Pss']:5.2f} GB ({pss['Pss'] / PSS_LIMIT_GB:4.2f}x limit {PSS_LIMIT_GB:.0f} GB; "
+          f"anonymous {pss['Pss_Anon']:.2f}, file-backed {pss['Pss_File']:.2f}); "
+          f"ranks alone {r['pss_ranks_gb']['Pss']:.2f} GB; strata memory-mapped on every rank: {mapped}",
+          flush=True)
 
 
 def main() -> None:
