@@ -14,15 +14,24 @@ peak RSS (file-backed pages of the memory-mapped index included) is its own.
     --reference and a Python with pandas with --reference-python; the missing comma is
     restored in a temporary copy) against ours on the same 1M-tile input: level 4 and 3,
     800 slides per 350,000-sample pseudo-epoch.
+(c) --metadata: the `metadata` baseline (inverse-frequency subset, 10% target, uniform batches)
+    over the real 37,096 slides (tissue_diagnosis of ../shared/data TCGA_/GTEx_tissue_metadata.csv,
+    tiles_per_slide.csv counts) at 350M rows (limits: build <= 10 s, peak RSS <= 1 GB); and against
+    the paper's metadata_based_sampling.py (--metadata-reference; pandas; matplotlib stubbed: plots
+    only) at --metadata-fractions of the rows (it ran out of memory at full scale): per-class
+    weights and rows drawn per class.
 
     .venv/bin/python benchmarks/samplers.py --quick                      # 1M and 5M rows, no reference
     flock /tmp/dinov2_patho_heavy.lock .venv/bin/python benchmarks/samplers.py --reference ... \\
         --reference-python ...
+    flock /tmp/dinov2_patho_heavy.lock .venv/bin/python benchmarks/samplers.py --metadata \\
+        --metadata-reference .../metadata_based_sampling.py --reference-python ...
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -65,6 +74,30 @@ class MemmapIndex:
     def row_ids(self) -> np.ndarray:
         return np.arange(self.n, dtype=np.int64)
 
+    # the metadata sampler's interface, over the grouped layout of (c) (slide ranges in offsets.npy)
+    def slide_runs(self) -> tuple[np.ndarray, np.ndarray] | None:
+        path = self.root / "offsets.npy"
+        if not path.is_file():
+            return None
+        offsets = np.load(path)
+        return offsets[:-1], np.diff(offsets)
+
+    def slide_metadata(self, csv_path: str, column: str) -> tuple[np.ndarray, list[str]]:
+        with open(csv_path, newline="") as f:
+            value = dict(csv.reader(f))
+        names = sorted(set(value.values()) - {column})
+        code = {v: i for i, v in enumerate(names)}
+        return np.array([code[value[s]] for s in self.slide_names], np.int32), names
+
+    def metadata_codes(self, csv_path: str, column: str) -> tuple[np.ndarray, list[str]]:
+        """As TileIndex.metadata_codes (narrow codes filled in chunks); no TileIndex is built at 350M."""
+        per_slide, names = self.slide_metadata(csv_path, column)
+        per_slide = per_slide.astype(np.min_scalar_type(-len(names)))
+        slides, out = self.slides(), np.empty(self.n, per_slide.dtype)
+        for a in range(0, self.n, CHUNK):
+            out[a:a + CHUNK] = per_slide[slides[a:a + CHUNK]]
+        return out, names
+
 
 def per_slide_counts(rows: int) -> np.ndarray:
     counts = np.loadtxt(DATA / "tiles_per_slide.csv", delimiter=",", skiprows=1, usecols=1, dtype=np.int64)
@@ -101,6 +134,37 @@ def make_synthetic(rows: int, root: Path) -> Path:
                 fine = parents[k][fine]
     for col in (*cols.values(), slides):
         col.flush()
+    (root / "meta.json").write_text(json.dumps({"rows": n, "slides": len(counts)}))
+    return root
+
+
+def make_metadata_input(rows: int, root: Path) -> Path:
+    """slides.npy and offsets.npy (tiles_per_slide.csv counts scaled to `rows`, slide i = its line i,
+    grouped by slide as an ingested index), a constant
+    level_4 (read by the uniform sampler's telemetry), metadata.csv (slide{i},tissue_diagnosis) and,
+    for the reference, reference.csv (real slide_id,tissue_diagnosis,num_tiles scaled)."""
+    if (root / "offsets.npy").is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    ids = np.loadtxt(DATA / "tiles_per_slide.csv", delimiter=",", skiprows=1, usecols=0, dtype=str)
+    counts = per_slide_counts(rows)
+    n = int(counts.sum())
+    slides = np.lib.format.open_memmap(root / "slides.npy", "w+", np.int32, (n,))
+    for s, (a, b) in enumerate(zip(np.r_[0, np.cumsum(counts)[:-1]], np.cumsum(counts))):
+        slides[a:b] = s
+    slides.flush()
+    np.save(root / "offsets.npy", np.r_[0, np.cumsum(counts)])
+    np.lib.format.open_memmap(root / "level_4.npy", "w+", np.uint8, (n,)).flush()
+    value = {}
+    for name in ("TCGA_tissue_metadata.csv", "GTEx_tissue_metadata.csv"):
+        with open(DATA / name, newline="") as f:
+            value.update((r["slide_id"], r["tissue_diagnosis"]) for r in csv.DictReader(f))
+    with open(root / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("slide_id", "tissue_diagnosis"),
+                                 *((f"slide{i}", value[s]) for i, s in enumerate(ids))])
+    with open(root / "reference.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("slide_id", "tissue_diagnosis", "num_tiles"),
+                                 *((s, value[s], c) for s, c in zip(ids, counts.tolist()))])
     (root / "meta.json").write_text(json.dumps({"rows": n, "slides": len(counts)}))
     return root
 
@@ -182,6 +246,63 @@ def run_reference(reference: Path, python: str, root: Path, level: int, budget_s
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+METADATA_DRIVER = """
+import importlib.util, json, sys, time, types
+plt = types.ModuleType("matplotlib.pyplot")  # the script plots at import; plots are not measured
+sys.modules["matplotlib"] = types.ModuleType("matplotlib"); sys.modules["matplotlib.pyplot"] = plt
+sys.modules["matplotlib"].pyplot = plt
+spec = importlib.util.spec_from_file_location("ref", sys.argv[1]); ref = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ref)
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**20
+t0 = time.perf_counter()
+df = ref.calculate_sampling_weights(ref.load_and_merge_metadata([sys.argv[2]]))
+try:
+    drawn, how = df.sample(n=int(sys.argv[3]), random_state=25, weights="sampling_weight"), "DataFrame.sample"
+except ValueError:  # recent pandas refuses weights that saturate a class; older pandas drew with numpy:
+    import numpy as np
+    w = df["sampling_weight"].to_numpy()
+    pick = np.random.RandomState(25).choice(len(df), int(sys.argv[3]), replace=False, p=w / w.sum())
+    drawn, how = df.iloc[pick], "RandomState.choice, older pandas' draw"
+seconds = time.perf_counter() - t0
+weights = df.groupby("tissue_diagnosis")["sampling_weight"].first()
+print(json.dumps({"s": seconds, "peak_rss_gb": hwm(), "how": how,
+                  "weights": {k: float(v) for k, v in weights.items()},
+                  "drawn": {k: int(v) for k, v in drawn.groupby("tissue_diagnosis").size().items()}}))
+"""
+
+
+def metadata_vs_reference(reference: Path, python: str, root: Path) -> str:
+    """Per-class weights (max class size / class size, the reference's) and rows drawn per class."""
+    from dinov2_patho.samplers.metadata import inverse_frequency_subset_of_runs
+
+    index = MemmapIndex(root)
+    target = len(index) // 10
+    with tempfile.TemporaryDirectory(prefix="patho_meta_ref_") as tmp:
+        (Path(tmp) / "driver.py").write_text(METADATA_DRIVER)
+        command = [python, str(Path(tmp) / "driver.py"), str(reference), str(root / "reference.csv"),
+                   str(target)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=True)
+    ref = json.loads(proc.stdout.strip().splitlines()[-1])
+    codes, names = index.metadata_codes(str(root / "metadata.csv"), "tissue_diagnosis")
+    per_slide, _ = index.slide_metadata(str(root / "metadata.csv"), "tissue_diagnosis")
+    t0 = time.perf_counter()
+    subset = inverse_frequency_subset_of_runs(per_slide, *index.slide_runs(), target, 25)
+    drawn = np.bincount(codes[subset], minlength=len(names))
+    seconds = time.perf_counter() - t0
+    freq = np.bincount(codes, minlength=len(names))
+    ours = dict(zip(names, (freq.max() / freq).tolist()))
+    same = set(ours) == set(ref["weights"])
+    weight_err = max(abs(ours[k] / ref["weights"][k] - 1) for k in names) if same else float("inf")
+    theirs = np.array([ref["drawn"].get(k, 0) for k in names])
+    tv = 0.5 * np.abs(drawn - theirs).sum() / target
+    return (f"{len(index):,} rows, {len(names)} classes, target {target:,}: per-class weights max relative "
+            f"difference {weight_err:.1e}; rows drawn per class: total variation ours vs reference {tv:.4f} "
+            f"(largest class gap {np.abs(drawn - theirs).max():,} rows); reference {ref['s']:.1f} s, "
+            f"peak RSS {ref['peak_rss_gb']:.2f} GB ({ref['how']}); "
+            f"ours (subset only, in-process) {seconds:.1f} s")
+
+
 def child(root: Path, cfg: dict, batches: int) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--measure", str(root), json.dumps(cfg), str(batches)],
                           capture_output=True, text=True)
@@ -202,12 +323,20 @@ def main() -> None:
     parser.add_argument("--reference-seconds", type=float, default=120.0)
     parser.add_argument("--reference-levels", default="4,3", help="tree levels compared in (b)")
     parser.add_argument("--skip-a", action="store_true", help="run (b) only")
+    parser.add_argument("--metadata", action="store_true", help="run (c), the metadata baseline, only")
+    parser.add_argument("--metadata-rows", type=int, default=349_664_180)
+    parser.add_argument("--metadata-reference", type=Path, help="path of metadata_based_sampling.py")
+    parser.add_argument("--metadata-fractions", default="0.01,0.05",
+                        help="fractions of the rows the reference runs on")
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), json.loads(args.measure[1]), int(args.measure[2]))))
         return
     workdir = Path(args.workdir)
+    if args.metadata:
+        metadata_section(args, workdir)
+        return
     scales = [1_000_000, 5_000_000] if args.quick else [int(s) for s in args.scales.split(",")]
     strat = {"name": "cluster_stratified", "cache": False}
     configs = [(f"cluster_stratified K={LEVELS[k - 1]}", {**strat, "level": k}) for k in (4, 3, 2, 1)]
@@ -246,6 +375,23 @@ def main() -> None:
         print(f"  level {level}: samples/s ratio ours/reference {speed:,.0f}x; "
               f"build ratio reference/ours {ref['build_s'] / ours['build_s']:.1f}x; "
               f"peak RSS ratio reference/ours {ref['peak_rss_gb'] / ours['peak_rss_gb']:.2f}x", flush=True)
+
+
+def metadata_section(args: argparse.Namespace, workdir: Path) -> None:
+    print(f"(c) metadata baseline, 10% target, B={B}; limits at full scale: build <= 10 s, peak RSS <= 1 GB")
+    root = make_metadata_input(args.metadata_rows, workdir / f"meta{args.metadata_rows}")
+    cfg = {"name": "metadata", "metadata_csv": str(root / "metadata.csv"),
+           "target_size": args.metadata_rows // 10, "seed": 25}
+    r = child(root, cfg, args.batches)
+    print(f"  {args.metadata_rows / 1e6:.0f}M  build {r['build_s']:6.1f} s ({r['build_s'] / 10:4.2f}x limit) "
+          f"{r['samples_per_s'] / 1e6:6.2f} M samples/s  peak RSS {r['peak_rss_gb']:5.2f} GB "
+          f"({r['peak_rss_gb']:4.2f}x limit; {r['import_rss_gb']:.2f} GB after imports)", flush=True)
+    fractions = args.metadata_fractions.split(",")
+    for fraction in [] if args.metadata_reference is None else map(float, fractions):
+        rows = int(args.metadata_rows * fraction)
+        root = make_metadata_input(rows, workdir / f"meta{rows}")
+        vs = metadata_vs_reference(args.metadata_reference, args.reference_python, root)
+        print(f"  {fraction:.0%}: {vs}", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dinov2_patho.registry import Registry, did_you_mean
 
 from .base import GlobalBatchSampler, SamplerError
-from .metadata import inverse_frequency_subset
+from .metadata import inverse_frequency_subset, inverse_frequency_subset_of_runs
 from .stratified import ClusterStratifiedSampler
 from .uniform import UniformSampler
 
@@ -133,8 +133,13 @@ def metadata(index, batch_size: int, opts: MetadataOptions, given: set[str]) -> 
     uniformly, or (`stratify`) in batches stratified by `column`."""
     if not opts.stratify:
         _unused("metadata", given, StratifiedOptions, "with sampler.stratify=false (uniform over the subset)")
-    codes, names = index.metadata_codes(opts.metadata_csv, opts.column)
-    subset = inverse_frequency_subset(codes, int(opts.target_size), opts.seed)
+    runs = index.slide_runs() if hasattr(index, "slide_runs") else None
+    if runs is not None and not opts.stratify:  # an index grouped by slide: no per-row pass
+        per_slide, _ = index.slide_metadata(opts.metadata_csv, opts.column)
+        subset = inverse_frequency_subset_of_runs(per_slide, *runs, int(opts.target_size), opts.seed)
+    else:
+        codes, names = index.metadata_codes(opts.metadata_csv, opts.column)
+        subset = inverse_frequency_subset(codes, int(opts.target_size), opts.seed)
     if not opts.stratify:
         return UniformSampler(index, batch_size, seed=opts.seed,
                               pseudo_epoch_samples=opts.pseudo_epoch_samples, positions=subset)

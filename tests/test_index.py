@@ -281,7 +281,7 @@ def test_select_slides_and_metadata(small, tmp_path):
     meta = tmp_path / "meta.csv"
     codes, names = index.metadata_codes(meta, "tissue")
     assert names == ["Breast", "Lung"]
-    assert codes.dtype == np.int32
+    assert codes.dtype == np.int8  # the narrowest signed dtype for 2 values and -1
     assert codes.tolist() == [{"a": 1, "b": 1, "c": 0, "d": -1}[r[0]] for r in rows]
     lung = index.select_metadata(meta, "tissue", ["Lung"])
     assert lung.row_ids().tolist() == [i for i, r in enumerate(rows) if r[0] in "ab"]

@@ -28,6 +28,7 @@ from dinov2_patho.data.index_ingest import build
 from dinov2_patho.data.index_source import read_text_table
 from dinov2_patho.errors import UserError
 
+_ROW_CHUNK = 1 << 22  # rows per step of a per-row pass that must not hold a full-length temporary
 
 def build_index(
     csv: str | Path, out: str | Path, *, dedupe: bool = False, progress: bool = True
@@ -147,6 +148,16 @@ class TileIndex:
     def slides(self) -> np.ndarray:
         return self._slides_of(self._rows)
 
+    def slide_runs(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(first view position, rows) of every slide when each slide's rows are contiguous in this view
+        (an index grouped by slide), else None: per-slide work without a per-row slide column."""
+        st = self._store
+        if not st.grouped:
+            return None
+        bounds = st.offsets if self._rows is None else np.searchsorted(self._rows, st.offsets)
+        bounds = np.asarray(bounds, dtype=np.int64)
+        return bounds[:-1], np.diff(bounds)
+
     def coords(self) -> tuple[np.ndarray, np.ndarray]:
         xy = self._store.xy
         return decode_xy(xy if self._rows is None else xy[self._rows])
@@ -219,9 +230,16 @@ class TileIndex:
         return np.array([code.get(v, -1) for v in per_slide], dtype=np.int32), names
 
     def metadata_codes(self, csv: str | Path, column: str) -> tuple[np.ndarray, list[str]]:
-        """Per-row int32 code of the row's slide's value in `column` (-1: missing or empty); names by code."""
+        """Per-row code of the row's slide's value in `column` (-1: missing or empty); names by code.
+        The narrowest signed dtype, filled in chunks: 350M rows of 266 values take 0.7 GB, not 2.8 GB."""
         per_slide, names = self.slide_metadata(csv, column)
-        return per_slide[self.slides()], names
+        per_slide = per_slide.astype(np.min_scalar_type(-max(len(names), 1)))
+        out = np.empty(len(self), dtype=per_slide.dtype)
+        for a in range(0, len(self), _ROW_CHUNK):
+            b = min(a + _ROW_CHUNK, len(self))
+            rows = np.arange(a, b) if self._rows is None else self._rows[a:b]
+            out[a:b] = per_slide[self._slides_of(rows)]
+        return out, names
 
     def select_metadata(self, csv: str | Path, column: str, values: Iterable[str]) -> TileIndex:
         per_slide, names = self.slide_metadata(csv, column)
