@@ -2,7 +2,8 @@
 as a 2-task gloo job; a job preempted mid-run (SIGUSR2, as before a time limit) that
 checkpoints, requeues itself and ends with the same weights as the uninterrupted job;
 a job killed without warning (`scontrol requeue`) that resumes from its last periodic
-checkpoint and ends the same; `launch eval` on the trained run; the plain sbatch template."""
+checkpoint and ends the same; `launch eval` on the trained run; `launch curate kmeans` on two
+tasks; the plain sbatch template."""
 
 from __future__ import annotations
 
@@ -202,6 +203,33 @@ def test_launch_eval_runs_the_trained_run_as_a_slurm_job(slurm, smoke_job, tmp_p
     assert output_dir.name == f"dinov2-patho-eval_{job_id}"
     embed_dim = OmegaConf.load(CPU_SMOKE).student.embed_dim
     assert np.load(output_dir / "features" / "folder" / "test" / "cls.npy").shape == (8, embed_dim)
+
+
+def test_launch_curate_kmeans_as_a_two_task_job_builds_the_single_process_tree(slurm, tmp_path):
+    from test_curation_kmeans import planted_blobs, tree_arrays
+
+    from dinov2_patho.cli import main
+
+    np.save(tmp_path / "x.npy", planted_blobs(seed=3)[0])
+    config = tmp_path / "levels.yaml"
+    levels = [{"clusters": 12, "resampling_steps": 2, "sample_per_cluster": 4}, {"clusters": 3}]
+    config.write_text(OmegaConf.to_yaml({"kmeans": {"levels": levels}}))
+    args = ["kmeans", "--embeddings", str(tmp_path / "x.npy"), "--config-file", str(config), "--no-progress"]
+    assert main(["curate", *args, "--out", str(tmp_path / "local")]) == 0
+    cmd = [sys.executable, "-m", "dinov2_patho", "launch", "curate", "--tasks-per-node", "2",
+           "--cpus-per-task", "1", "--partition", slurm.partition, "--timeout", "30", "--output-root",
+           str(tmp_path), "--", *args, "--out", str(tmp_path / "tree_%j")]
+    out = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"submitted job (\d+): output (\S+)", out.stdout)
+    assert match, out.stdout
+    job_id, output_dir = match.group(1), Path(match.group(2))
+    _wait_end(slurm, job_id, output_dir)
+    assert "2 rank(s)" in _job_logs(output_dir)  # one gloo group, not two independent builds
+    local, job = tree_arrays(tmp_path / "local"), tree_arrays(tmp_path / f"tree_{job_id}")
+    assert local and local.keys() == job.keys()
+    for name in local:  # two gloo ranks sharding the points build the single process's tree
+        np.testing.assert_array_equal(job[name], local[name], err_msg=name)
 
 
 def test_plain_sbatch_template_trains_without_submitit(slurm, cohort, cohort_index, tmp_path):
