@@ -227,14 +227,6 @@ def test_select_per_cluster_takes_the_lowest_keys_of_each_cluster(items, per_clu
 
 # --- bad input via the CLI -----------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def only_the_kmeans_action(monkeypatch):
-    """`curate` builds every action's parser: test ours without importing the other stages."""
-    from dinov2_patho.curation import cli
-
-    monkeypatch.setattr(cli, "ACTIONS", {"kmeans": cli.ACTIONS["kmeans"]})
-
-
 def run_cli(tmp_path: Path, embeddings: Path, *extra: str, levels=None) -> int:
     config = tmp_path / "levels.yaml"
     config.write_text(OmegaConf.to_yaml({"kmeans": {"levels": levels or [{"clusters": 4}, {"clusters": 2}]}}))
