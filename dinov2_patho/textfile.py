@@ -49,15 +49,19 @@ def check_text_file(path: str | Path) -> None:
                 return
 
 
-def read_text(path: str | Path) -> str:
-    """The whole (small) file as UTF-8 text, a leading BOM dropped; UserError if it is not text."""
-    path = Path(path)
-    data = path.read_bytes()
+def decode_text(path: str | Path, data: bytes) -> str:
+    """`data`, the whole file `path` or its first lines, as UTF-8 text, a leading BOM dropped;
+    UserError naming `path` and the byte offset and line of a NUL or invalid UTF-8 byte."""
     bad = _first_bad(data, final=True)
     if bad is not None:
         offset, what = bad
-        raise _error(path, offset, data.count(b"\n", 0, offset) + 1, what)
+        raise _error(Path(path), offset, data.count(b"\n", 0, offset) + 1, what)
     return data.removeprefix(BOM).decode("utf-8")
+
+
+def read_text(path: str | Path) -> str:
+    """The whole (small) file as UTF-8 text (see decode_text)."""
+    return decode_text(path, Path(path).read_bytes())
 
 
 def open_text(path: str | Path) -> io.StringIO:

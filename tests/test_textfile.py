@@ -171,3 +171,10 @@ def test_metadata_codes_of_real_metadata_unchanged_by_check() -> None:
         pytest.skip(f"{path} absent")
     check_text_file(path)
     assert np.asarray(read_text_table(path)["slide_id"]).size > 0
+
+
+@pytest.mark.parametrize("name", ["clusters", "metadata"])
+@pytest.mark.parametrize("data", [b"PAR1", b"PAR1" + bytes(range(40)), b"\r\xc2\x80", b"a\rb,c\n"])
+def test_fuzz_finds(tmp_path: Path, name: str, data: bytes) -> None:
+    """Found by the fuzzing above: parquet magic then junk, a lone carriage return in the header."""
+    assert read_or_error(READERS[name][1], tmp_path / "in.csv", data) is None

@@ -20,7 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from dinov2_patho.errors import UserError
-from dinov2_patho.textfile import BOM, check_text_file
+from dinov2_patho.textfile import check_text_file, decode_text
 
 REQUIRED = ("slide_id", "tile_x", "tile_y")
 _LEVEL = re.compile(r"level_([1-9][0-9]*)$")
@@ -154,16 +154,16 @@ def _header(path: Path) -> list[str]:
     with open(path, "rb") as f:
         line = f.readline()
     try:
-        if b"\0" not in line:
-            return next(csv.reader([line.removeprefix(BOM).decode("utf-8")]), [])  # pyarrow skips a BOM too
-    except UnicodeDecodeError:
-        pass
-    check_text_file(path)  # raises, naming the NUL or invalid UTF-8 byte
-    raise AssertionError("unreachable: check_text_file accepted a header it cannot decode")
+        return next(csv.reader([decode_text(path, line)]), [])  # pyarrow skips a BOM too
+    except csv.Error as e:  # e.g. a lone carriage return inside the header
+        raise UserError(f"{path}: line 1 (header): {e}") from None
 
 
 def _parquet(path: Path, on_bytes) -> tuple[tuple[str, ...], Iterator[Batch]]:
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # "PAR1" then bytes that are not parquet
+        raise UserError(f"{path}: not a readable parquet file: {e}") from None
     levels = check_header(path, pf.schema_arrow.names)
     for name in (*REQUIRED, *levels):
         typ = pf.schema_arrow.field(name).type
@@ -179,11 +179,14 @@ def _parquet(path: Path, on_bytes) -> tuple[tuple[str, ...], Iterator[Batch]]:
     def batches() -> Iterator[Batch]:
         start = 0
         size = path.stat().st_size
-        for rb in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[*REQUIRED, *levels]):
-            yield _to_batch(path, rb, start, levels, csv_lines=False)
-            start += rb.num_rows
-            if on_bytes is not None:
-                on_bytes(size * rb.num_rows // max(pf.metadata.num_rows, 1))
+        try:
+            for rb in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[*REQUIRED, *levels]):
+                yield _to_batch(path, rb, start, levels, csv_lines=False)
+                start += rb.num_rows
+                if on_bytes is not None:
+                    on_bytes(size * rb.num_rows // max(pf.metadata.num_rows, 1))
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: corrupt parquet after data row {start}: {e}") from None
         if start == 0:
             raise UserError(f"{path}: no data rows")
 
