@@ -26,6 +26,11 @@ def _first_bad(data: bytes, final: bool) -> tuple[int, str] | None | int:
     return None if nul < 0 else (nul, "NUL byte (binary data)")
 
 
+def one_line(error: Exception) -> str:
+    """A library's message (pyarrow quotes the bad row, line breaks included) fit for a one-line error."""
+    return str(error).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _error(path: Path, offset: int, line: int, what: str) -> UserError:
     return UserError(f"{path}: not a UTF-8 text file: {what} at byte offset {offset} (line {line})")
 

@@ -20,7 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from dinov2_patho.errors import UserError
-from dinov2_patho.textfile import check_text_file, decode_text
+from dinov2_patho.textfile import check_text_file, decode_text, one_line
 
 REQUIRED = ("slide_id", "tile_x", "tile_y")
 _LEVEL = re.compile(r"level_([1-9][0-9]*)$")
@@ -147,7 +147,7 @@ def _diagnose_csv(path: Path, header: list[str], start: int, error: Exception) -
             for name, value in zip(header, fields):
                 if name != "slide_id" and value not in _NULLS and not _INT.match(value):
                     return row_error(path, row, f"{name} is {value!r}, not an integer")
-    return UserError(f"{path}: after data row {start}: {error}")
+    return UserError(f"{path}: after data row {start}: {one_line(error)}")
 
 
 def _header(path: Path) -> list[str]:
@@ -250,4 +250,4 @@ def read_text_table(path: Path) -> pa.Table:
             ),
         )
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {one_line(e)}") from None
