@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from dinov2_patho import __version__
@@ -21,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cohort": ("dinov2_patho.data.synthetic", "generate a synthetic pyramidal-TIFF cohort"),
     "index": ("dinov2_patho.data.index_cli", "build or inspect a tile index from clustering CSVs"),
     "tiles": ("dinov2_patho.data.tilestore", "extract tiles into per-slide HDF5 stores"),
-    "curate": ("dinov2_patho.curation.cli", "curation: tissue tiles, embeddings, hierarchical k-means, tree, subsets"),
+    "curate": ("dinov2_patho.curation.cli", "curation: tissue tiles, embeddings, k-means tree, subsets"),
     "sampler": ("dinov2_patho.samplers.cli", "dump a sampler's batches and telemetry"),
     "train": ("dinov2_patho.train.cli", "DINOv2 pretraining (torchrun-aware)"),
     "export": ("dinov2_patho.train.export", "export a teacher backbone to DINOv2 hub / timm format"),
@@ -46,6 +47,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # CPU torch + torchvision 0.16.2 (README, "torch and torchvision on a CPU machine"): its compiled
+    # image ops are unused, so their import warning would only alarm users
+    warnings.filterwarnings("ignore", message="Failed to load image Python extension")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
