@@ -111,6 +111,18 @@ def load_config(defaults: str | Path, config_file: str | Path | None = None,
     return cfg
 
 
+def merge_over_defaults(defaults: str | Path, cfg: DictConfig | dict | None, source: str,
+                        open_keys: Iterable[str] = ()) -> DictConfig:
+    """`defaults` (as for `load_config`) with `cfg`, a full or partial config, merged over them, its
+    keys checked against them."""
+    base = load_config(defaults)
+    if cfg is None:
+        return base
+    layer = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    check_keys(layer, base, source, open_keys)
+    return OmegaConf.merge(base, layer)
+
+
 def to_container(cfg: DictConfig | ListConfig) -> dict | list:
     return OmegaConf.to_container(cfg, resolve=True)
 

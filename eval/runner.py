@@ -17,7 +17,7 @@ from dinov2_patho.eval.report import summary_rows, write_plot, write_tables
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dinov2_patho.config import check_keys, load_config
+from dinov2_patho.config import merge_over_defaults
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
 
@@ -29,12 +29,7 @@ OPEN_KEYS = ("datasets", "backbone.model")
 
 def eval_config(cfg: DictConfig | dict | None = None) -> DictConfig:
     """The packaged eval defaults under `cfg` (a full or partial eval config)."""
-    base = load_config(DEFAULTS)
-    if cfg is None:
-        return base
-    layer = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    check_keys(layer, base, "eval config", OPEN_KEYS)
-    return OmegaConf.merge(base, layer)
+    return merge_over_defaults(DEFAULTS, cfg, "eval config", OPEN_KEYS)
 
 
 def open_benchmark(name: str, cfg: DictConfig) -> Benchmark:

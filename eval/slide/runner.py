@@ -18,7 +18,7 @@ from dinov2_patho.eval.slide.tasks import SlideTask, csv_task
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dinov2_patho.config import check_keys, load_config
+from dinov2_patho.config import merge_over_defaults
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
@@ -31,12 +31,7 @@ OPEN_KEYS = ("datasets", "backbone.model")
 
 def slide_config(cfg: DictConfig | dict | None = None) -> DictConfig:
     """The packaged slide-eval defaults under `cfg` (a full or partial config)."""
-    base = load_config(DEFAULTS)
-    if cfg is None:
-        return base
-    layer = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    check_keys(layer, base, "slide eval config", OPEN_KEYS)
-    return OmegaConf.merge(base, layer)
+    return merge_over_defaults(DEFAULTS, cfg, "slide eval config", OPEN_KEYS)
 
 
 def open_task(name: str, cfg: DictConfig, cache: Path) -> SlideTask:
