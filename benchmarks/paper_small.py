@@ -87,6 +87,43 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str]) -> dic
     return record
 
 
+def agreement(seed: int, out: Path, num_slides: int) -> dict:
+    """Level-wise ARI of the random-init tree and of re-curations of the same tiles with each arm's
+    teacher, against the planted tissue types (reused when agreement.json is there)."""
+    from dinov2_patho.curation.pipeline import tree_agreement
+
+    done = out / "agreement.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cohort = make_demo_cohort(out / "cohort", num_slides, seed)
+    curation = curate_cohort(cohort, out / "curation", progress=False)
+    rows = {"random-init ViT-Ti": tree_agreement(curation.index, cohort.labels_csv)}
+    for arm in ARMS:
+        again = curate_cohort(cohort, out / f"recuration_{arm}", progress=False, backbone=out / arm,
+                              tiles=curation.tiles)
+        rows[f"{arm} teacher"] = tree_agreement(again.index, cohort.labels_csv)
+    record = {name: [r["ari"] for r in levels] for name, levels in rows.items()}
+    atomic_write_text(done, json.dumps(record, indent=1))
+    return record
+
+
+def agreement_table(records: dict[int, dict]) -> str:
+    """ARI per level, mean ± std over seeds, per curation embedding."""
+    names = next(iter(records.values())).keys()
+    levels = len(next(iter(next(iter(records.values())).values())))
+    lines = ["Tree agreement with the planted tissue types: adjusted Rand index per level, mean ± std "
+             "over seeds (min–max)", "", "| embedding | " + " | ".join(f"level {k}" for k in
+                                                                   range(1, levels + 1)) + " |",
+             "|---|" + "---|" * levels]
+    for name in names:
+        cells = []
+        for k in range(levels):
+            v = np.array([r[name][k] for r in records.values()])
+            cells.append(f"{v.mean():.2f} ± {v.std():.2f} ({v.min():.2f}–{v.max():.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_table(records: list[dict]) -> str:
     """Mean ± std over seeds per arm, then paired differences (min / mean / max over seeds)."""
     names = (*ARMS, "random_init")
@@ -126,7 +163,9 @@ def main() -> None:
         print(f"seed {seed}: " + json.dumps(record["scores"]))
     records = sorted((json.loads(p.read_text()) for p in args.out.glob("seed_*/results.json")),
                      key=lambda r: r["seed"])
-    table = summary_table(records)
+    trees = {r["seed"]: agreement(r["seed"], args.out / f"seed_{r['seed']}", args.num_slides)
+             for r in records}
+    table = summary_table(records) + "\n" + agreement_table(trees)
     atomic_write_text(args.out / "summary.md", table)
     print(table)
 
