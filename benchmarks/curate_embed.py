@@ -45,8 +45,7 @@ def parse(module, argv: list[str]) -> argparse.Namespace:
 
 def reference(tiles_dir: Path, slides: Path, arch: str, model_kwargs: dict, batch_size: int) -> None:
     """Build the model, read every tile, forward it: the least any embedding tool must do."""
-    torch.manual_seed(0)
-    model = load_backbone(None, arch, **model_kwargs)
+    model = load_backbone(None, arch, seed=0, **model_kwargs)
     index = TileIndex.open(tiles_dir / "index")
     names, (xs, ys) = [index.slide_names[s] for s in index.slides()], index.coords()
     source = SlideTileSource(SlideRegistry.from_spec(slides))

@@ -9,6 +9,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from dinov2_patho.errors import UserError
@@ -51,11 +52,29 @@ def _arch_name(arch: str, model_kwargs: dict[str, Any]) -> str:
     return f"arch {arch}" + (f" ({options})" if options else "")
 
 
+def backbone_record(path: str | Path | None, arch: str, seed: int) -> dict[str, Any]:
+    """What results record of the evaluated backbone: the seed only for a random initialisation."""
+    return {"path": None if path is None else str(path), "arch": arch,
+            "seed": int(seed) if path is None else None}
+
+
 def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_format: str = "auto",
-                  **model_kwargs: Any) -> nn.Module:
+                  seed: int = 0, **model_kwargs: Any) -> nn.Module:
     """`arch` is one of our backbones (`vit_small`, ...; `model_kwargs` go to `build_backbone`)
-    or `timm/<model name>`. `path=None` keeps the random initialisation (a baseline); a
-    directory is a training run or checkpoint, whose teacher is evaluated (`arch` unused)."""
+    or `timm/<model name>`. `path=None` keeps the random initialisation (a baseline), drawn from
+    `seed` so that a baseline is reproducible; a directory is a training run or checkpoint, whose
+    teacher is evaluated (`arch` unused). The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = _build(path, arch, weights_format, **model_kwargs)
+    if path is None:
+        log.warning("backbone %s: no weights given, evaluating a random initialisation (seed %d)", arch, seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _build(path: str | Path | None, arch: str, weights_format: str, **model_kwargs: Any) -> nn.Module:
     run = _training_run(path)
     if run is not None:
         from dinov2_patho.train.export import teacher_backbone
@@ -66,8 +85,9 @@ def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_form
         log.info("backbone: the teacher of %s at its own architecture (backbone.arch is not used)", run)
         model = teacher_backbone(run)
     elif arch.startswith(TIMM_PREFIX):
-        import timm
+        from dinov2_patho.models.weights import import_timm
 
+        timm = import_timm()
         try:
             model = timm.create_model(arch[len(TIMM_PREFIX):], pretrained=False, num_classes=0,
                                       **model_kwargs)
@@ -98,8 +118,4 @@ def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_form
                 load_pretrained(model, path, format=weights_format)
             except WeightsMismatchError as e:
                 raise UserError(f"{path}: does not fit {_arch_name(arch, model_kwargs)}: {e.first}") from e
-    if path is None:
-        log.warning("backbone %s: no weights given, evaluating a random initialisation", arch)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return model

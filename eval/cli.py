@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dinov2_patho.eval.backbone import load_backbone
+    from dinov2_patho.eval.backbone import backbone_record, load_backbone
     from dinov2_patho.eval.runner import DEFAULTS, OPEN_KEYS, run_benchmarks
 
     if args.action == "slide":
@@ -68,15 +68,16 @@ def run(args: argparse.Namespace) -> int:
     save_config(cfg, args.output_dir / "config.yaml")
     spec = cfg.backbone
     model_kwargs = OmegaConf.to_container(spec.model, resolve=True)
-    backbone = load_backbone(spec.path, spec.arch, spec.weights_format, **model_kwargs)
+    backbone = load_backbone(spec.path, spec.arch, spec.weights_format, spec.seed, **model_kwargs)
     backbone = backbone.to(cfg.features.device)
-    run_benchmarks(backbone, list(cfg.benchmarks), cfg, args.output_dir)
+    run_benchmarks(backbone, list(cfg.benchmarks), cfg, args.output_dir,
+                   backbone_record(spec.path, spec.arch, spec.seed))
     print((args.output_dir / "results.md").read_text(), end="")
     return 0
 
 
 def run_slide(args: argparse.Namespace) -> int:
-    from dinov2_patho.eval.backbone import load_backbone
+    from dinov2_patho.eval.backbone import backbone_record, load_backbone
     from dinov2_patho.eval.slide.runner import DEFAULTS, OPEN_KEYS, run_slide_tasks
 
     overrides = list(args.overrides)
@@ -94,9 +95,10 @@ def run_slide(args: argparse.Namespace) -> int:
     setup_logging(args.output_dir)
     save_config(cfg, args.output_dir / "config.yaml")
     spec = cfg.backbone
-    backbone = load_backbone(spec.path, spec.arch, spec.weights_format,
+    backbone = load_backbone(spec.path, spec.arch, spec.weights_format, spec.seed,
                              **OmegaConf.to_container(spec.model, resolve=True))
     name = f"{spec.arch}:{spec.path}" if spec.path is not None else f"{spec.arch}:random-init"
-    run_slide_tasks(backbone.to(cfg.bags.device), list(cfg.tasks), cfg, args.output_dir, name)
+    run_slide_tasks(backbone.to(cfg.bags.device), list(cfg.tasks), cfg, args.output_dir, name,
+                    backbone_record(spec.path, spec.arch, spec.seed))
     print((args.output_dir / "results.md").read_text(), end="")
     return 0

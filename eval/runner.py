@@ -160,10 +160,11 @@ def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, ou
 
 
 def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig | dict | None,
-                   output_dir: str | Path) -> dict:
+                   output_dir: str | Path, record: dict | None = None) -> dict:
     """Evaluate `backbone` (frozen here) on each benchmark; write results to `output_dir`.
 
     `cfg` is an eval config (configs/eval/default.yaml; partial ones are merged over it).
+    `record` (the CLI's backbone: path, arch, seed) goes with each result in results.json.
     Features are cached in `output_dir/features`, so give each checkpoint its own
     `output_dir` (the trainer: one per evaluation step)."""
     cfg = eval_config(cfg)
@@ -182,6 +183,8 @@ def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig |
     finally:
         backbone.train(was_training)
     rows = summary_rows(results)
+    if record is not None:  # what was evaluated (a random init's seed), with each result
+        results = {name: {**result, "backbone": record} for name, result in results.items()}
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=1, default=str))
     write_tables(rows, output_dir)
     if cfg.plot and rows:

@@ -79,8 +79,7 @@ def test_rows_align_with_the_tile_list(tiles_dir, clean_run):
     from dinov2_patho.eval.backbone import load_backbone
     from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-    torch.manual_seed(0)  # embed.seed: the random-init baseline is reproducible
-    model = load_backbone(None, ARCH, **TINY)
+    model = load_backbone(None, ARCH, seed=0, **TINY)  # embed.seed: the random-init baseline
     slides = json.loads((tiles_dir / "tiles.json").read_text())["slides"]
     source = SlideTileSource(SlideRegistry.from_spec(slides))
     picks = [0, len(rows) // 2, len(rows) - 1]
@@ -173,8 +172,7 @@ def test_stale_manifest_or_unfinished_run_is_refused(tiles_dir, clean_run, tmp_p
     from dinov2_patho.eval.backbone import load_backbone
 
     weights = tmp_path / "uni_like.pth"
-    torch.manual_seed(1)
-    torch.save(load_backbone(None, ARCH, **TINY).state_dict(), weights)
+    torch.save(load_backbone(None, ARCH, seed=1, **TINY).state_dict(), weights)
     out = tmp_path / "emb"
     (out / "run.json").parent.mkdir()
     stale = json.loads((clean_run / "manifest.json").read_text())["settings"]
@@ -185,8 +183,7 @@ def test_stale_manifest_or_unfinished_run_is_refused(tiles_dir, clean_run, tmp_p
         curate_embed(tiles_dir, out, "--backbone", str(weights))
     (out / "run.json").unlink()
     assert curate_embed(tiles_dir, out, "--backbone", str(weights)) == 0
-    torch.manual_seed(2)
-    torch.save(load_backbone(None, ARCH, **TINY).state_dict(), weights)
+    torch.save(load_backbone(None, ARCH, seed=2, **TINY).state_dict(), weights)
     with pytest.raises(UserError, match=r"manifest\.json: .*backbone\.weights_sha256"):
         curate_embed(tiles_dir, out, "--backbone", str(weights))
     torch.save({"blocks.0.unexpected": torch.zeros(1)}, weights)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from dinov2_patho.eval.backbone import load_backbone
 from test_eval_run import folder_benchmark
 from test_train import tiny_cfg
@@ -78,8 +79,6 @@ def test_backbone_model_keys_the_arch_does_not_take_are_one_line(tmp_path, capsy
 
 
 def test_weights_of_another_architecture_are_one_line_naming_file_arch_and_first_mismatch(tmp_path, capsys):
-    import torch
-
     from dinov2_patho.models import build_backbone
 
     weights = tmp_path / "patch16.pth"
@@ -109,3 +108,33 @@ def test_the_backbone_and_feature_engine_load_without_the_heads_and_sklearn():
             "from dinov2_patho.eval import run_benchmarks; print(heavy, run_benchmarks.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "dinov2_patho.eval.runner"]
+
+
+def test_a_random_init_baseline_is_drawn_from_its_seed_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = (load_backbone(None, "timm/vit_tiny_patch16_224", seed=s, depth=1).state_dict()
+               for s in (5, 5, 6))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_eval_run_baselines_repeat_and_record_their_seed(tmp_path):
+    import json
+
+    folder_benchmark(tmp_path / "data" / "folder")
+    tiny = ["preprocess.size=28", "backbone.model.img_size=28", "heads.linear.n_runs=1",
+            "heads.linear.max_steps=10", "heads.knn.k=[1]", "heads.logreg.enabled=false", "progress=false",
+            "plot=false"]
+    runs = []
+    for name in ("a", "b"):  # two runs of one command: the same baseline (unseeded, they differed)
+        out = tmp_path / name
+        assert main(["eval", "run", "--benchmarks", "folder", "--data-root", str(tmp_path / "data"),
+                     "--output-dir", str(out), "backbone.seed=3", *tiny]) == 0
+        results = json.loads((out / "results.json").read_text())["folder"]
+        assert results["backbone"] == {"path": None, "arch": "vit_small", "seed": 3}
+        runs.append((np.load(out / "features" / "folder" / "test" / "cls.npy"), results["knn"]))
+    assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]

@@ -179,9 +179,10 @@ def run(args: argparse.Namespace) -> int:
     index = dataset.index
     n = len(index)
     with distributed_context(cfg.device) as ctx:
-        torch.manual_seed(cfg.seed)  # the random-init baseline: the same weights on every rank
         model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-        backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, **model_kwargs).to(ctx.device)
+        # seeded: a random-init baseline has the same weights on every rank and every run
+        backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, seed=int(cfg.seed),
+                                 **model_kwargs).to(ctx.device)
         on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
         dim = feature_dim(backbone, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
         fingerprint = broadcast_object(tile_list_fingerprint(tiles_dir / INDEX) if ctx.is_main else None, ctx)

@@ -116,7 +116,8 @@ def run_slide_task(backbone: nn.Module, task: SlideTask, cfg: DictConfig, output
 
 
 def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dict | None,
-                    output_dir: str | Path, backbone_name: str = "backbone") -> dict:
+                    output_dir: str | Path, backbone_name: str = "backbone",
+                    record: dict | None = None) -> dict:
     """Evaluate `backbone` (frozen here) on each slide task; write results to `output_dir`.
     Bags are cached in `output_dir/bags/<task>`, keyed by `backbone_name` and a hash of its weights."""
     cfg = slide_config(cfg)
@@ -136,6 +137,8 @@ def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dic
     finally:
         backbone.train(was_training)
     rows = summary_rows(results)
+    if record is not None:  # what was evaluated (a random init's seed), with each result
+        results = {name: {**result, "backbone": record} for name, result in results.items()}
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=1, default=str))
     write_tables(rows, output_dir)
     if cfg.plot and rows:
