@@ -14,6 +14,7 @@ Exit status 1 when any row FAILs. Under 8 minutes on one H200 (budgeted, not yet
 
     .venv/bin/python benchmarks/gpu_check.py                       # on a GPU machine
     .venv/bin/python benchmarks/gpu_check.py --device cpu --tiny   # CI (tests/test_gpu_check.py)
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --tiny --ranks 2   # the 2-process path, gloo
 """
 
 from __future__ import annotations
@@ -185,9 +186,9 @@ def distributed_worker(rank: int, world: int, backend: str, init_file: str, size
     dist.destroy_process_group()
 
 
-def check_distributed(sizes: Sizes, device: torch.device) -> list[Row]:
+def check_distributed(sizes: Sizes, device: torch.device, world: int) -> list[Row]:
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    world, backend = (2 if gpus >= 2 else 1), ("nccl" if gpus else "gloo")
+    backend = "nccl" if gpus else "gloo"
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out = str(Path(tmp, "init")), str(Path(tmp, "result.json"))
         start = time.perf_counter()
@@ -301,6 +302,8 @@ def main() -> int:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny model and data (CI on CPU)")
     parser.add_argument("--iters", type=int, default=3, help="timed train steps (best is reported)")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="processes of the DDP/FSDP check (default: 2 with >= 2 GPUs, else 1)")
     args = parser.parse_args()
     kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
@@ -308,13 +311,17 @@ def main() -> int:
     if kind == "cpu" and not args.tiny:
         raise UserError("gpu_check: full sizes (ViT-L/14, batch 64) need a GPU: add --tiny on a CPU")
     device = torch.device(kind)
+    gpus = torch.cuda.device_count() if kind == "cuda" else 0
+    ranks = args.ranks or (2 if gpus >= 2 else 1)
+    if ranks < 1 or (gpus and ranks > gpus):
+        raise UserError(f"gpu_check: --ranks {ranks} must be >= 1 and at most the {gpus} visible GPUs")
     sizes = TINY if args.tiny else FULL
     where = torch.cuda.get_device_name(device) if kind == "cuda" else "CPU, no CUDA"
     print(f"gpu_check: {where}, {'tiny' if args.tiny else 'full'} sizes, torch {torch.__version__}")
-    rows = [row for check in (lambda: check_bf16(sizes, device), lambda: check_xformers(device),
-                              lambda: check_distributed(sizes, device), lambda: check_kmeans(sizes, device),
-                              lambda: check_train_step(sizes, device, args.iters))
-            for row in timed(check)]
+    checks = (lambda: check_bf16(sizes, device), lambda: check_xformers(device),
+              lambda: check_distributed(sizes, device, ranks), lambda: check_kmeans(sizes, device),
+              lambda: check_train_step(sizes, device, args.iters))
+    rows = [row for check in checks for row in timed(check)]
     print_table(rows)
     return 1 if any(r.status == "FAIL" for r in rows) else 0
 
