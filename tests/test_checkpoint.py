@@ -11,6 +11,7 @@ from dinov2_patho.train.checkpoint import (
     iteration_of,
     list_checkpoints,
     load_checkpoint,
+    load_latest,
     restore_rng_state,
     save_checkpoint,
 )
@@ -76,3 +77,48 @@ def test_rng_state_restores_all_three_generators():
     restore_rng_state(state)
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_a_full_disk_mid_write_keeps_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 2, _shared(2), {}, CTX, keep_last=3)
+    real_save = torch.save
+
+    def fill_disk(obj, f):  # some bytes reach the file, then the disk is full
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    with pytest.raises(CheckpointError) as raised:
+        save_checkpoint(root, 4, _shared(4), {}, CTX, keep_last=3)
+    message = str(raised.value)
+    assert "\n" not in message and "iter_00000004" in message and "No space left on device" in message
+    assert message.endswith("latest still names iter_00000002")
+    assert (root / "latest").read_text().strip() == "iter_00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_00000002", "latest"]  # no partial left
+    monkeypatch.undo()
+    assert load_checkpoint(find_latest(root), 0)[0]["iteration"] == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupted_latest_falls_back_to_the_one_before_with_a_warning(tmp_path, caplog, damage):
+    root = tmp_path / "checkpoints"
+    for i in (2, 4, 6):
+        save_checkpoint(root, i, _shared(i), {}, CTX, keep_last=3)
+    assert load_latest(root, CTX)[0].name == "iter_00000006"
+    bad = root / "iter_00000006" / "state.pt"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\x00garbage" * 64)
+    path, shared, _ = load_latest(root, CTX)
+    assert path.name == "iter_00000004" and shared["iteration"] == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(bad) in warnings[0]
+    for i in (2, 4):  # nothing readable left: one line naming the newest failure
+        (root / f"iter_0000000{i}" / "state.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match=r"^no readable checkpoint in .*iter_00000006/state\.pt"):
+        load_latest(root, CTX)
+    assert load_latest(tmp_path / "none", CTX) is None

@@ -29,7 +29,7 @@ import torch
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir, atomic_write_text
 from dinov2_patho.logging import get_logger
-from dinov2_patho.train.dist import DistContext, barrier
+from dinov2_patho.train.dist import DistContext, barrier, broadcast_object
 
 log = get_logger(__name__)
 
@@ -137,14 +137,20 @@ def save_checkpoint(root: str | Path, iteration: int, shared: dict[str, Any] | N
         raise ValueError("rank 0 must pass the shared state")
     # rank 0 owns the directory; the same iteration saved again (a resumed run stopped where
     # it started) replaces the old one
-    with atomic_dir(final, staging=partial) if ctx.is_main else contextlib.nullcontext(partial):
-        barrier(ctx)
-        _save_file(rank_state, partial / f"rank{ctx.rank}.pt")
+    try:
+        with atomic_dir(final, staging=partial) if ctx.is_main else contextlib.nullcontext(partial):
+            barrier(ctx)
+            _save_file(rank_state, partial / f"rank{ctx.rank}.pt")
+            if ctx.is_main:
+                _save_file(shared, partial / SHARED_FILE)
+            barrier(ctx)
         if ctx.is_main:
-            _save_file(shared, partial / SHARED_FILE)
-        barrier(ctx)
+            atomic_write_text(root / LATEST, final.name + "\n")
+    except OSError as e:  # a full disk, a quota: the staging directory is gone, `latest` has not moved
+        previous = find_latest(root)
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; {root / LATEST} still "
+                              f"names {previous.name if previous else 'no checkpoint'}") from e
     if ctx.is_main:
-        atomic_write_text(root / LATEST, final.name + "\n")
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(ctx)
@@ -159,6 +165,34 @@ def _load_file(path: Path) -> dict[str, Any]:
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {first_line}") from e
     return from_storable(obj)
+
+
+Loaded = tuple[Path, dict[str, Any], dict[str, Any] | None]
+
+
+def load_latest(root: str | Path, ctx: DistContext) -> Loaded | None:
+    """The newest checkpoint that reads, from the one `latest` names back (None: no checkpoint):
+    a corrupted one is passed over with a warning naming it. Rank 0 chooses, the others follow."""
+    latest = find_latest(root)
+    if latest is None:
+        return None
+    chosen, failures = None, []
+    if ctx.is_main:
+        candidates = [p for p in list_checkpoints(Path(root)) if iteration_of(p) < iteration_of(latest)]
+        for path in [latest, *reversed(candidates)]:
+            try:
+                loaded = load_checkpoint(path, ctx.rank)
+            except CheckpointError as e:
+                log.warning("%s: passed over, trying the checkpoint before it", e)
+                failures.append(str(e))
+                continue
+            chosen = path.name
+            break
+    chosen = broadcast_object(chosen, ctx)
+    if chosen is None:
+        raise CheckpointError(f"no readable checkpoint in {root}" + (f": {failures[0]}" if failures else ""))
+    path = Path(root) / chosen
+    return path, *(loaded if ctx.is_main else load_checkpoint(path, ctx.rank))
 
 
 def load_checkpoint(path: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:

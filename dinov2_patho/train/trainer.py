@@ -219,10 +219,10 @@ class Trainer:
     def _resume(self) -> int:
         if not bool(self.cfg.train.resume):
             return 0
-        path = ckpt.find_latest(self.ckpt_root)
-        if path is None:
+        found = ckpt.load_latest(self.ckpt_root, self.ctx)
+        if found is None:
             return 0
-        shared, rank_state = ckpt.load_checkpoint(path, self.ctx.rank)
+        path, shared, rank_state = found
         check_resume_config(shared.get("config") or {}, self.cfg, str(path), force=self.force_resume)
         if self.fsdp:
             fsdp.load_full_state(self.model, self.optimizer, shared["model"], shared["optimizer"])
