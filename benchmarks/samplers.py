@@ -68,8 +68,9 @@ class MemmapIndex:
     def num_clusters(self, k: int) -> int:
         return LEVELS[k - 1]
 
-    def slides(self) -> np.ndarray:
-        return np.load(self.root / "slides.npy", mmap_mode="r")
+    def slides(self, positions=None) -> np.ndarray:
+        column = np.load(self.root / "slides.npy", mmap_mode="r")
+        return column if positions is None else np.asarray(column[positions])
 
     def row_ids(self) -> np.ndarray:
         return np.arange(self.n, dtype=np.int64)

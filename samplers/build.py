@@ -21,6 +21,7 @@ from dinov2_patho.registry import Registry, did_you_mean
 
 from .base import GlobalBatchSampler, SamplerError
 from .metadata import inverse_frequency_subset, inverse_frequency_subset_of_runs
+from .strata import CACHE_KEEP
 from .stratified import ClusterStratifiedSampler
 from .uniform import UniformSampler
 
@@ -49,6 +50,7 @@ class StratifiedOptions(SamplerOptions):
     alpha: float = 0.0                       # cluster weights size**alpha; 0: equal quotas (the paper)
     max_slides_per_epoch: int | None = None  # hard cap on distinct slides per pseudo-epoch (paper: 800)
     cache: bool = True                       # keep the strata in <index>/.sampler_cache
+    cache_keep: int = CACHE_KEEP             # entries kept there (most recently used; each ~4 B a row)
 
 
 @dataclass
@@ -116,7 +118,8 @@ def _stratified(index, batch_size: int, opts: StratifiedOptions, labels, num_lab
     return ClusterStratifiedSampler(index, batch_size, seed=opts.seed, labels=labels, num_labels=num_labels,
                                     label_name=label_name, alpha=opts.alpha,
                                     max_slides_per_epoch=opts.max_slides_per_epoch,
-                                    pseudo_epoch_samples=opts.pseudo_epoch_samples, cache=opts.cache)
+                                    pseudo_epoch_samples=opts.pseudo_epoch_samples, cache=opts.cache,
+                                    cache_keep=opts.cache_keep)
 
 
 @register("cluster_stratified", ClusterStratifiedOptions)

@@ -5,12 +5,15 @@
     ... --save-state s.pt                        # the sampler state after those batches
     ... --resume-from s.pt --start-step 100      # the next batches, from that state
     ... data.subset=subset.npy                   # draw from these rows only (`curate sample`)
+    dinov2-patho sampler cache --index DIR --list  # the cached strata of an index (--clear: remove them)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +24,9 @@ from dinov2_patho.io import atomic_path
 
 from .base import SamplerError
 from .build import build_sampler
+from .strata import cache_entries, clear_cache
 from .telemetry import TelemetrySummary, telemetry_table
-from .views import subset_view
+from .views import CACHE_DIRNAME, subset_view
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dump.add_argument("--json", action="store_true", help="print the telemetry as JSON instead of a table")
     dump.add_argument("overrides", nargs="*", help="sampler options as a dot-list: sampler.name=uniform ... "
                       "and data.subset=ROWS.npy")
+    cache = sub.add_parser("cache", help="list or clear the strata cached in <index>/.sampler_cache")
+    cache.add_argument("--index", required=True, help="tile index directory")
+    what = cache.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="print each entry, most recently used first")
+    what.add_argument("--clear", action="store_true", help="remove every entry")
 
 
 def sampler_config(overrides: list[str]) -> tuple[dict, str | None]:
@@ -57,6 +66,27 @@ def sampler_config(overrides: list[str]) -> tuple[dict, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    return cache(args) if args.action == "cache" else dump(args)
+
+
+def cache(args: argparse.Namespace) -> int:
+    directory = Path(args.index) / CACHE_DIRNAME
+    if not Path(args.index).is_dir():
+        raise UserError(f"--index {args.index}: not a directory")
+    if args.clear:
+        print(f"removed {clear_cache(directory)} cached strata from {directory}")
+        return 0
+    entries = cache_entries(directory)
+    if not entries:
+        print(f"no cached strata in {directory}")
+    for entry in entries:
+        size = sum(f.stat().st_size for f in entry.iterdir())
+        used = datetime.fromtimestamp(entry.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        print(f"{entry.name}  {size / 2**20:10.1f} MiB  last used {used}")
+    return 0
+
+
+def dump(args: argparse.Namespace) -> int:
     from dinov2_patho.data.index import TileIndex
 
     if args.steps < 1:

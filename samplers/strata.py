@@ -13,8 +13,10 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from dinov2_patho.logging import get_logger
 log = get_logger(__name__)
 
 CHUNK = 1 << 22
+CACHE_KEEP = 4  # cached strata kept per index directory, most recently used first
 _FILES = ("order", "offsets", "cluster", "group_start")
 
 
@@ -124,12 +127,42 @@ def _exclusive(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], Strata]) -> Strata:
+def cache_entries(cache_dir: Path) -> list[Path]:
+    """The cached strata in `cache_dir`, most recently used first (a load marks an entry used)."""
+    if not cache_dir.is_dir():
+        return []
+    entries = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]  # "." : writes
+    return sorted(entries, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def clear_cache(cache_dir: Path) -> int:
+    """Remove every cached entry and any leftover of an interrupted write, under the build lock (never
+    under a builder); the number of entries removed. Processes that mapped an entry keep reading it."""
+    if not cache_dir.is_dir():
+        return 0
+    with _exclusive(cache_dir):
+        removed = len(cache_entries(cache_dir))
+        for p in cache_dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return removed
+
+
+def _mark_used(entry: Path) -> None:
+    with suppress(OSError):  # a read-only index directory: the order of use is not recorded there
+        now = time.time_ns()  # finer than the file system's own clock tick: uses in one tick stay ordered
+        os.utime(entry, ns=(now, now))
+
+
+def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], Strata],
+                  keep: int = CACHE_KEEP) -> Strata:
     """Memory-map cached strata from `cache_dir/<digest of key_parts>`, else build and cache
     them atomically. The digest covers the labels (and slide groups) by content, so a
     cache entry can never serve different strata. Processes that start together (the ranks
     of a node) build once: the first takes a lock on the cache directory and builds, the others wait
-    and memory-map its result, so the page cache holds one copy for all of them."""
+    and memory-map its result, so the page cache holds one copy for all of them. After a build
+    only the `keep` most recently used entries stay: each is an index-sized `order` array."""
+    if keep < 1:
+        raise ValueError(f"the sampler cache must keep at least 1 entry, got {keep}")
     if cache_dir is None:
         return build()
     key = cache_key(**key_parts)
@@ -143,7 +176,9 @@ def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], S
         damaged = False
         if final.is_dir():
             try:
-                return _load(final)
+                strata = _load(final)
+                _mark_used(final)
+                return strata
             except (OSError, ValueError) as e:  # a damaged cache is rebuilt, never trusted
                 log.warning("sampler cache %s unreadable (%s): rebuilding", final, e)
                 damaged = True
@@ -152,6 +187,9 @@ def load_or_build(cache_dir: Path | None, key_parts: dict, build: Callable[[], S
             with atomic_dir(final, keep_existing=not damaged) as tmp:
                 for f in _FILES:
                     np.save(tmp / f"{f}.npy", getattr(strata, f))
+            _mark_used(final)
+            for old in cache_entries(cache_dir)[keep:]:
+                shutil.rmtree(old, ignore_errors=True)
             return _load(final)  # memory-mapped like the other processes' copy, not private memory
         except (OSError, ValueError) as e:
             log.warning("cannot cache sampler strata in %s (%s): continuing uncached", cache_dir, e)

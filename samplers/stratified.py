@@ -41,7 +41,7 @@ from dinov2_patho.hashing import hash_key, splitmix64
 
 from .base import GlobalBatchSampler, SamplerError
 from .permute import permute
-from .strata import CHUNK, Strata, build_strata, load_or_build
+from .strata import CACHE_KEEP, CHUNK, Strata, build_strata, load_or_build
 from .telemetry import Columns, batch_stats
 from .views import RowMap, cache_dir
 
@@ -54,10 +54,13 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
 
     def __init__(self, index, batch_size: int, *, seed: int, labels: np.ndarray, num_labels: int,
                  label_name: str, alpha: float, max_slides_per_epoch: int | None, pseudo_epoch_samples: int,
-                 cache: bool):
+                 cache: bool, cache_keep: int = CACHE_KEEP):
         super().__init__(batch_size, seed, pseudo_epoch_samples)
         if len(labels) != len(index):
             raise SamplerError(f"{len(labels)} labels for an index view of {len(index)} rows")
+        if cache_keep < 1:
+            raise SamplerError(f"sampler.cache_keep must be >= 1, got {cache_keep}")
+        self.cache_keep = int(cache_keep)
         if max_slides_per_epoch is not None and int(max_slides_per_epoch) < 1:
             raise SamplerError(f"sampler.max_slides_per_epoch must be >= 1, got {max_slides_per_epoch}")
         self.index, self.labels, self.label_name, self.num_labels = index, labels, label_name, num_labels
@@ -81,7 +84,8 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         if self.max_slides is None:
             parts = {"labels": labels, "num_labels": num_labels}
             return load_or_build(cache_dir(self.index, cache), parts,
-                                 lambda: build_strata(n, num_labels, lambda a, b: labels[a:b]))
+                                 lambda: build_strata(n, num_labels, lambda a, b: labels[a:b]),
+                                 self.cache_keep)
         slides = self.columns.slides()
         present = np.zeros(len(self.index.slide_names), dtype=bool)
         for a in range(0, n, CHUNK):  # slides holding at least one drawable row
@@ -93,7 +97,8 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
         group_of_slide[ids] = dealt % num_groups
         parts = {"labels": labels, "num_labels": num_labels, "slides": slides, "groups": group_of_slide}
         return load_or_build(cache_dir(self.index, cache), parts, lambda: build_strata(
-            n, num_labels, lambda a, b: labels[a:b], lambda a, b: group_of_slide[slides[a:b]], num_groups))
+            n, num_labels, lambda a, b: labels[a:b], lambda a, b: group_of_slide[slides[a:b]], num_groups),
+            self.cache_keep)
 
     def _alpha_layout(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per slide group: its strata in a seeded order and their cumulative weights."""

@@ -21,7 +21,10 @@ class Columns:
             self._levels[k] = self.index.level(k)
         return self._levels[k]
 
-    def slides(self) -> np.ndarray:
+    def slides(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """The slide of these view positions (read directly), or the whole column (kept)."""
+        if positions is not None:
+            return self.index.slides(positions) if self._slides is None else self._slides[positions]
         if self._slides is None:
             self._slides = self.index.slides()
         return self._slides
@@ -34,7 +37,7 @@ def batch_stats(columns: Columns, positions: np.ndarray, labels: np.ndarray) -> 
     stats: dict[str, Any] = {}
     for k in range(1, columns.index.num_levels + 1):
         stats[f"clusters_level_{k}"] = int(len(np.unique(columns.level(k)[positions])))
-    stats["slides"] = int(len(np.unique(columns.slides()[positions])))
+    stats["slides"] = int(len(np.unique(columns.slides(positions))))
     _, counts = np.unique(np.asarray(labels[positions]), return_counts=True)
     stats["clusters"] = int(len(counts))
     stats["per_cluster_min"] = int(counts.min())
@@ -78,7 +81,7 @@ class TelemetrySummary:
             "cluster_coverage": int(np.count_nonzero(self.counts)) / max(self.nonempty, 1),
             "tile_coverage": len(tiles) / max(self.eligible, 1),
             "distinct_tiles": int(len(tiles)),
-            "distinct_slides": int(len(np.unique(self.columns.slides()[tiles]))),
+            "distinct_slides": int(len(np.unique(self.columns.slides(tiles)))),
             # 1.0 = every non-empty cluster drawn equally often
             "balance_entropy": entropy / np.log(self.nonempty) if self.nonempty > 1 else 1.0,
         }

@@ -53,8 +53,8 @@ class FakeIndex:
     def cluster_sizes(self, k: int) -> np.ndarray:
         return np.bincount(self.level(k), minlength=self.num_clusters(k)).astype(np.int64)
 
-    def slides(self) -> np.ndarray:
-        return self._slides
+    def slides(self, positions=None) -> np.ndarray:
+        return self._slides if positions is None else self._slides[positions]
 
     def row_ids(self) -> np.ndarray:
         return self._row_ids

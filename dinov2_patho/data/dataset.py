@@ -7,7 +7,7 @@ configs/train/default.yaml, their one home; keys left out take those defaults).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.context import get_spawning_popen
 from multiprocessing.sharedctypes import RawArray
 from typing import Any
@@ -101,9 +101,20 @@ class TileDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, row_id: int) -> tuple[Any, int]:
-        row_id = int(row_id)
+        return self.__getitems__([row_id])[0]
+
+    def __getitems__(self, row_ids: Sequence[int]) -> list[tuple[Any, int]]:
+        """The items of a batch of row ids (the DataLoader passes a whole batch here when it can),
+        located by one vectorised index lookup instead of one `tile()` call per row."""
+        rows = np.asarray([int(r) for r in row_ids], dtype=np.int64)
+        slides, xs, ys = self.index.tiles(rows)
+        names = self.index.slide_names
+        return [self._item(row, names[s], x, y)
+                for row, s, x, y in zip(rows.tolist(), slides.tolist(), xs.tolist(), ys.tolist())]
+
+    def _item(self, row_id: int, slide_id: str, x: int, y: int) -> tuple[Any, int]:
         try:
-            tile = self._read(row_id)
+            tile = self.source.read(slide_id, x, y)
         except TileReadError as error:
             if self.on_error == "raise":
                 raise
@@ -157,5 +168,5 @@ class TileDataset(Dataset):
                 if len(found) > 2 * MAX_SUBSTITUTE_TRIES:
                     break
             positions = np.array(found, np.int64)
-            self._members[key] = self.index.row_ids()[positions] if self.index.is_view else positions
+            self._members[key] = self.index.row_ids(positions)
         return self._members[key]

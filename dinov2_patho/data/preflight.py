@@ -50,10 +50,9 @@ def tile_extents(index) -> dict[str, tuple[int, int, int, int]]:
     names = index.slide_names
     lo = np.full((len(names), 2), np.iinfo(np.int64).max, np.int64)
     hi = np.full((len(names), 2), np.iinfo(np.int64).min, np.int64)
-    slides, (xs, ys) = index.slides(), index.coords()
-    for a in range(0, len(slides), _CHUNK):
-        s = np.asarray(slides[a:a + _CHUNK])
-        xy = np.stack([np.asarray(xs[a:a + _CHUNK]), np.asarray(ys[a:a + _CHUNK])], axis=1).astype(np.int64)
+    for chunk in index.chunks(_CHUNK):
+        s, (xs, ys) = index.slides(chunk), index.coords(chunk)
+        xy = np.stack([xs, ys], axis=1).astype(np.int64)
         np.minimum.at(lo, s, xy)
         np.maximum.at(hi, s, xy)
     present = np.flatnonzero(hi[:, 0] >= lo[:, 0])
@@ -87,7 +86,8 @@ def _cache_key(index, source: SlideTileSource, slide_ids: list[str]) -> str:
                          "rows": len(index), "mpp_override": source.mpp_override,
                          "backends": list(source.backends)}, sort_keys=True, default=str).encode())
     if index.is_view:
-        h.update(np.ascontiguousarray(index.row_ids(), dtype=np.int64).tobytes())
+        for chunk in index.chunks(_CHUNK):
+            h.update(index.row_ids(chunk).tobytes())
     for slide_id in slide_ids:  # the files themselves: replaced or touched slides are checked again
         path = source.registry.known_path(slide_id)
         try:

@@ -76,7 +76,7 @@ def embedding_map(index: Any, emb: np.ndarray, source: TileSource | None, *, poi
     """The map's data for the page: coordinates, colourings, per-point slide/x/y and thumbnails."""
     rng = np.random.default_rng(seed)
     positions = sample_rows(len(emb), points, rng)
-    rows = index.row_ids()[positions] if index.is_view else positions
+    rows = index.row_ids(positions)
     xy, method = project(np.asarray(emb[positions], np.float32), seed)
     view = index.select(rows)
     slides = view.slides()

@@ -62,7 +62,7 @@ def slide_groups(index: Any, slide_ids: list[str], per_group: int, seed: int) ->
 def random_groups(index: Any, groups: int, per_group: int, seed: int) -> list[TileGroup]:
     rng = np.random.default_rng(seed)
     picks = sample_rows(len(index), groups * per_group, rng)  # view positions
-    picks = index.row_ids()[picks] if index.is_view else picks
+    picks = index.row_ids(picks)
     rng.shuffle(picks)
     return [TileGroup("random", np.sort(picks[g * per_group:(g + 1) * per_group])) for g in range(groups)
             if len(picks[g * per_group:(g + 1) * per_group])]
@@ -91,8 +91,7 @@ def cluster_groups(index: Any, level: int, clusters: np.ndarray, per_group: int,
         first = np.searchsorted(lab_sorted, lab_sorted, side="left")
         keep = order[np.arange(len(order)) - first < per_group]
         kept_pos, kept_lab, kept_key = pos[keep], lab[keep], key[keep]
-    if index.is_view:
-        kept_pos = index.row_ids()[kept_pos]
+    kept_pos = index.row_ids(kept_pos)
     values = index.cluster_values(level)
     return [TileGroup(f"{index.level_names[level - 1]} = {values[c]}\n{int(sizes[c]):,} tiles",
                       np.sort(kept_pos[kept_lab == c])) for c in clusters.tolist()]

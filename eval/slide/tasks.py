@@ -77,7 +77,9 @@ def task_from_rows(name: str, rows: list[dict[str, str]], source: Path, registry
     """Check every row (one-line error naming `source` and its line) and build the task.
     `classes`: the label order (required for ordinal labels); default: sorted labels."""
     known_tiles = set(tiles.slide_names)
-    tile_counts = np.bincount(tiles.slides(), minlength=len(tiles.slide_names))
+    num_slides = len(tiles.slide_names)
+    tile_counts = sum((np.bincount(tiles.slides(chunk), minlength=num_slides) for chunk in tiles.chunks()),
+                      np.zeros(num_slides, np.int64))
     count_of = dict(zip(tiles.slide_names, tile_counts))
     has_split = any((r.get("split") or "").strip() for r in rows)
     seen: set[str] = set()

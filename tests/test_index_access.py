@@ -1,0 +1,98 @@
+"""Bounded access to a TileIndex (chunks, positions, batch lookup) and the bounded sampler strata cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dinov2_patho.samplers.strata import build_strata, cache_entries, clear_cache, load_or_build
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dinov2_patho.cli import main
+
+_settings = settings(max_examples=25, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _view(index, data) -> object:
+    """The full index, or a random sorted subset of it."""
+    if data.draw(st.booleans(), label="full"):
+        return index
+    keep = data.draw(st.lists(st.booleans(), min_size=len(index), max_size=len(index)), label="keep")
+    return index.select(np.flatnonzero(keep))
+
+
+@_settings
+@given(data=st.data(), size=st.integers(1, 400))
+def test_chunks_concatenate_to_the_full_columns(cohort_index, data, size):
+    view = _view(cohort_index, data)
+    chunks = list(view.chunks(size))
+    assert all(0 < c.stop - c.start <= size for c in chunks)
+    for accessor in ("row_ids", "slides"):
+        whole = getattr(view, accessor)()
+        parts = [getattr(view, accessor)(c) for c in chunks]
+        np.testing.assert_array_equal(np.concatenate(parts) if parts else whole[:0], whole)
+    xs, ys = view.coords()
+    for got, want in zip(zip(*(view.coords(c) for c in chunks)) if chunks else ((), ()), (xs, ys)):
+        np.testing.assert_array_equal(np.concatenate(got) if chunks else want[:0], want)
+
+
+@_settings
+@given(data=st.data())
+def test_positions_select_the_same_rows_as_the_full_columns(cohort_index, data):
+    view = _view(cohort_index, data)
+    n = len(view)
+    pos = np.array(data.draw(st.lists(st.integers(-n, n - 1), max_size=50), label="positions") if n else [],
+                   dtype=np.int64)
+    np.testing.assert_array_equal(view.row_ids(pos), view.row_ids()[pos])
+    np.testing.assert_array_equal(view.slides(pos), view.slides()[pos])
+    for got, want in zip(view.coords(pos), view.coords()):
+        np.testing.assert_array_equal(got, want[pos])
+
+
+def test_position_out_of_range_is_an_index_error(cohort_index):
+    with pytest.raises(IndexError, match="out of range"):
+        cohort_index.row_ids(np.array([len(cohort_index)]))
+    with pytest.raises(IndexError, match="out of range"):
+        cohort_index.tiles(np.array([0, len(cohort_index)]))
+
+
+@_settings
+@given(picks=st.lists(st.integers(0, 10**9), max_size=40))
+def test_batch_lookup_equals_tile_per_row(cohort_index, picks):
+    rows = np.array(picks, dtype=np.int64) % len(cohort_index)
+    slides, xs, ys = cohort_index.tiles(rows)
+    got = [(cohort_index.slide_names[s], int(x), int(y)) for s, x, y in zip(slides, xs, ys)]
+    assert got == [cohort_index.tile(int(r)) for r in rows]
+
+
+def _entry(cache, labels_seed: int, keep: int):
+    labels = np.random.default_rng(labels_seed).integers(0, 5, 200)
+    return load_or_build(cache, {"labels": labels, "num_labels": 5},
+                         lambda: build_strata(200, 5, lambda a, b: labels[a:b]), keep)
+
+
+def test_strata_cache_keeps_the_most_recently_used(tmp_path):
+    cache = tmp_path / ".sampler_cache"
+    for seed in range(5):
+        _entry(cache, seed, keep=3)
+        assert len(cache_entries(cache)) == min(seed + 1, 3)
+    _entry(cache, 2, keep=3)  # a hit: entry 2 becomes the most recently used
+    names = [e.name for e in cache_entries(cache)]
+    _entry(cache, 9, keep=3)  # a build evicts the least recently used (entry 3), never entry 2
+    after = [e.name for e in cache_entries(cache)]
+    assert names[0] in after and names[-1] not in after and len(after) == 3
+
+
+def test_strata_cache_clear_and_list_from_the_cli(tmp_path, capsys):
+    index = tmp_path / "index"
+    cache = index / ".sampler_cache"
+    _entry(cache, 0, keep=4)
+    _entry(cache, 1, keep=4)
+    assert main(["sampler", "cache", "--index", str(index), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(e.name in listed for e in cache_entries(cache)) and "MiB" in listed
+    assert main(["sampler", "cache", "--index", str(index), "--clear"]) == 0
+    assert "removed 2" in capsys.readouterr().out
+    assert cache_entries(cache) == [] and clear_cache(cache) == 0
+    assert main(["sampler", "cache", "--index", str(tmp_path / "absent"), "--list"]) == 2
