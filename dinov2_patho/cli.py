@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
 from collections.abc import Sequence
 
 from dinov2_patho import __version__
@@ -47,9 +46,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # CPU torch + torchvision 0.16.2 (README, "torch and torchvision on a CPU machine"): its compiled
-    # image ops are unused, so their import warning would only alarm users
-    warnings.filterwarnings("ignore", message="Failed to load image Python extension")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,20 @@ def test_knn_votes_are_probabilities_and_follow_neighbours():
     np.testing.assert_allclose(one, [[0, 0, 1]])
     results = knn_classify((x, y), (x, y), CLASSES, ks=(10, 200))
     assert set(results) == {10, 200}  # k larger than the training set is clipped
+
+
+def test_knn_takes_read_only_features_without_a_warning(tmp_path):
+    # the feature cache is read back as read-only memmaps; torch warns (once a process) when it wraps one
+    x, y = blobs(20, seed=3)
+    expected = knn_probs(x, y, x, 3, k=10)
+    for dtype in (np.float32, np.float16):
+        np.save(tmp_path / "x.npy", x.astype(dtype))
+        np.save(tmp_path / "y.npy", y)
+        x_ro, y_ro = (np.load(tmp_path / f"{n}.npy", mmap_mode="r") for n in ("x", "y"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = knn_probs(x_ro, y_ro, x_ro, 3, k=10)
+        np.testing.assert_allclose(got, expected, atol=1e-2 if dtype == np.float16 else 1e-6)
 
 
 def test_logistic_regression_sweeps_c_on_heldout():

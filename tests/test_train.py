@@ -358,9 +358,8 @@ def test_two_process_gloo_ranks_take_disjoint_slices_and_stay_identical(cohort, 
 
 
 def test_export_teacher_loads_in_timm_and_dinov2_format(cohort, cohort_index, tmp_path):
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
     from dinov2_patho.models import load_pretrained
+    from dinov2_patho.models.weights import import_timm
     from dinov2_patho.train.backbone import build_student_backbone
     from dinov2_patho.train.export import export_teacher, teacher_backbone
 
@@ -373,7 +372,8 @@ def test_export_teacher_loads_in_timm_and_dinov2_format(cohort, cohort_index, tm
         want = teacher(x)
         ours = build_student_backbone(cfg).eval()
         load_pretrained(ours, str(written["dinov2"]), format="dinov2")
-        timm_vit = TimmViT(**json.loads(written["timm_kwargs"].read_text())).eval()
+        timm_kwargs = json.loads(written["timm_kwargs"].read_text())
+        timm_vit = import_timm().models.vision_transformer.VisionTransformer(**timm_kwargs).eval()
         timm_vit.load_state_dict(torch.load(written["timm"], weights_only=True))
         assert torch.allclose(ours(x), want, atol=1e-6)
         assert torch.allclose(timm_vit(x), want, atol=1e-5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,12 +9,11 @@ from hypothesis import strategies as st
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.models import VisionTransformer, build_backbone, load_pretrained, to_dinov2_state_dict
-from dinov2_patho.models.weights import timm_model_kwargs, timm_to_ours, to_timm_state_dict
+from dinov2_patho.models.weights import import_timm, timm_model_kwargs, timm_to_ours, to_timm_state_dict
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # torchvision's image extension on the CPU wheel
-    from timm.layers import SwiGLUPacked
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
+timm = import_timm()
+SwiGLUPacked = timm.layers.SwiGLUPacked
+TimmViT = timm.models.vision_transformer.VisionTransformer
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -150,10 +147,7 @@ def test_timm_export_import_is_exact(registers, grid, seed):
 
 def test_uni_architecture_maps_one_to_one():
     # UNI is timm vit_large_patch16_224 with init_values 1e-5: every tensor has our counterpart
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        import timm
-
+    with torch.device("meta"):
         uni = timm.create_model("vit_large_patch16_224", init_values=1e-5, num_classes=0,
                                 dynamic_img_size=True, pretrained=False)
         vit = build_backbone("vit_large", patch_size=16, layerscale_init=1e-5)

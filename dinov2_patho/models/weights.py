@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -32,6 +34,20 @@ _NESTING_KEYS = ("teacher", "model", "state_dict", "module")
 _SUBMODEL_PREFIXES = ("teacher.", "backbone.")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+\.)")
 _LISTED = 8
+
+
+def import_timm() -> ModuleType:
+    """timm, the one way the package imports it: without torchvision's image-extension warning.
+
+    On the CPU torch wheel, timm's import of torchvision 0.16.2 (README, "torch and torchvision on a CPU
+    machine") warns "Failed to load image Python extension": its compiled image ops cannot load, and
+    nothing here uses them, so the warning would only alarm users. Filtered here, for this import and
+    this message only, so that every command and library caller is covered and no other filter changes.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Failed to load image Python extension", UserWarning)
+        import timm
+    return timm
 
 
 class WeightsMismatchError(UserError):
@@ -277,9 +293,7 @@ def timm_model_kwargs(vit: VisionTransformer) -> dict[str, Any]:
         "dynamic_img_size": True,
     }
     if vit.ffn == "swiglu":
-        from timm.layers import SwiGLUPacked
-
-        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU,
+        kwargs.update(mlp_layer=import_timm().layers.SwiGLUPacked, act_layer=torch.nn.SiLU,
                       mlp_ratio=block.mlp.w12.out_features / vit.embed_dim)
     else:
         kwargs["mlp_ratio"] = block.mlp.fc1.out_features / vit.embed_dim

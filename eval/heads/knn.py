@@ -12,9 +12,11 @@ from dinov2_patho.eval.metrics import classification_metrics
 def knn_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int, k: int,
               temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
     """Class probabilities [N_test, C]: normalised temperature-weighted votes."""
-    train = F.normalize(torch.as_tensor(x_train, dtype=torch.float32), dim=1)
-    labels = torch.as_tensor(y_train, dtype=torch.int64)
-    test = F.normalize(torch.as_tensor(x_test, dtype=torch.float32), dim=1)
+    # Features are often read-only memmaps of the feature cache, which torch cannot wrap (it warns);
+    # np.require copies only what is not already writable float32 / int64 (fp16 caches: a copy anyway).
+    train = F.normalize(torch.from_numpy(np.require(x_train, np.float32, "W")), dim=1)
+    labels = torch.from_numpy(np.require(y_train, np.int64, "W"))
+    test = F.normalize(torch.from_numpy(np.require(x_test, np.float32, "W")), dim=1)
     k = min(k, train.shape[0])
     out = torch.empty(test.shape[0], num_classes)
     for start in range(0, test.shape[0], chunk):
