@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dinov2_patho.train.config import load_train_config
+from dinov2_patho.train.config import load_train_config, validate_config
 from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml"))
@@ -48,9 +48,21 @@ def test_the_recipes_are_all_here():
     assert {f"vits14_small_{arm}" for arm in ("uniform", "subset", "stratified")} <= names
 
 
+def test_the_gpu_scale_comparison_differs_only_in_its_batches():
+    arms = {arm: OmegaConf.to_container(load_train_config(CONFIGS[0].parent / f"vits14_small_{arm}.yaml"))
+            for arm in ("uniform", "subset", "stratified")}
+    assert {arm: cfg["sampler"]["name"] for arm, cfg in arms.items()} == {
+        "uniform": "uniform", "subset": "uniform", "stratified": "cluster_stratified"}
+    rest = [{k: v for k, v in cfg.items() if k not in ("sampler", "data")} for cfg in arms.values()]
+    assert rest[0] == rest[1] == rest[2]
+    # the subset arm's data.subset is given on the command line, like every arm's index
+    assert arms["uniform"]["data"] == arms["subset"]["data"] == arms["stratified"]["data"]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_train_config_builds_its_model_on_meta(path: Path):
-    cfg = load_train_config(path)
+def test_shipped_train_config_builds_its_model_on_meta(path: Path, tmp_path: Path):
+    cfg = load_train_config(path, [f"data.index={tmp_path}"])
+    validate_config(cfg)
     assert cfg.student.pretrained_weights is None  # a recipe never needs a file to build
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
