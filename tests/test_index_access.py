@@ -96,3 +96,31 @@ def test_strata_cache_clear_and_list_from_the_cli(tmp_path, capsys):
     assert "removed 2" in capsys.readouterr().out
     assert cache_entries(cache) == [] and clear_cache(cache) == 0
     assert main(["sampler", "cache", "--index", str(tmp_path / "absent"), "--list"]) == 2
+
+
+class _CoordSource:
+    """A tile whose pixels spell out (slide, x, y) read, so a misplaced lookup shows."""
+
+    def __init__(self, slide_names: list[str]):
+        self.code = {name: i for i, name in enumerate(slide_names)}
+
+    def read(self, slide_id: str, x: int, y: int) -> np.ndarray:
+        tile = np.zeros((224, 224, 3), np.uint8)
+        tile[0, :3, 0] = self.code[slide_id] % 256, x % 256, y % 256
+        tile[0, :3, 1] = self.code[slide_id] // 256, x // 256 % 256, y // 256 % 256
+        return tile
+
+
+@_settings
+@given(picks=st.lists(st.integers(0, 10**9), min_size=1, max_size=16))
+def test_dataset_batch_equals_items_one_by_one(cohort_index, picks):
+    from dinov2_patho.data.dataset import TileDataset
+
+    ds = TileDataset(cohort_index, _CoordSource(cohort_index.slide_names))
+    rows = [p % len(cohort_index) for p in picks]
+    batch = ds.__getitems__(rows)
+    assert [row for _, row in batch] == rows
+    for (tensor, _), expected in zip(batch, rows):
+        slide, x, y = cohort_index.tile(expected)
+        want = _CoordSource(cohort_index.slide_names).read(slide, x, y)
+        np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), want)
