@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+from dinov2_patho.samplers import SamplerError, build_sampler
 from dinov2_patho.samplers.strata import build_strata, cache_entries, clear_cache, load_or_build
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.cli import main
+from dinov2_patho.data.index import TileIndex
 
 _settings = settings(max_examples=25, deadline=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -124,3 +128,13 @@ def test_dataset_batch_equals_items_one_by_one(cohort_index, picks):
         slide, x, y = cohort_index.tile(expected)
         want = _CoordSource(cohort_index.slide_names).read(slide, x, y)
         np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), want)
+
+
+def test_sampler_keeps_cache_keep_entries_and_rejects_zero(cohort_index, tmp_path):
+    shutil.copytree(cohort_index.path, tmp_path / "index", ignore=shutil.ignore_patterns(".sampler_cache"))
+    index = TileIndex.open(tmp_path / "index")
+    for level in range(1, index.num_levels + 1):
+        build_sampler({"name": "cluster_stratified", "level": level, "cache_keep": 1}, index, 8)
+        assert len(cache_entries(tmp_path / "index" / ".sampler_cache")) == 1
+    with pytest.raises(SamplerError, match="cache_keep must be >= 1"):
+        build_sampler({"name": "cluster_stratified", "level": 1, "cache_keep": 0}, index, 8)
