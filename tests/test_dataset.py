@@ -124,6 +124,7 @@ def test_dataloader_workers_open_their_own_handles_and_share_the_count(cohort_in
                 torch.testing.assert_close(img, ds[rid][0])
     assert seen == rows.tolist()
     assert ds.substitutions == 3
+    assert ds.unreadable_slides == sorted({slide for slide, _, _ in bad})  # recorded in the workers
 
 
 def test_pickles_with_its_count(cohort_index, wsi):
@@ -131,7 +132,7 @@ def test_pickles_with_its_count(cohort_index, wsi):
     ds = TileDataset(cohort_index, Flaky(wsi, {(sid, x, y)}), on_error="skip")
     ds[0]
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone.substitutions == 1
+    assert clone.substitutions == 1 and clone.unreadable_slides == [sid]
     torch.testing.assert_close(clone[5][0], ds[5][0])
 
 
@@ -149,3 +150,14 @@ def test_build_tile_source_from_config(cohort, tmp_path):
                        ({"slides": str(tmp_path / "nope")}, "neither a directory nor a CSV")]:
         with pytest.raises(UserError, match=match):
             build_tile_source(cfg)
+
+
+def test_unreadable_slides_names_each_slide_once(cohort_index, wsi):
+    slides = [cohort_index.tile(r)[0] for r in range(len(cohort_index))]
+    names = sorted(set(slides))[:2]
+    rows = [r for name in names for r in [i for i, s in enumerate(slides) if s == name][:3]]
+    ds = TileDataset(cohort_index, Flaky(wsi, {cohort_index.tile(r) for r in rows}), on_error="skip")
+    assert ds.unreadable_slides == []
+    for r in rows:
+        ds[r]
+    assert ds.substitutions == len(rows) == 6 and ds.unreadable_slides == names

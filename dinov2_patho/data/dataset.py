@@ -34,6 +34,10 @@ _SCAN_CHUNK = 1 << 20
 # Substitution counters in shared memory: slot 0 for the main process, 1 + worker id for workers,
 # so each slot has one writer and needs no lock.
 _COUNTER_SLOTS = 1025
+# Row ids (+1; 0: empty) of substituted tiles of distinct slides, a few per counter slot: enough
+# to name the unreadable slides when their count stops a run.
+_ROWS_PER_SLOT = 4
+_SHARED = ("_substitutions", "_substituted_rows")
 
 
 def build_tile_source(cfg: Mapping[str, Any], mpp_key: str = "data.mpp_override") -> TileSource:
@@ -62,8 +66,8 @@ class TileDataset(Dataset):
     Returns `(transform(uint8 tensor [3, 224, 224]), row_id)`; the tensor may be a strided view.
     With `on_error="skip"` an unreadable tile is replaced by another tile of the same cluster
     (finest level first, then coarser ones); every substitution is logged as a warning and
-    counted in `substitutions`, summed over the DataLoader workers. The returned row id is the one
-    asked for, so batches keep the sampler's ids.
+    counted in `substitutions`, summed over the DataLoader workers (`unreadable_slides` names some
+    of their slides). The returned row id is the one asked for, so batches keep the sampler's ids.
     """
 
     def __init__(self, index: Any, source: TileSource,
@@ -75,6 +79,7 @@ class TileDataset(Dataset):
         self.transform = transform
         self.on_error = on_error
         self._substitutions = RawArray("q", _COUNTER_SLOTS)
+        self._substituted_rows = RawArray("q", _COUNTER_SLOTS * _ROWS_PER_SLOT)
         self._members: dict[tuple[int, int], np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -82,20 +87,25 @@ class TileDataset(Dataset):
         state["_members"] = {}
         if get_spawning_popen() is None:
             # Plain pickling, not a worker start: shared memory only travels to child processes.
-            state["_substitutions"] = self.substitutions
+            for name in _SHARED:
+                state[name] = list(state[name])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_substitutions"], int):
-            counters = RawArray("q", _COUNTER_SLOTS)
-            counters[0] = state["_substitutions"]
-            state["_substitutions"] = counters
+        for name in _SHARED:
+            if isinstance(state[name], list):
+                state[name] = RawArray("q", state[name])
         self.__dict__.update(state)
 
     @property
     def substitutions(self) -> int:
         """Tiles replaced under `on_error="skip"`, over this process and its DataLoader workers."""
         return int(sum(self._substitutions))
+
+    @property
+    def unreadable_slides(self) -> list[str]:
+        """Slides of substituted tiles, over this process and its workers (up to a few per process)."""
+        return sorted({self.index.tile(r - 1)[0] for r in self._substituted_rows if r})
 
     def __len__(self) -> int:
         return len(self.index)
@@ -143,13 +153,21 @@ class TileDataset(Dataset):
                 except TileReadError:
                     continue
                 worker = get_worker_info()
-                self._substitutions[0 if worker is None else 1 + worker.id % (_COUNTER_SLOTS - 1)] += 1
+                slot = 0 if worker is None else 1 + worker.id % (_COUNTER_SLOTS - 1)
+                self._substitutions[slot] += 1
+                self._record_slide(slot, row_id, error.slide_id)
                 log.warning("%s; substituted row %d of the same level_%d cluster (%d substitutions so far)",
                             error, candidate, k, self.substitutions)
                 return tile
         raise TileReadError(error.slide_id, error.x, error.y,
                             f"{error.reason}; and no readable substitute among {len(tried) - 1} tiles of its "
                             f"clusters") from error
+
+    def _record_slide(self, slot: int, row_id: int, slide_id: str) -> None:
+        first = slot * _ROWS_PER_SLOT
+        rows = self._substituted_rows[first:first + _ROWS_PER_SLOT]
+        if 0 in rows and slide_id not in {self.index.tile(r - 1)[0] for r in rows if r}:
+            self._substituted_rows[first + rows.index(0)] = row_id + 1
 
     def _cluster_rows(self, k: int, cluster: int, rng: np.random.Generator) -> np.ndarray:
         """Some global row ids of the view's rows in a level-k cluster (cached; errors are rare).

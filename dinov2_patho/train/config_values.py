@@ -68,6 +68,9 @@ INTEGERS: dict[str, int] = {  # key: minimum
     "ibot.head_hidden_dim": 1,
     "data.cache_size": 1,
 }
+OPTIONAL_INTEGERS: dict[str, int] = {
+    "data.max_skipped": 0,
+}
 
 
 def _get(cfg: DictConfig, key: str):
@@ -88,10 +91,13 @@ def check_values(cfg: DictConfig) -> None:
         if not _is_number(value) or not ok(value):
             raise ConfigError(f"{key}={value!r}: {why if _is_number(value) else 'must be a number'}"
                               + (" (or null)" if key in OPTIONAL_NUMBERS else ""))
-    for key, minimum in INTEGERS.items():
+    for key, minimum in {**INTEGERS, **OPTIONAL_INTEGERS}.items():
         value = _get(cfg, key)
+        if value is None and key in OPTIONAL_INTEGERS:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
+            raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}"
+                              + (" (or null)" if key in OPTIONAL_INTEGERS else ""))
     sizes = [k for k in SIZE_KEYS if cfg.student[k] is not None]
     if sizes and cfg.student.arch is not None:
         raise ConfigError(f"student.arch={cfg.student.arch} and student.{sizes[0]} are both set: explicit "
@@ -103,7 +109,8 @@ def check_values(cfg: DictConfig) -> None:
 # often logged or saved. Any other change breaks exact resume (batches, schedules, numerics).
 RESUME_SAFE = ("train.num_workers", "train.prefetch_factor", "train.log_every", "train.cpu_threads",
                "train.resume", "train.distributed", "checkpoint.", "evaluation.", "data.slides",
-               "data.backend", "data.fallback", "data.tile_store", "data.cache_size", "data.on_error")
+               "data.backend", "data.fallback", "data.tile_store", "data.cache_size", "data.on_error",
+               "data.max_skipped")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -51,6 +51,10 @@ _RNG_STREAM = 2  # derived_seed stream of the per-rank model RNG (drop path, ...
 _DDP_PREFIX = re.compile(r"^(student\.[^.]+\.)module\.")
 
 
+class UnreadableSlidesError(UserError):
+    """More tiles than data.max_skipped were unreadable (and substituted): the run stops."""
+
+
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite: the run stops before the bad step is applied."""
 
@@ -202,6 +206,7 @@ class Trainer:
         cfg = self.cfg
         tiles = TileDataset(self.index, build_tile_source(cfg.data), transform=None,
                             on_error=str(cfg.data.on_error))
+        self.tiles = tiles
         dataset = SeededAugmentDataset(tiles, MultiCropAugmentation.from_config(cfg), self.seed)
         return build_loader(dataset, self.batch_sampler, build_collate(cfg, self.seed), cfg,
                             pin_memory=self.ctx.device.type == "cuda")
@@ -299,7 +304,8 @@ class Trainer:
                 self.step_flops = flops * ctx.world_size
             else:
                 loss_dict = self.model.forward_backward(batch, teacher_temp=values.teacher_temp)
-            losses, stop = self._reduce(loss_dict)
+            losses, stop, skipped = self._reduce(loss_dict)
+            self._check_skipped(skipped)
             if not all(math.isfinite(v) for v in losses.values()):
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {iteration} ({_fmt(losses)}); last good checkpoint: "
@@ -359,16 +365,30 @@ class Trainer:
             raise RuntimeError(f"iteration {iteration}: batch rows differ from the sampler's slice")
         return global_batch
 
-    def _reduce(self, loss_dict: dict[str, float]) -> tuple[dict[str, float], bool]:
-        """Losses averaged over ranks, and whether any rank was asked to stop: one all-reduce."""
+    def _reduce(self, loss_dict: dict[str, float]) -> tuple[dict[str, float], bool, int]:
+        """Losses averaged over ranks, whether any rank was asked to stop, and the tiles substituted
+        so far over all ranks: one all-reduce."""
         names = sorted(loss_dict)
-        values = torch.tensor([float(loss_dict[k]) for k in names] + [float(_STOP.is_set())],
+        values = torch.tensor([float(loss_dict[k]) for k in names]
+                              + [float(_STOP.is_set()), float(self.tiles.substitutions)],
                               dtype=torch.float64, device=self.ctx.device)
         if self.ctx.distributed:
             torch.distributed.all_reduce(values)
             values /= self.ctx.world_size
         out = values.tolist()
-        return dict(zip(names, out[:-1])), out[-1] > 0
+        return dict(zip(names, out[:-2])), out[-2] > 0, round(out[-1] * self.ctx.world_size)
+
+    def _check_skipped(self, skipped: int) -> None:
+        """Stop every rank together once more tiles than data.max_skipped were substituted."""
+        limit = self.cfg.data.max_skipped
+        if limit is None or skipped <= limit:
+            return
+        slides = self.tiles.unreadable_slides
+        raise UnreadableSlidesError(
+            f"data.max_skipped={limit}: {skipped} unreadable tiles substituted over {self.ctx.world_size} "
+            f"rank(s); their slides{' on this rank' if self.ctx.distributed else ''}: "
+            f"{', '.join(slides) or 'none here'} (each tile is in the log); last good checkpoint: "
+            f"{self.last_checkpoint or 'none'}")
 
     def _optimizer_step(self) -> float:
         """Clip per student module (as DINOv2), step; the total gradient norm before clipping. Under
