@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -92,3 +93,16 @@ def write_plot(rows: list[dict], output_dir: Path) -> None:
     with atomic_path(output_dir / "results.png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def write_results(results: dict, output_dir: Path, plot: bool, record: dict | None = None) -> dict:
+    """results.json (each result with `record`, what was evaluated, when given), results.csv/.md and,
+    with `plot`, results.png; returns the results as written."""
+    rows = summary_rows(results)
+    if record is not None:
+        results = {name: {**result, "backbone": record} for name, result in results.items()}
+    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=1, default=str))
+    write_tables(rows, output_dir)
+    if plot and rows:
+        write_plot(rows, output_dir)
+    return results

@@ -4,7 +4,6 @@ write results.{json,csv,md,png}. The CLI and the trainer's periodic evaluation b
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,12 +12,11 @@ from dinov2_patho.eval.benchmarks import Benchmark, BenchmarkError, build_benchm
 from dinov2_patho.eval.features import extract_features
 from dinov2_patho.eval.heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
 from dinov2_patho.eval.preprocess import Preprocess
-from dinov2_patho.eval.report import summary_rows, write_plot, write_tables
+from dinov2_patho.eval.report import write_results
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinov2_patho.config import merge_over_defaults
-from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -182,11 +180,4 @@ def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig |
                          100 * lin["balanced_accuracy"], 100 * lin["balanced_accuracy_std"])
     finally:
         backbone.train(was_training)
-    rows = summary_rows(results)
-    if record is not None:  # what was evaluated (a random init's seed), with each result
-        results = {name: {**result, "backbone": record} for name, result in results.items()}
-    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=1, default=str))
-    write_tables(rows, output_dir)
-    if cfg.plot and rows:
-        write_plot(rows, output_dir)
-    return results
+    return write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed

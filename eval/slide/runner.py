@@ -4,13 +4,12 @@ attention-MIL and a mean-pooling baseline, written as `eval run` writes its resu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from dinov2_patho.eval.heads.abmil import AbmilConfig, abmil
 from dinov2_patho.eval.heads.logreg import logistic_regression
-from dinov2_patho.eval.report import summary_rows, write_plot, write_tables
+from dinov2_patho.eval.report import write_results
 from dinov2_patho.eval.runner import group_folds, mean_over_folds
 from dinov2_patho.eval.slide.adapters import SLIDE_TASKS
 from dinov2_patho.eval.slide.bags import extract_bags
@@ -20,7 +19,6 @@ from torch import nn
 
 from dinov2_patho.config import merge_over_defaults
 from dinov2_patho.errors import UserError
-from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -136,11 +134,4 @@ def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dic
                          100 * r["balanced_accuracy"])
     finally:
         backbone.train(was_training)
-    rows = summary_rows(results)
-    if record is not None:  # what was evaluated (a random init's seed), with each result
-        results = {name: {**result, "backbone": record} for name, result in results.items()}
-    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=1, default=str))
-    write_tables(rows, output_dir)
-    if cfg.plot and rows:
-        write_plot(rows, output_dir)
-    return results
+    return write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed
