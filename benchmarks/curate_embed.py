@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dinov2_patho.eval.backbone import load_backbone
-from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 from dinov2_patho.curation import embed, tissue
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.data.synthetic import make_cohort
+from dinov2_patho.eval.backbone import load_backbone
+from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TARGET = 0.9
 

@@ -59,8 +59,8 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str]) -> dic
     import torch
 
     from dinov2_patho.data.index import TileIndex
-    from dinov2_patho.train.backbone import build_student_backbone
     from dinov2_patho.train.export import teacher_backbone
+    from dinov2_patho.train.student import build_student_backbone
     from dinov2_patho.train.trainer import run_training
 
     done = out / "results.json"

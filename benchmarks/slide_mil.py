@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import torch
+
 from dinov2_patho.eval.slide.synthetic_check import synthetic_mil_check
 
 

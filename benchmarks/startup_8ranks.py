@@ -83,8 +83,9 @@ def children(pid: int) -> list[int]:
 def rank_main(root: Path, level: int, workers: int, out: Path) -> None:
     import torch
     import torch.distributed as dist
-    from dinov2_patho.samplers import StepBatchSampler, build_sampler
     from torch.utils.data import DataLoader
+
+    from dinov2_patho.samplers import StepBatchSampler, build_sampler
 
     launched = float(os.environ["STARTUP_LAUNCHED"])
     marks = {"imported": time.time() - launched}

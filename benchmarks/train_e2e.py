@@ -24,7 +24,7 @@ from pathlib import Path
 from dinov2_patho.data.index import build_index
 from dinov2_patho.data.synthetic import make_cohort
 from dinov2_patho.train.config import load_train_config
-from dinov2_patho.train.metrics import read_metrics
+from dinov2_patho.train.metrics_log import read_metrics
 from dinov2_patho.train.trainer import run_training
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "cpu_smoke.yaml"

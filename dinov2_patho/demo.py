@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2_patho.config import packaged_config
+from dinov2_patho.config_files import packaged_config
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger, setup_logging
 
@@ -132,8 +132,8 @@ def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
     {"tiles": tile benchmark result, "slides": slide task result}, "report": its path or None}."""
     from dinov2_patho.curation.pipeline import Curation, tree_agreement
     from dinov2_patho.data.synthetic import Cohort
-    from dinov2_patho.train.backbone import build_student_backbone
     from dinov2_patho.train.export import teacher_backbone
+    from dinov2_patho.train.student import build_student_backbone
     from dinov2_patho.train.trainer import run_training
 
     out = Path(output_dir)

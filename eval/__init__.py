@@ -13,7 +13,7 @@ __all__ = ["eval_config", "run_benchmarks"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from dinov2_patho.eval import runner
+        from . import runner
 
         return getattr(runner, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

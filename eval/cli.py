@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dinov2_patho.config import load_config, save_config
+from dinov2_patho.config_files import load_config, save_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import setup_logging
 
@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dinov2_patho.eval.backbone import backbone_record, load_backbone
-    from dinov2_patho.eval.runner import DEFAULTS, OPEN_KEYS, run_benchmarks
+    from .backbone import backbone_record, load_backbone
+    from .runner import DEFAULTS, OPEN_KEYS, run_benchmarks
 
     if args.action == "slide":
         return run_slide(args)
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_slide(args: argparse.Namespace) -> int:
-    from dinov2_patho.eval.backbone import backbone_record, load_backbone
-    from dinov2_patho.eval.slide.runner import DEFAULTS, OPEN_KEYS, run_slide_tasks
+    from .backbone import backbone_record, load_backbone
+    from .slide.runner import DEFAULTS, OPEN_KEYS, run_slide_tasks
 
     overrides = list(args.overrides)
     for key, value in (("backbone.path", args.backbone), ("backbone.arch", args.arch),

@@ -8,16 +8,17 @@ import math
 from pathlib import Path
 
 import numpy as np
-from dinov2_patho.eval.benchmarks import Benchmark, BenchmarkError, build_benchmark
-from dinov2_patho.eval.features import extract_features
-from dinov2_patho.eval.heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
-from dinov2_patho.eval.preprocess import Preprocess
-from dinov2_patho.eval.report import write_results
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dinov2_patho.config import merge_over_defaults
+from dinov2_patho.config_files import merge_over_defaults
 from dinov2_patho.logging import get_logger
+
+from .benchmarks import Benchmark, BenchmarkError, build_benchmark
+from .features import extract_features
+from .heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
+from .preprocess import Preprocess
+from .report import write_results
 
 log = get_logger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2_patho.config import parse_overrides, to_container
+from dinov2_patho.config_files import parse_overrides, to_container
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from dinov2_patho.distributed import DistContext
 from dinov2_patho.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -15,7 +16,6 @@ from dinov2_patho.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from dinov2_patho.train.dist import DistContext
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dinov2_patho.config import ConfigError
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.errors import UserError
 from dinov2_patho.train.config import load_train_config, validate_config
 from dinov2_patho.train.config_values import (

@@ -9,7 +9,7 @@ import csv
 import numpy as np
 import pytest
 
-from dinov2_patho.config import packaged_config
+from dinov2_patho.config_files import packaged_config
 from dinov2_patho.curation.pipeline import curate, planted_labels, tree_agreement
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.data.index import TileIndex

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from dinov2_patho.samplers.build import OPTIONS
-
-from dinov2_patho import config
+from dinov2_patho import config_files
 from dinov2_patho.data.augment import AugmentConfig, MultiCropAugmentation
 from dinov2_patho.data.dataset import build_tile_source
+from dinov2_patho.samplers.build import OPTIONS
 from dinov2_patho.train.config import load_train_config
 
 
 def test_python_follows_the_packaged_yaml(monkeypatch, tmp_path):
-    changed = config._packaged_yaml("train/default.yaml").copy()
+    changed = config_files._packaged_yaml("train/default.yaml").copy()
     changed.augmentation.hue = 0.3
     changed.crops.local_crops_number = 3
     changed.data.cache_size = 5
-    monkeypatch.setattr(config, "_packaged_yaml", lambda relpath: changed)
+    monkeypatch.setattr(config_files, "_packaged_yaml", lambda relpath: changed)
     aug = AugmentConfig.defaults()
     assert (aug.hue, aug.local_crops_number) == (0.3, 3)
     assert MultiCropAugmentation.from_config({}).config == aug

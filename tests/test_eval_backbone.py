@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dinov2_patho.eval.backbone import load_backbone
 from test_eval_run import folder_benchmark
 from test_train import tiny_cfg
 
 from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval.backbone import load_backbone
 from dinov2_patho.models import BACKBONES
 
 TINY_EVAL = ["preprocess.size=32", "heads.linear.n_runs=1", "heads.linear.max_steps=20", "heads.knn.k=[1]",

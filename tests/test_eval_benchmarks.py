@@ -6,11 +6,11 @@ import json
 import h5py
 import numpy as np
 import pytest
-from dinov2_patho.eval.benchmarks import BenchmarkError, build_benchmark
-from dinov2_patho.eval.preprocess import Preprocess
 from PIL import Image
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval.benchmarks import BenchmarkError, build_benchmark
+from dinov2_patho.eval.preprocess import Preprocess
 
 
 def image(path, value=0, size=(20, 16)):

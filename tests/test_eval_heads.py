@@ -3,15 +3,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dinov2_patho.errors import UserError
 from dinov2_patho.eval.features import embed, extract_features, load_features
 from dinov2_patho.eval.heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
 from dinov2_patho.eval.heads.knn import knn_probs
 from dinov2_patho.eval.heads.linear import _balanced_accuracy, predict_proba, train_linear_probe
 from dinov2_patho.eval.runner import heldout_split
-from torch import nn
-from torch.utils.data import Dataset
-
-from dinov2_patho.errors import UserError
 
 
 def blobs(n_per_class, num_classes=3, dim=16, spread=1.0, seed=0):

@@ -2,10 +2,11 @@ import warnings
 
 import numpy as np
 import pytest
-from dinov2_patho.eval.metrics import auroc, classification_metrics, quadratic_kappa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, recall_score, roc_auc_score
+
+from dinov2_patho.eval.metrics import auroc, classification_metrics, quadratic_kappa
 
 
 @st.composite

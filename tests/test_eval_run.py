@@ -3,13 +3,13 @@ import csv
 import numpy as np
 import pytest
 import torch
-from dinov2_patho.eval.runner import group_folds, mean_over_folds, run_benchmarks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval.runner import group_folds, mean_over_folds, run_benchmarks
 
 TINY = ["preprocess.size=28", "backbone.model.img_size=28", "heads.linear.n_runs=2",
         "heads.linear.max_steps=60", "heads.knn.k=[1,3]", "heads.logreg.C=[0.1,1.0]", "progress=false"]

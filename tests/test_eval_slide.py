@@ -9,6 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dinov2_patho.cli import main
+from dinov2_patho.data.index import build_index
+from dinov2_patho.data.synthetic import ALL_TISSUE_TYPES, RARE_TISSUE, _mixed_types, make_cohort
+from dinov2_patho.errors import UserError
 from dinov2_patho.eval.heads.abmil import (
     AbmilConfig,
     GatedAttentionMIL,
@@ -22,13 +29,6 @@ from dinov2_patho.eval.slide.bags import capped_rows, extract_bags
 from dinov2_patho.eval.slide.runner import evaluate_bags, partitions, run_slide_tasks, slide_config
 from dinov2_patho.eval.slide.synthetic_check import ColourTexture, synthetic_mil_check
 from dinov2_patho.eval.slide.tasks import csv_task, open_tiles
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from dinov2_patho.cli import main
-from dinov2_patho.data.index import build_index
-from dinov2_patho.data.synthetic import ALL_TISSUE_TYPES, RARE_TISSUE, _mixed_types, make_cohort
-from dinov2_patho.errors import UserError
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dinov2_patho.cli import COMMANDS, main
-from dinov2_patho.config import ConfigError, load_config
+from dinov2_patho.config_files import ConfigError, load_config
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.registry import Registry
 

@@ -6,13 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
-from dinov2_patho.samplers import SamplerError, build_sampler
-from dinov2_patho.samplers.strata import build_strata, cache_entries, clear_cache, load_or_build
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.cli import main
 from dinov2_patho.data.index import TileIndex
+from dinov2_patho.samplers import SamplerError, build_sampler
+from dinov2_patho.samplers.strata import build_strata, cache_entries, clear_cache, load_or_build
 
 _settings = settings(max_examples=25, deadline=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -4,11 +4,11 @@ values are drawn in proportion to equal total weight, and TileIndex.slide_runs m
 from __future__ import annotations
 
 import numpy as np
-from dinov2_patho.samplers.metadata import inverse_frequency_subset, inverse_frequency_subset_of_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.data.index import build_index
+from dinov2_patho.samplers.metadata import inverse_frequency_subset, inverse_frequency_subset_of_runs
 
 
 @settings(max_examples=50, deadline=None)

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dinov2_patho.eval.report import COLUMNS, write_tables
-from dinov2_patho.samplers import build_sampler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -21,9 +19,11 @@ from test_train import _patch_step, tiny_cfg
 
 from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval.report import COLUMNS, write_tables
 from dinov2_patho.report import batches, mosaic, write_report
 from dinov2_patho.report.figures import MAX_POINTS, downsample
 from dinov2_patho.report.page import PANELS
+from dinov2_patho.samplers import build_sampler
 from dinov2_patho.train import trainer as trainer_mod
 
 ITERATIONS = 6

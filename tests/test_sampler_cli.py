@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from dinov2_patho.samplers import SamplerError, build_sampler, subset_view
 
 from dinov2_patho.cli import main
+from dinov2_patho.samplers import SamplerError, build_sampler, subset_view
 
 index_mod = pytest.importorskip("dinov2_patho.data.index")
 

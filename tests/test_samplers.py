@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dinov2_patho.errors import UserError
+from dinov2_patho.hashing import hash_key
 from dinov2_patho.samplers import SamplerError, StepBatchSampler, build_sampler, rank_slice
 from dinov2_patho.samplers.metadata import inverse_frequency_subset
 from dinov2_patho.samplers.permute import permute
 from dinov2_patho.samplers.strata import build_strata, load_or_build
 from dinov2_patho.samplers.stratified import _distinct
 from dinov2_patho.samplers.telemetry import TelemetrySummary
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from dinov2_patho.errors import UserError
-from dinov2_patho.hashing import hash_key
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from dinov2_patho.config import ConfigError, load_config
+from dinov2_patho.config_files import ConfigError, load_config
 from dinov2_patho.train.schedules import Schedules, scaled_lr, warmup_cosine
 
 

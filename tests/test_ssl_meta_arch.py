@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dinov2_patho.config import load_config
+from dinov2_patho.config_files import load_config
 from dinov2_patho.data.augment import MultiCropAugmentation
 from dinov2_patho.data.collate import collate_multicrop
 from dinov2_patho.data.masking import MaskingGenerator

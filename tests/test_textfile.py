@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dinov2_patho.eval.slide.tasks import read_labels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +17,7 @@ from dinov2_patho.cli import main
 from dinov2_patho.data.index_source import iter_batches, read_text_table
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval.slide.tasks import read_labels
 from dinov2_patho.textfile import check_text_file, read_text
 
 CLUSTERS = "slide_id,tile_x,tile_y,level_1,level_2\n" + "".join(

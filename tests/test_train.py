@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2_patho.config import ConfigError
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.errors import UserError
 from dinov2_patho.train import trainer as trainer_mod
 from dinov2_patho.train.checkpoint import find_latest, iteration_of
 from dinov2_patho.train.config import load_train_config
-from dinov2_patho.train.metrics import read_metrics
+from dinov2_patho.train.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "train" / "cpu_smoke.yaml"
@@ -200,15 +200,13 @@ def test_request_stop_checkpoints_and_returns_at_the_boundary(cohort, cohort_ind
 
 
 def test_evaluation_hook_runs_benchmarks_on_the_teacher(cohort, cohort_index, tmp_path, monkeypatch):
-    import dinov2_patho.eval as eval_pkg
-
     calls = []
 
     def fake_run_benchmarks(backbone, benchmarks, cfg, output_dir):
         calls.append((backbone, list(benchmarks), cfg, Path(output_dir), backbone.training))
         return {}
 
-    monkeypatch.setattr(eval_pkg, "run_benchmarks", fake_run_benchmarks)
+    monkeypatch.setattr(trainer_mod, "run_benchmarks", fake_run_benchmarks)
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=4", "train.num_workers=0",
                    "evaluation.every_n_iterations=2", "evaluation.benchmarks=[bach]")
     trainer_mod.run_training(cfg, tmp_path)
@@ -360,8 +358,8 @@ def test_two_process_gloo_ranks_take_disjoint_slices_and_stay_identical(cohort, 
 def test_export_teacher_loads_in_timm_and_dinov2_format(cohort, cohort_index, tmp_path):
     from dinov2_patho.models import load_pretrained
     from dinov2_patho.models.weights import import_timm
-    from dinov2_patho.train.backbone import build_student_backbone
     from dinov2_patho.train.export import export_teacher, teacher_backbone
+    from dinov2_patho.train.student import build_student_backbone
 
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=2", "train.num_workers=0")
     trainer_mod.run_training(cfg, tmp_path / "run")

@@ -10,8 +10,7 @@ import pytest
 import torch
 from test_train import _patch_step, tiny_cfg
 
-from dinov2_patho.config import ConfigError
-from dinov2_patho.data import dataset as dataset_module
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.data.readers import TileReadError
 from dinov2_patho.train import trainer as trainer_mod
 from dinov2_patho.train.checkpoint import CheckpointError, find_latest, iteration_of
@@ -22,7 +21,7 @@ def test_slides_unreadable_mid_run_are_substituted_until_max_skipped(cohort, coh
                                                                      monkeypatch):
     broken = sorted({cohort_index.tile(r)[0] for r in range(len(cohort_index))})[:3]
     state = {"broken": False}
-    real_build = dataset_module.build_tile_source
+    real_build = trainer_mod.build_tile_source
 
     class BreaksMidRun:
         def __init__(self, inner):
@@ -37,7 +36,7 @@ def test_slides_unreadable_mid_run_are_substituted_until_max_skipped(cohort, coh
         def close(self):
             self.inner.close()
 
-    monkeypatch.setattr(dataset_module, "build_tile_source", lambda cfg: BreaksMidRun(real_build(cfg)))
+    monkeypatch.setattr(trainer_mod, "build_tile_source", lambda cfg: BreaksMidRun(real_build(cfg)))
     _patch_step(monkeypatch, lambda step, losses: state.update(broken=step >= 1))
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=8", "checkpoint.every_n_iterations=1",
                    "train.num_workers=0", "data.on_error=skip", "data.max_skipped=2")

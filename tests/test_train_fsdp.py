@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_train import SMOKE, TINY, _data, _env
 
-from dinov2_patho.config import ConfigError
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.train.config import load_train_config, validate_config
-from dinov2_patho.train.metrics import read_metrics
+from dinov2_patho.train.metrics_log import read_metrics
 
 ITERATIONS = 4
 LOSSES = ["total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss"]

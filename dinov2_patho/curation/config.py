@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dinov2_patho.config import load_config
+from dinov2_patho.config_files import load_config
 
 DEFAULTS = "curation/default.yaml"
 OPEN_KEYS = ("embed.model",)  # free-form backbone kwargs

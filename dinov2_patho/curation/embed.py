@@ -160,10 +160,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from omegaconf import OmegaConf
 
+    from dinov2_patho.distributed import barrier, broadcast_object, distributed_context
     from dinov2_patho.eval.backbone import load_backbone
     from dinov2_patho.eval.features import feature_dim, fill_features
     from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
-    from dinov2_patho.train.dist import barrier, broadcast_object, distributed_context
 
     cfg = config_from_args(args).embed
     if cfg.token not in TOKENS:

@@ -371,7 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dinov2_patho.train.dist import distributed_context
+    from dinov2_patho.distributed import distributed_context
 
     cfg = config_from_args(args).kmeans
     embeddings, source = open_embeddings(args.embeddings, args.tiles)

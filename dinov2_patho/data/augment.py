@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2_patho.config import packaged_section
+from dinov2_patho.config_files import packaged_section
 from dinov2_patho.errors import UserError
 
 Generator = torch.Generator | None

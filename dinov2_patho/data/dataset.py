@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from dinov2_patho.config import packaged_section
+from dinov2_patho.config_files import packaged_section
 from dinov2_patho.data.readers import SlideTileSource, TileReadError, TileSource
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.data.tilestore import HDF5TileSource

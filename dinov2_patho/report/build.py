@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dinov2_patho.config import read_yaml, to_container
+from dinov2_patho.config_files import read_yaml, to_container
 from dinov2_patho.data.dataset import build_tile_source
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
@@ -19,6 +19,7 @@ from dinov2_patho.logging import get_logger
 from dinov2_patho.report import batches, embedding, evaluation, training, tree
 from dinov2_patho.report.mosaic import parse_level
 from dinov2_patho.report.page import Panel, render
+from dinov2_patho.train.checkpoint import CHECKPOINTS
 
 log = get_logger(__name__)
 
@@ -73,7 +74,7 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
     a = panels["training"]
     a.notes += metrics.notes
     sessions = training.read_sessions(run_dir)
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+    checkpoints = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("iter_*"))
     a.table([["", ""], *training.run_facts(metrics, config, sessions, checkpoints)], header=False)
     for name, uri in training.training_figures(metrics).items():
         a.figure(uri, name)

@@ -16,7 +16,7 @@ import pyarrow.json
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.report.figures import figure_uri, plot_series, pyplot
-from dinov2_patho.train.metrics import METRICS_FILE
+from dinov2_patho.train.metrics_log import METRICS_FILE
 
 LOSSES = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss")
 SCHEDULES = ("lr", "wd", "teacher_temp", "momentum")

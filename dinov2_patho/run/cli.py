@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     resources = resources_from_args(args)
     pattern = output_dir_pattern(args.output_root, args.name)
     if args.job == "train":
-        from dinov2_patho.config import to_container
+        from dinov2_patho.config_files import to_container
         from dinov2_patho.train.config import load_train_config, validate_config
 
         # resolved and checked now, so a bad key or path fails here rather than in the queue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dinov2_patho.config import read_yaml
+from dinov2_patho.config_files import read_yaml
 from dinov2_patho.errors import UserError
 
 NOT_FINISHED = 3
@@ -19,8 +19,7 @@ NOT_FINISHED = 3
 
 def training_progress(output_dir: str | Path) -> tuple[int, int]:
     """(iteration of the latest checkpoint, 0 without one; train.iterations of the run)."""
-    from dinov2_patho.train.checkpoint import find_latest, iteration_of
-    from dinov2_patho.train.trainer import CHECKPOINTS
+    from dinov2_patho.train.checkpoint import CHECKPOINTS, find_latest, iteration_of
 
     output_dir = Path(output_dir)
     config = output_dir / "config.yaml"

@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinov2_patho.distributed import DistContext, barrier, broadcast_object
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir, atomic_write_text
 from dinov2_patho.logging import get_logger
-from dinov2_patho.train.dist import DistContext, barrier, broadcast_object
 
 log = get_logger(__name__)
 
+CHECKPOINTS = "checkpoints"  # the folder of a run directory that holds them
 LATEST = "latest"
 SHARED_FILE = "state.pt"
 _NAME = re.compile(r"^iter_(\d{8,})$")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dinov2_patho.config import ConfigError, load_config
+from dinov2_patho.config_files import ConfigError, load_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
 from dinov2_patho.train.config_values import check_values

@@ -14,10 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2_patho.config import ConfigError
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.data.augment import AugmentConfig
 from dinov2_patho.logging import get_logger
-from dinov2_patho.train.backbone import SIZE_KEYS
+from dinov2_patho.train.student import SIZE_KEYS
 
 log = get_logger(__name__)
 

@@ -23,7 +23,7 @@ from dinov2_patho.logging import get_logger
 from dinov2_patho.models import load_pretrained, to_dinov2_state_dict, to_timm_state_dict
 from dinov2_patho.models.weights import timm_model_kwargs
 from dinov2_patho.train import checkpoint as ckpt
-from dinov2_patho.train.backbone import build_student_backbone
+from dinov2_patho.train.student import build_student_backbone
 
 log = get_logger(__name__)
 
@@ -36,7 +36,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / ckpt.SHARED_FILE).is_file():
         return path
-    for root in (path / "checkpoints", path):
+    for root in (path / ckpt.CHECKPOINTS, path):
         latest = ckpt.find_latest(root)
         if latest is not None:
             return latest

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig
 
-from dinov2_patho.config import ConfigError
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.registry import did_you_mean
 
 _RULES = ("sqrt_wrt_1024", "linear_wrt_1024", "none")

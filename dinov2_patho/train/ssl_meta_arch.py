@@ -21,7 +21,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 from dinov2_patho.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2_patho.models import DINOHead, load_pretrained
-from dinov2_patho.train.backbone import build_student_backbone
+from dinov2_patho.train.student import build_student_backbone
 
 log = get_logger(__name__)
 

@@ -11,6 +11,7 @@ checkpoints have the same full format under both.
 from __future__ import annotations
 
 import math
+import random
 import re
 import signal
 import threading
@@ -24,28 +25,34 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from dinov2_patho.config import save_config
+from dinov2_patho.config_files import save_config
+from dinov2_patho.data.augment import MultiCropAugmentation
+from dinov2_patho.data.dataset import TileDataset, build_tile_source
+from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.preflight import PreflightError, describe, preflight_slides
+from dinov2_patho.data.readers import SlideTileSource
+from dinov2_patho.distributed import DistContext, barrier, broadcast_object, distributed_context
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval import run_benchmarks
+from dinov2_patho.eval.slide import runner as slide_runner
 from dinov2_patho.logging import get_logger, setup_logging
 from dinov2_patho.samplers import StepBatchSampler, build_sampler, subset_view
 from dinov2_patho.train import checkpoint as ckpt
 from dinov2_patho.train import fsdp
-from dinov2_patho.train.backbone import build_student_backbone
 from dinov2_patho.train.config import global_batch_size, validate_config
 from dinov2_patho.train.config_values import check_resume_config
 from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
-from dinov2_patho.train.dist import DistContext, broadcast_object, distributed_context
 from dinov2_patho.train.flops import counted, peak_flops, utilisation
-from dinov2_patho.train.metrics import MetricsWriter, read_metrics
+from dinov2_patho.train.metrics_log import MetricsWriter, read_metrics
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
-from dinov2_patho.train.ssl_meta_arch import autocast_dtype
+from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype
+from dinov2_patho.train.student import build_student_backbone
 
 log = get_logger(__name__)
 
-CHECKPOINTS = "checkpoints"
 _STOP = threading.Event()
 _RNG_STREAM = 2  # derived_seed stream of the per-rank model RNG (drop path, ...)
 _DDP_PREFIX = re.compile(r"^(student\.[^.]+\.)module\.")
@@ -91,8 +98,6 @@ def run_training(cfg: DictConfig, output_dir: str | Path, *, force_resume: bool 
 
 def open_training_data(cfg: DictConfig, global_batch: int):
     """The tile index (a view on `data.subset` when set) and the sampler over it."""
-    from dinov2_patho.data.index import TileIndex
-
     index = TileIndex.open(cfg.data.index)
     if cfg.data.subset is not None:
         index = subset_view(index, cfg.data.subset)
@@ -102,9 +107,6 @@ def open_training_data(cfg: DictConfig, global_batch: int):
 def slide_preflight(cfg: DictConfig, index, *, progress: bool = True) -> str | None:
     """One line naming every slide of `index` that training would fail on, or None (also for
     tile stores, whose tiles were read once already)."""
-    from dinov2_patho.data.dataset import build_tile_source
-    from dinov2_patho.data.readers import SlideTileSource
-
     source = build_tile_source(cfg.data)
     try:
         if not isinstance(source, SlideTileSource):
@@ -124,7 +126,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, output_dir: Path, ctx: DistContext, *, force_resume: bool = False):
         self.cfg, self.output_dir, self.ctx = cfg, output_dir, ctx
         self.force_resume = force_resume
-        self.ckpt_root = output_dir / CHECKPOINTS
+        self.ckpt_root = output_dir / ckpt.CHECKPOINTS
         self.total = int(cfg.train.iterations)
         self.global_batch = global_batch_size(cfg, ctx.world_size)
         self.seed = int(cfg.train.seed)
@@ -161,8 +163,6 @@ class Trainer:
     # ------------------------------------------------------------------ construction
 
     def _build_model(self) -> nn.Module:
-        from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
-
         return SSLMetaArch(self.cfg).to(self.ctx.device)
 
     def _wrap_ddp(self) -> None:
@@ -171,8 +171,6 @@ class Trainer:
         follows by EMA of identical students, so it stays identical without communication."""
         if not self.ctx.distributed or self.fsdp:
             return
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         for name in list(self.model.student.keys()):
             self.model.student[name] = DistributedDataParallel(self.model.student[name], device_ids=ids)
@@ -200,9 +198,6 @@ class Trainer:
         raise PreflightError(f"{report} (data.on_error=skip trains without their tiles)")
 
     def _build_loader(self) -> torch.utils.data.DataLoader:
-        from dinov2_patho.data.augment import MultiCropAugmentation
-        from dinov2_patho.data.dataset import TileDataset, build_tile_source
-
         cfg = self.cfg
         tiles = TileDataset(self.index, build_tile_source(cfg.data), transform=None,
                             on_error=str(cfg.data.on_error))
@@ -212,8 +207,6 @@ class Trainer:
                             pin_memory=self.ctx.device.type == "cuda")
 
     def _seed_rank_rng(self) -> None:
-        import random
-
         seed = derived_seed(self.seed, _RNG_STREAM, self.ctx.rank)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
@@ -410,10 +403,6 @@ class Trainer:
     def evaluate(self, iteration: int) -> None:
         """The configured tile benchmarks, then slide tasks (results in `slide/`), on the teacher backbone
         (rank 0; others wait). Under FSDP, on an unsharded copy gathered to rank 0."""
-        from dinov2_patho.eval import run_benchmarks
-        from dinov2_patho.eval.slide import runner as slide_runner
-        from dinov2_patho.train.dist import barrier
-
         teacher = self.model.teacher["backbone"]
         if self.fsdp:
             state = fsdp.full_state_dict(teacher)

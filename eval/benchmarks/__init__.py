@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dinov2_patho.eval.benchmarks import generic, pathology, pcam, synthetic  # noqa: F401  (register adapters)
-from dinov2_patho.eval.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkError, ImageSplit
+from . import generic, pathology, pcam, synthetic  # noqa: F401  (register adapters)
+from .base import BENCHMARKS, Benchmark, BenchmarkError, ImageSplit
 
 
 def build_benchmark(name: str, root: str | Path, **options: Any) -> Benchmark:

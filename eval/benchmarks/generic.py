@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from dinov2_patho.eval.benchmarks.base import (
+from dinov2_patho.textfile import open_text
+
+from .base import (
     BENCHMARKS,
     IMAGE_EXTENSIONS,
     Benchmark,
@@ -16,8 +18,6 @@ from dinov2_patho.eval.benchmarks.base import (
     require_dir,
     require_file,
 )
-
-from dinov2_patho.textfile import open_text
 
 SPLITS = ("train", "val", "test")
 

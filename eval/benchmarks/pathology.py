@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from dinov2_patho.eval.benchmarks.base import (
+
+from dinov2_patho.textfile import open_text
+
+from .base import (
     BENCHMARKS,
     Benchmark,
     BenchmarkError,
@@ -22,8 +25,6 @@ from dinov2_patho.eval.benchmarks.base import (
     require_dir,
     require_file,
 )
-
-from dinov2_patho.textfile import open_text
 
 
 def _ranges(ranges: list[tuple[int, int]]) -> list[int]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from dinov2_patho.eval.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkError, ImageSplit, require_file
+
+from .base import BENCHMARKS, Benchmark, BenchmarkError, ImageSplit, require_file
 
 
 class H5Split(ImageSplit):

@@ -7,9 +7,10 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from dinov2_patho.eval.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkError, ImageSplit, require_file
 
 from dinov2_patho.textfile import open_text
+
+from .base import BENCHMARKS, Benchmark, BenchmarkError, ImageSplit, require_file
 
 
 class TileSplit(ImageSplit):

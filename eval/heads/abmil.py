@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from dinov2_patho.eval.heads.linear import (
+from torch import nn
+
+from ..metrics import classification_metrics
+from .linear import (
     _balanced_accuracy,
     _num_outputs,
     _predicted_class,
@@ -26,8 +29,6 @@ from dinov2_patho.eval.heads.linear import (
     predict_proba,
     summarize_runs,
 )
-from dinov2_patho.eval.metrics import classification_metrics
-from torch import nn
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dinov2_patho.eval.metrics import classification_metrics
+
+from ..metrics import classification_metrics
 
 
 def knn_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int, k: int,

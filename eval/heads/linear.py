@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from dinov2_patho.eval.metrics import classification_metrics
 from torch import nn
 
 from dinov2_patho.errors import UserError
+
+from ..metrics import classification_metrics
 
 
 @dataclass(frozen=True)

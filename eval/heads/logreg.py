@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from dinov2_patho.eval.metrics import balanced_accuracy, classification_metrics
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from ..metrics import balanced_accuracy, classification_metrics
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):

@@ -1,6 +1,6 @@
 """Slide-level evaluation: attention-MIL on bags of frozen tile features."""
 
-from dinov2_patho.eval.slide.runner import run_slide_tasks, slide_config
-from dinov2_patho.eval.slide.tasks import SlideTask, csv_task
+from .runner import run_slide_tasks, slide_config
+from .tasks import SlideTask, csv_task
 
 __all__ = ["SlideTask", "csv_task", "run_slide_tasks", "slide_config"]

@@ -19,13 +19,14 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from dinov2_patho.eval.runner import heldout_split
-from dinov2_patho.eval.slide.tasks import SlideTask, open_tiles, read_labels, task_from_rows
 
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
 from dinov2_patho.registry import Registry
 from dinov2_patho.textfile import open_text
+
+from ..runner import heldout_split
+from .tasks import SlideTask, open_tiles, read_labels, task_from_rows
 
 SLIDE_TASKS = Registry("slide task")
 

@@ -20,9 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dinov2_patho.eval.features import feature_dim, fill_features
-from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from dinov2_patho.eval.slide.tasks import SlideTask
 from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -30,6 +27,10 @@ from tqdm import tqdm
 from dinov2_patho.curation.embed import first_difference, normalise_on_device, tile_list_fingerprint
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
+
+from ..features import feature_dim, fill_features
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .tasks import SlideTask
 
 MANIFEST = "manifest.json"
 

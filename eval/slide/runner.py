@@ -7,19 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from dinov2_patho.eval.heads.abmil import AbmilConfig, abmil
-from dinov2_patho.eval.heads.logreg import logistic_regression
-from dinov2_patho.eval.report import write_results
-from dinov2_patho.eval.runner import group_folds, mean_over_folds
-from dinov2_patho.eval.slide.adapters import SLIDE_TASKS
-from dinov2_patho.eval.slide.bags import extract_bags
-from dinov2_patho.eval.slide.tasks import SlideTask, csv_task
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dinov2_patho.config import merge_over_defaults
+from dinov2_patho.config_files import merge_over_defaults
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
+
+from ..heads.abmil import AbmilConfig, abmil
+from ..heads.logreg import logistic_regression
+from ..report import write_results
+from ..runner import group_folds, mean_over_folds
+from .adapters import SLIDE_TASKS
+from .bags import extract_bags
+from .tasks import SlideTask, csv_task
 
 log = get_logger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from dinov2_patho.config import ConfigError
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.models import VisionTransformer, build_backbone
 
 SIZE_KEYS = ("embed_dim", "depth", "num_heads")
