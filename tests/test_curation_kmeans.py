@@ -171,21 +171,31 @@ def test_resume_refuses_a_level_built_with_another_config(tmp_path, capsys):
 
 # --- two gloo ranks ------------------------------------------------------------------------
 
+# Every level is sharded over the ranks: level 2 clusters 12 centroids, level 3 four.
 DISTRIBUTED_TREES = {
     "resampled": [{"clusters": 12, "resampling_steps": 3, "sample_per_cluster": 5, "strategy": "random"},
-                  {"clusters": 4, "resampling_steps": 2, "sample_per_cluster": 2}],
+                  {"clusters": 4, "resampling_steps": 2, "sample_per_cluster": 2}, {"clusters": 2}],
     "split": [{"clusters": 4, "split": 3}, {"clusters": 3, "resampling_steps": 2, "sample_per_cluster": 2}],
 }
 
 
 def _rank_worker(rank: int, init_file: str, npy: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    shards = []  # (tree, level, points on this rank, points in all)
+    run = hierarchy.LevelBuilder.run
+
+    def recorded_run(builder, points):
+        shards.append((name, builder.level, len(points), points.total))
+        return run(builder, points)
+
+    hierarchy.LevelBuilder.run = recorded_run
     try:
         x = np.load(npy, mmap_mode="r")
         for name, levels in DISTRIBUTED_TREES.items():
             build_tree(x, Path(npy), Path(out) / name, kmeans_cfg(levels), progress=False,
                        log=lambda *_: None)
             dist.barrier()
+        Path(out, f"shards_{rank}.json").write_text(json.dumps(shards))
     finally:
         dist.destroy_process_group()
     os._exit(0)  # skip teardown, where gloo's threads can abort a finished worker
@@ -196,10 +206,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     np.save(tmp_path / "x.npy", x)
     mp.spawn(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "x.npy"), str(tmp_path / "two")),
              nprocs=WORLD, join=True)
+    for rank in range(WORLD):  # every rank ran every level on its own share of the points
+        shards = json.loads((tmp_path / "two" / f"shards_{rank}.json").read_text())
+        ran = [(t, level) for t, level, _, _ in shards]
+        assert ran == [(t, i + 1) for t, levels in DISTRIBUTED_TREES.items() for i in range(len(levels))]
+        assert all(total * rank // WORLD + mine == total * (rank + 1) // WORLD for *_, mine, total in shards)
     for name, levels in DISTRIBUTED_TREES.items():
         one = tree_arrays(build(x, tmp_path / "one" / name, kmeans_cfg(levels)).root)
         two = tree_arrays(tmp_path / "two" / name)
-        assert one.keys() == two.keys() and len(one) == 10
+        assert one.keys() == two.keys() and len(one) == 5 * len(levels)
         for key in one:
             if "centroids" in key or "distances" in key:
                 np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-5, err_msg=f"{name} {key}")

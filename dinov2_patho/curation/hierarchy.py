@@ -11,8 +11,9 @@ M being its number of points (tiles, or the previous level's clusters); for a sp
 first stage shrinks, to min(k, ceil(M / (r * m))). r is the paper tree's own points per cluster.
 
 Every level is written through `tree.write_level`; a kill resumes at the first level without
-done.json, and inside a level after the last finished resampling step. Under torchrun, level 1
-is sharded over the ranks; the levels above (small) run on rank 0.
+done.json, and inside a level after the last finished resampling step. Under torchrun, every
+level is sharded over the ranks (level 2 of the paper's trees clusters 3.5M centroids: ~40 min on
+one GPU, ~20 s on 128); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -335,9 +336,7 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
             log(f"level {level}: {done['clusters']} clusters, finished before (done.json): reused")
             continue
         if level > 1:
-            if not main:
-                break  # the levels above level 1 are small: rank 0 builds them
-            points = Points(centroids, shard=False)
+            points = Points(centroids)  # every rank holds them (reduced, or read back); sharded again
         start = time.perf_counter()
         result = LevelBuilder(level, spec, cfg, out, progress).run(points)
         seconds = time.perf_counter() - start
