@@ -5,7 +5,9 @@ timm model by name (`timm/<name>`)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,17 @@ from dinov2_patho.logging import get_logger
 from dinov2_patho.registry import did_you_mean
 
 log = get_logger(__name__)
+
+
+@contextlib.contextmanager
+def frozen(backbone: nn.Module) -> Iterator[nn.Module]:
+    """`backbone` in eval mode for the block (the trainer's teacher goes back to its mode after)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        yield backbone
+    finally:
+        backbone.train(was_training)
 
 TIMM_PREFIX = "timm/"
 # fixed by the architecture's name: our registered ViTs take every other VisionTransformer argument

@@ -14,6 +14,7 @@ from torch import nn
 from dinov2_patho.config_files import merge_over_defaults
 from dinov2_patho.logging import get_logger
 
+from .backbone import frozen
 from .benchmarks import Benchmark, BenchmarkError, build_benchmark
 from .features import extract_features
 from .heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
@@ -169,16 +170,12 @@ def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig |
     cfg = eval_config(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    was_training = backbone.training
-    backbone.eval()
     results = {}
-    try:
+    with frozen(backbone):
         for name in benchmarks:
             results[name] = run_benchmark(backbone, open_benchmark(name, cfg), cfg, output_dir)
             if "linear" in results[name]:
                 lin = results[name]["linear"]
                 log.info("%s: linear probe balanced accuracy %.2f ± %.2f", name,
                          100 * lin["balanced_accuracy"], 100 * lin["balanced_accuracy_std"])
-    finally:
-        backbone.train(was_training)
     return write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed

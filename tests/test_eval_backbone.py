@@ -13,7 +13,7 @@ from test_train import tiny_cfg
 
 from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
-from dinov2_patho.eval.backbone import load_backbone
+from dinov2_patho.eval.backbone import frozen, load_backbone
 from dinov2_patho.models import BACKBONES
 
 TINY_EVAL = ["preprocess.size=32", "heads.linear.n_runs=1", "heads.linear.max_steps=20", "heads.knn.k=[1]",
@@ -138,3 +138,12 @@ def test_eval_run_baselines_repeat_and_record_their_seed(tmp_path):
         assert results["backbone"] == {"path": None, "arch": "vit_small", "seed": 3}
         runs.append((np.load(out / "features" / "folder" / "test" / "cls.npy"), results["knn"]))
     assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_frozen_evaluates_and_restores_the_mode_even_on_error(training):
+    module = torch.nn.Dropout(0.5).train(training)
+    with pytest.raises(RuntimeError), frozen(module):
+        assert not module.training
+        raise RuntimeError("a benchmark failed")
+    assert module.training is training

@@ -14,6 +14,7 @@ from dinov2_patho.config_files import merge_over_defaults
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 
+from ..backbone import frozen
 from ..heads.abmil import AbmilConfig, abmil
 from ..heads.logreg import logistic_regression
 from ..report import write_results
@@ -122,10 +123,8 @@ def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dic
     cfg = slide_config(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    was_training = backbone.training
-    backbone.eval()
     results = {}
-    try:
+    with frozen(backbone):
         for name in tasks:
             task = open_task(name, cfg, output_dir / "tiles" / Path(name).stem)
             results[task.name] = run_slide_task(backbone, task, cfg, output_dir, backbone_name)
@@ -133,6 +132,4 @@ def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dic
                 r = results[task.name]["abmil"]
                 log.info("%s: attention-MIL AUROC %.2f, balanced accuracy %.2f", task.name, 100 * r["auroc"],
                          100 * r["balanced_accuracy"])
-    finally:
-        backbone.train(was_training)
     return write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed
