@@ -96,13 +96,27 @@ def build_strata(num_rows: int, num_labels: int, labels: Callable[[int, int], np
                   group_start=group_start)
 
 
+class ChunkedColumn:
+    """A per-row column read a slice at a time, never held whole (a view's slide column is computed:
+    4 bytes a row, 1.4 GB at 350M rows); `cache_key` hashes it by content, like an array."""
+
+    def __init__(self, length: int, read: Callable[[slice], np.ndarray]):
+        self.length, self.read = length, read
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.read(rows))
+
+
 def cache_key(**parts) -> str:
-    """A short digest of what determines the strata (arrays hashed by content)."""
+    """A short digest of what determines the strata (arrays and chunked columns hashed by content)."""
     h = hashlib.blake2b(digest_size=12)
     for name in sorted(parts):
         value = parts[name]
         h.update(name.encode())
-        if isinstance(value, np.ndarray):
+        if isinstance(value, (np.ndarray, ChunkedColumn)):
             for a in range(0, len(value), CHUNK):
                 h.update(np.ascontiguousarray(value[a:a + CHUNK]).tobytes())
         else:

@@ -41,7 +41,7 @@ from dinov2_patho.hashing import hash_key, splitmix64
 
 from .base import GlobalBatchSampler, SamplerError
 from .permute import permute
-from .strata import CACHE_KEEP, CHUNK, Strata, build_strata, load_or_build
+from .strata import CACHE_KEEP, CHUNK, ChunkedColumn, Strata, build_strata, load_or_build
 from .telemetry import Columns, batch_stats
 from .views import RowMap, cache_dir
 
@@ -86,7 +86,7 @@ class ClusterStratifiedSampler(GlobalBatchSampler):
             return load_or_build(cache_dir(self.index, cache), parts,
                                  lambda: build_strata(n, num_labels, lambda a, b: labels[a:b]),
                                  self.cache_keep)
-        slides = self.columns.slides()
+        slides = ChunkedColumn(n, self.index.slides)
         present = np.zeros(len(self.index.slide_names), dtype=bool)
         for a in range(0, n, CHUNK):  # slides holding at least one drawable row
             present[np.asarray(slides[a:a + CHUNK])[np.asarray(labels[a:a + CHUNK]) >= 0]] = True

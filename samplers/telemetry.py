@@ -8,26 +8,17 @@ import numpy as np
 
 
 class Columns:
-    """An index's per-row level and slide columns, fetched once: a view's (or a slide-grouped
-    index's slide column) are computed arrays, too costly to recompute per batch."""
+    """An index's per-row level columns, fetched once: a view's are computed arrays, too costly to
+    recompute per batch. Slides are read by position (`index.slides`), never as a whole column."""
 
     def __init__(self, index):
         self.index = index
         self._levels: dict[int, np.ndarray] = {}
-        self._slides: np.ndarray | None = None
 
     def level(self, k: int) -> np.ndarray:
         if k not in self._levels:
             self._levels[k] = self.index.level(k)
         return self._levels[k]
-
-    def slides(self, positions: np.ndarray | None = None) -> np.ndarray:
-        """The slide of these view positions (read directly), or the whole column (kept)."""
-        if positions is not None:
-            return self.index.slides(positions) if self._slides is None else self._slides[positions]
-        if self._slides is None:
-            self._slides = self.index.slides()
-        return self._slides
 
 
 def batch_stats(columns: Columns, positions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -37,7 +28,7 @@ def batch_stats(columns: Columns, positions: np.ndarray, labels: np.ndarray) -> 
     stats: dict[str, Any] = {}
     for k in range(1, columns.index.num_levels + 1):
         stats[f"clusters_level_{k}"] = int(len(np.unique(columns.level(k)[positions])))
-    stats["slides"] = int(len(np.unique(columns.slides(positions))))
+    stats["slides"] = int(len(np.unique(columns.index.slides(positions))))
     _, counts = np.unique(np.asarray(labels[positions]), return_counts=True)
     stats["clusters"] = int(len(counts))
     stats["per_cluster_min"] = int(counts.min())
@@ -81,7 +72,7 @@ class TelemetrySummary:
             "cluster_coverage": int(np.count_nonzero(self.counts)) / max(self.nonempty, 1),
             "tile_coverage": len(tiles) / max(self.eligible, 1),
             "distinct_tiles": int(len(tiles)),
-            "distinct_slides": int(len(np.unique(self.columns.slides(tiles)))),
+            "distinct_slides": int(len(np.unique(self.columns.index.slides(tiles)))),
             # 1.0 = every non-empty cluster drawn equally often
             "balance_entropy": entropy / np.log(self.nonempty) if self.nonempty > 1 else 1.0,
         }

@@ -96,9 +96,12 @@ def planted_labels(index: TileIndex, labels_csv: str | Path, column: str = "tiss
     with open_text(labels_csv) as f:
         for row in csv.DictReader(f):
             truth[row["slide_id"], int(row["tile_x"]), int(row["tile_y"])] = row[column]
-    x, y = index.coords()
-    slides = np.asarray(index.slide_names)[index.slides()]
-    return np.array([truth.get((s, int(a), int(b)), "") for s, a, b in zip(slides, x, y)])
+    names = np.asarray(index.slide_names)
+    labels = []
+    for chunk in index.chunks():  # tuples per chunk, never per row of the whole index
+        (x, y), slides = index.coords(chunk), names[index.slides(chunk)]
+        labels += [truth.get((s, int(a), int(b)), "") for s, a, b in zip(slides, x, y)]
+    return np.array(labels)
 
 
 def tree_agreement(index: str | Path | TileIndex, labels_csv: str | Path,

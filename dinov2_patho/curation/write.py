@@ -70,15 +70,14 @@ def _write_csv(path: Path, tile_list: TileIndex, tree: ClusterTree, progress: bo
                                      disable=not progress) as bar:
         f.write((",".join(schema.names) + "\n").encode())  # pyarrow would quote the header names
         with pcsv.CSVWriter(f, schema, write_options=options) as writer:
-            for start in range(0, len(tile_list), _CHUNK_ROWS):
-                rows = tile_list.select(np.arange(start, min(start + _CHUNK_ROWS, len(tile_list))))
-                x, y = rows.coords()
-                labels = [np.asarray(tile_level[start:start + len(rows)])]
+            for chunk in tile_list.chunks(_CHUNK_ROWS):
+                x, y = tile_list.coords(chunk)
+                labels = [np.asarray(tile_level[chunk])]
                 for parent in parents:  # level k = the parent of the level-(k-1) cluster
                     labels.append(parent[labels[-1]])
-                writer.write_table(pa.table([names.take(pa.array(rows.slides())), x, y, *labels],
+                writer.write_table(pa.table([names.take(pa.array(tile_list.slides(chunk))), x, y, *labels],
                                             schema=schema))
-                bar.update(len(rows))
+                bar.update(chunk.stop - chunk.start)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

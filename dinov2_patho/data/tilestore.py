@@ -94,23 +94,28 @@ class HDF5TileSource:
 
 
 def _slide_coords(index: Any, slide_ids: Iterable[str] | None) -> dict[str, np.ndarray]:
-    """slide_id -> unique level-0 (x, y) int32 [n, 2] of its tiles, sorted by (y, x)."""
+    """slide_id -> unique level-0 (x, y) int32 [n, 2] of its tiles, sorted by (y, x); read a chunk of the
+    index at a time, so memory is the wanted slides' coordinates, not the whole index's columns."""
     names = index.slide_names
-    slides = np.asarray(index.slides())
-    xs, ys = index.coords()
-    order = np.argsort(slides, kind="stable")
-    bounds = np.searchsorted(slides[order], np.arange(len(names) + 1))
     wanted = set(names) if slide_ids is None else set(slide_ids)
     unknown = wanted - set(names)
     if unknown:
         raise UserError(f"slide(s) not in the index {index.path}: {sorted(unknown)[:5]}")
+    is_wanted = np.array([name in wanted for name in names], dtype=bool)
+    keys_of: dict[int, list[np.ndarray]] = {}
+    for chunk in index.chunks():
+        slides, (xs, ys) = index.slides(chunk), index.coords(chunk)
+        keep = is_wanted[slides]
+        slides, keys = slides[keep], _key(xs[keep], ys[keep])
+        order = np.argsort(slides, kind="stable")
+        present, starts = np.unique(slides[order], return_index=True)
+        for s, part in zip(present.tolist(), np.split(keys[order], starts[1:])):
+            keys_of.setdefault(s, []).append(part)
     out = {}
     for s, name in enumerate(names):
-        rows = order[bounds[s]:bounds[s + 1]]
-        if name not in wanted or len(rows) == 0:
-            continue
-        keys = np.unique(_key(xs[rows], ys[rows]))
-        out[name] = np.stack([keys & 0xFFFFFFFF, keys >> 32], axis=1).astype(np.int32)
+        if s in keys_of:
+            keys = np.unique(np.concatenate(keys_of.pop(s)))
+            out[name] = np.stack([keys & 0xFFFFFFFF, keys >> 32], axis=1).astype(np.int32)
     return out
 
 

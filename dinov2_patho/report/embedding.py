@@ -79,8 +79,8 @@ def embedding_map(index: Any, emb: np.ndarray, source: TileSource | None, *, poi
     rows = index.row_ids(positions)
     xy, method = project(np.asarray(emb[positions], np.float32), seed)
     view = index.select(rows)
-    slides = view.slides()
-    xs, ys = view.coords()
+    slides = index.slides(positions)
+    xs, ys = index.coords(positions)
     colorings = {}
     for k, name in enumerate(index.level_names, 1):
         colorings[name] = _compact(np.asarray(view.level(k)), index.cluster_values(k))

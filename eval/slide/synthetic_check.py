@@ -69,7 +69,7 @@ def synthetic_mil_check(work_dir: str | Path, seed: int = 0) -> dict:
                          int(cfg.heads.abmil.seed))
     hits = []
     for i in part["test"][task.labels[part["test"]] == 1]:
-        x, y = task.tiles.select(task.tile_rows(task.slide_ids[i])).coords()
+        _, x, y = task.tiles.tiles(task.tile_rows(task.slide_ids[i]))
         top = np.argsort(-attention_weights(net, z(bags[i])))[:COHORT["lesion_tiles"]]
         hits += [(task.slide_ids[i], int(x[j]), int(y[j])) in lesions for j in top]
     return {"abmil_auroc": result["abmil"]["auroc"], "abmil_auroc_std": result["abmil"]["auroc_std"],
