@@ -47,7 +47,8 @@ def reference(tiles_dir: Path, slides: Path, arch: str, model_kwargs: dict, batc
     """Build the model, read every tile, forward it: the least any embedding tool must do."""
     model = load_backbone(None, arch, seed=0, **model_kwargs)
     index = TileIndex.open(tiles_dir / "index")
-    names, (xs, ys) = [index.slide_names[s] for s in index.slides()], index.coords()
+    names = [index.slide_names[s] for s in index.slides(TileIndex.ALL)]  # a demo-sized tile list
+    xs, ys = index.coords(TileIndex.ALL)
     source = SlideTileSource(SlideRegistry.from_spec(slides))
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255

@@ -46,7 +46,7 @@ def pieces(column):  # the reduction itself in bounded steps, in both modes
 
 tracemalloc.start()
 if mode == "full":
-    parts = [getattr(ix, accessor)()]
+    parts = [getattr(ix, accessor)(TileIndex.ALL)]
 else:
     parts = (getattr(ix, accessor)(c) for c in ix.chunks(1 << 22))  # the pieces' size: same sequence
 sums = []

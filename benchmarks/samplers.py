@@ -68,12 +68,8 @@ class MemmapIndex:
     def num_clusters(self, k: int) -> int:
         return LEVELS[k - 1]
 
-    def slides(self, positions=None) -> np.ndarray:
-        column = np.load(self.root / "slides.npy", mmap_mode="r")
-        return column if positions is None else np.asarray(column[positions])
-
-    def row_ids(self) -> np.ndarray:
-        return np.arange(self.n, dtype=np.int64)
+    def slides(self, positions) -> np.ndarray:
+        return np.asarray(np.load(self.root / "slides.npy", mmap_mode="r")[positions])
 
     # the metadata sampler's interface, over the grouped layout of (c) (slide ranges in offsets.npy)
     def slide_runs(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -94,9 +90,9 @@ class MemmapIndex:
         """As TileIndex.metadata_codes (narrow codes filled in chunks); no TileIndex is built at 350M."""
         per_slide, names = self.slide_metadata(csv_path, column)
         per_slide = per_slide.astype(np.min_scalar_type(-len(names)))
-        slides, out = self.slides(), np.empty(self.n, per_slide.dtype)
+        out = np.empty(self.n, per_slide.dtype)
         for a in range(0, self.n, CHUNK):
-            out[a:a + CHUNK] = per_slide[slides[a:a + CHUNK]]
+            out[a:a + CHUNK] = per_slide[self.slides(slice(a, a + CHUNK))]
         return out, names
 
 
@@ -232,8 +228,10 @@ def run_reference(reference: Path, python: str, root: Path, level: int, budget_s
         (tmp / "ref.py").write_text(source.replace(broken, 'choices=["t1","t2"],\n'))
         (tmp / "driver.py").write_text(REFERENCE_DRIVER)
         csv = tmp / "tiles.csv"
+        from dinov2_patho.data.index import TileIndex
+
         index = MemmapIndex(root)
-        slides = np.asarray(index.slides())
+        slides = index.slides(TileIndex.ALL)  # the reference reads a CSV of every row anyway
         tile_idx = np.arange(len(slides)) - np.searchsorted(slides, slides)  # tile number within slide
         with open(csv, "w") as f:
             f.write(f"slide_id,tile_idx,level_{level}\n")

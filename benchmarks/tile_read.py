@@ -50,9 +50,9 @@ def _grid_csv(slide: Path, out: Path) -> Path:
 
 
 def _orders(index: TileIndex, seed: int = 0) -> dict[str, np.ndarray]:
-    rows = index.row_ids()
-    xs, ys = index.coords()
-    grouped = rows[np.lexsort((xs, ys, index.slides()))]
+    rows = index.row_ids(TileIndex.ALL)  # one slide's tiles: small
+    xs, ys = index.coords(TileIndex.ALL)
+    grouped = rows[np.lexsort((xs, ys, index.slides(TileIndex.ALL)))]
     return {"random": np.random.default_rng(seed).permutation(rows), "slide-grouped": grouped}
 
 
@@ -66,7 +66,7 @@ def _rate(fn, rows: np.ndarray) -> float:
 
 def bench(name: str, index: TileIndex, registry: SlideRegistry, rounds: int, store: Path | None) -> bool:
     handles = {sid: openslide.OpenSlide(str(registry.path(sid))) for sid in index.slide_names}
-    tiles = [index.tile(int(r)) for r in index.row_ids()]
+    tiles = [index.tile(int(r)) for r in index.row_ids(TileIndex.ALL)]
 
     def raw(r: int) -> None:
         sid, x, y = tiles[r]

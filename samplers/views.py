@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinov2_patho.data.index import TileIndex
+
 from .base import SamplerError
 
 CACHE_DIRNAME = ".sampler_cache"
@@ -39,7 +41,7 @@ class RowMap:
         if getattr(index, "is_view", True) is False:  # a full TileIndex: never materialise its ids
             self.rows = None
             return
-        rows = index.row_ids()
+        rows = index.row_ids(TileIndex.ALL)  # a view's own ids, no copy
         # sorted unique ids from 0 to n-1 are the identity: keep no copy of them
         self.rows = None if n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1) else rows
 

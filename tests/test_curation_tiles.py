@@ -71,9 +71,9 @@ def test_real_slide_tiles_tissue_not_background(cmu_tiles, cmu_small_region):
 def test_real_slide_index_matches_tile_list(cmu_tiles):
     rows = read_rows(cmu_tiles / "tiles.csv")
     index = TileIndex.open(cmu_tiles / "index")
-    x, y = index.coords()
+    x, y = index.coords(TileIndex.ALL)
     assert index.num_levels == 0 and index.grouped_by_slide
-    assert [(index.slide_names[s], int(a), int(b)) for s, a, b in zip(index.slides(), x, y)] == \
+    assert [(index.slide_names[s], int(a), int(b)) for s, a, b in zip(index.slides(TileIndex.ALL), x, y)] == \
         [(r["slide_id"], int(r["tile_x"]), int(r["tile_y"])) for r in rows]
     assert json.loads((cmu_tiles / "tiles.json").read_text())["tiles"] == len(rows)
 

@@ -147,8 +147,8 @@ def test_write_round_trip(cohort_index, tmp_path, capsys):
     assert len(lines) == n + 1
     index = TileIndex.open(out / "index")
     assert len(index) == n and index.slide_names == cohort_index.slide_names
-    np.testing.assert_array_equal(index.slides(), cohort_index.slides())
-    for a, b in zip(index.coords(), cohort_index.coords()):
+    np.testing.assert_array_equal(index.slides(TileIndex.ALL), cohort_index.slides(TileIndex.ALL))
+    for a, b in zip(index.coords(TileIndex.ALL), cohort_index.coords(TileIndex.ALL)):
         np.testing.assert_array_equal(a, b)
     for k in (1, 2, 3):
         np.testing.assert_array_equal(index.cluster_values(k)[index.level(k)], tree.tile_labels(k))
@@ -167,7 +167,7 @@ def test_write_round_trip(cohort_index, tmp_path, capsys):
     assert main(["curate", "sample", "--tree", str(tree.root), "--target", str(n // 3), "--out", str(subset),
                  "--no-progress"]) == 0
     view = subset_view(index, subset)
-    np.testing.assert_array_equal(view.row_ids(), np.load(subset))
+    np.testing.assert_array_equal(view.row_ids(TileIndex.ALL), np.load(subset))
     batch = build_sampler({"name": "uniform"}, view, 32).next_batch()
     assert np.isin(batch, np.load(subset)).all()
 

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from dinov2_patho.data import dataset as dataset_module
 from dinov2_patho.data.dataset import TileDataset, build_tile_source
+from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import SlideTileSource, TileReadError
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.data.tilestore import HDF5TileSource
@@ -37,7 +38,7 @@ def wsi(cohort):
 
 
 def _cluster_rows(index, k, row):
-    return set(index.row_ids()[index.level(k) == index.level(k)[row]].tolist())
+    return set(index.row_ids(TileIndex.ALL)[index.level(k) == index.level(k)[row]].tolist())
 
 
 def test_items_are_chw_uint8_tiles_with_their_global_row_id(cohort_index, wsi):
@@ -47,10 +48,10 @@ def test_items_are_chw_uint8_tiles_with_their_global_row_id(cohort_index, wsi):
         img, rid = ds[row]
         assert rid == row and img.dtype == torch.uint8 and img.shape == (3, 224, 224)
         np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), wsi.read(*cohort_index.tile(row)))
-    view = cohort_index.select(cohort_index.row_ids()[5::9])
+    view = cohort_index.select(cohort_index.row_ids(TileIndex.ALL)[5::9])
     scaled = TileDataset(view, wsi, transform=_scale)
-    img, rid = scaled[int(view.row_ids()[3])]
-    assert rid == int(view.row_ids()[3]) and img.dtype == torch.float32
+    img, rid = scaled[int(view.row_ids(TileIndex.ALL)[3])]
+    assert rid == int(view.row_ids(TileIndex.ALL)[3]) and img.dtype == torch.float32
     torch.testing.assert_close(img, ds[rid][0].float() / 255)
 
 
@@ -80,12 +81,12 @@ def test_skip_substitutes_a_tile_of_the_same_cluster_and_counts_it(cohort_index,
 
 def test_skip_in_a_view_stays_in_the_view(cohort_index, wsi, monkeypatch):
     monkeypatch.setattr(dataset_module, "_SCAN_CHUNK", 16)  # exercise the chunked, wrapping scan
-    view = cohort_index.select(cohort_index.row_ids()[1::2])
-    row = int(view.row_ids()[20])
+    view = cohort_index.select(cohort_index.row_ids(TileIndex.ALL)[1::2])
+    row = int(view.row_ids(TileIndex.ALL)[20])
     ds = TileDataset(view, Flaky(wsi, {cohort_index.tile(row)}), on_error="skip")
     img, rid = ds[row]
     assert rid == row and ds.substitutions == 1
-    members = set(view.row_ids()[view.level(1) == view.level(1)[20]].tolist()) - {row}
+    members = set(view.row_ids(TileIndex.ALL)[view.level(1) == view.level(1)[20]].tolist()) - {row}
     assert members and any(np.array_equal(img.permute(1, 2, 0).numpy(), wsi.read(*cohort_index.tile(r)))
                            for r in members)
 
@@ -108,7 +109,7 @@ def test_skip_escalates_to_coarser_levels_then_gives_up(cohort_index, wsi):
 
 @pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_dataloader_workers_open_their_own_handles_and_share_the_count(cohort_index, wsi, context):
-    rows = cohort_index.row_ids()[::25]
+    rows = cohort_index.row_ids(TileIndex.ALL)[::25]
     bad = {cohort_index.tile(int(r)) for r in rows[:3]}
     wsi.read(*cohort_index.tile(0))  # a handle open in the parent must not leak into the workers
     ds = TileDataset(cohort_index, Flaky(wsi, bad), transform=_scale, on_error="skip")

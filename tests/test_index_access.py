@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.cli import main
-from dinov2_patho.data.index import TileIndex
+from dinov2_patho.data.index import TileIndex, build_index
 from dinov2_patho.samplers import SamplerError, build_sampler
 from dinov2_patho.samplers.strata import build_strata, cache_entries, clear_cache, load_or_build
 
@@ -26,32 +26,62 @@ def _view(index, data) -> object:
     return index.select(np.flatnonzero(keep))
 
 
+def _columns(view, positions) -> list[np.ndarray]:
+    """row ids, slides, x, y of these view positions."""
+    return [view.row_ids(positions), view.slides(positions), *view.coords(positions)]
+
+
+@pytest.fixture(scope="module")
+def ungrouped(tmp_path_factory) -> TileIndex:
+    """A small index whose slides interleave: a per-row slide column, not slide offsets."""
+    rng = np.random.default_rng(1)
+    csv = tmp_path_factory.mktemp("ungrouped") / "tiles.csv"
+    rows = [f"s{i % 3},{224 * i},{rng.integers(0, 10**6)},{rng.integers(0, 5)}" for i in range(90)]
+    csv.write_text("slide_id,tile_x,tile_y,level_1\n" + "\n".join(rows) + "\n")
+    index = build_index(csv, csv.parent / "index", progress=False)
+    assert not index.grouped_by_slide
+    return index
+
+
+@pytest.mark.parametrize("accessor", ["row_ids", "slides", "coords"])
+def test_a_whole_column_must_be_asked_for(cohort_index, accessor):
+    for index in (cohort_index, cohort_index.select(np.arange(0, len(cohort_index), 3))):
+        with pytest.raises(TypeError, match="positions"):
+            getattr(index, accessor)()
+
+
 @_settings
-@given(data=st.data(), size=st.integers(1, 400))
-def test_chunks_concatenate_to_the_full_columns(cohort_index, data, size):
-    view = _view(cohort_index, data)
+@given(data=st.data(), size=st.integers(1, 400), grouped=st.booleans())
+def test_chunks_concatenate_to_the_explicit_full_columns(cohort_index, ungrouped, data, size, grouped):
+    view = _view(cohort_index if grouped else ungrouped, data)
     chunks = list(view.chunks(size))
-    assert all(0 < c.stop - c.start <= size for c in chunks)
-    for accessor in ("row_ids", "slides"):
-        whole = getattr(view, accessor)()
-        parts = [getattr(view, accessor)(c) for c in chunks]
-        np.testing.assert_array_equal(np.concatenate(parts) if parts else whole[:0], whole)
-    xs, ys = view.coords()
-    for got, want in zip(zip(*(view.coords(c) for c in chunks)) if chunks else ((), ()), (xs, ys)):
-        np.testing.assert_array_equal(np.concatenate(got) if chunks else want[:0], want)
+    n = len(view)
+    assert [(c.start, c.stop) for c in chunks] == [(a, min(a + size, n)) for a in range(0, n, size)]
+    whole = _columns(view, TileIndex.ALL)
+    assert [len(col) for col in whole] == [n] * 4
+    for parts, want in zip(zip(*(_columns(view, c) for c in chunks)), whole):
+        np.testing.assert_array_equal(np.concatenate(parts), want)
 
 
 @_settings
-@given(data=st.data())
-def test_positions_select_the_same_rows_as_the_full_columns(cohort_index, data):
-    view = _view(cohort_index, data)
+@given(data=st.data(), grouped=st.booleans())
+def test_selections_read_the_rows_of_the_explicit_full_columns(cohort_index, ungrouped, data, grouped):
+    """Position arrays (negative too), slices (any start, stop, step) and a selection read in two pieces."""
+    view = _view(cohort_index if grouped else ungrouped, data)
     n = len(view)
     pos = np.array(data.draw(st.lists(st.integers(-n, n - 1), max_size=50), label="positions") if n else [],
                    dtype=np.int64)
-    np.testing.assert_array_equal(view.row_ids(pos), view.row_ids()[pos])
-    np.testing.assert_array_equal(view.slides(pos), view.slides()[pos])
-    for got, want in zip(view.coords(pos), view.coords()):
+    bound = st.none() | st.integers(-n - 3, n + 3)
+    part = slice(data.draw(bound, label="start"), data.draw(bound, label="stop"),
+                 data.draw(st.sampled_from([None, 1, 2, 7, -1, -3]), label="step"))
+    cut = data.draw(st.integers(0, len(pos)), label="cut")
+    whole = _columns(view, TileIndex.ALL)
+    for got, want in zip(_columns(view, pos), whole):
         np.testing.assert_array_equal(got, want[pos])
+    for got, want in zip(_columns(view, part), whole):
+        np.testing.assert_array_equal(got, want[part])
+    for head, tail, want in zip(_columns(view, pos[:cut]), _columns(view, pos[cut:]), whole):
+        np.testing.assert_array_equal(np.concatenate([head, tail]), want[pos])
 
 
 def test_position_out_of_range_is_an_index_error(cohort_index):

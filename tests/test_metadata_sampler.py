@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dinov2_patho.data.index import build_index
+from dinov2_patho.data.index import TileIndex, build_index
 from dinov2_patho.samplers.metadata import inverse_frequency_subset, inverse_frequency_subset_of_runs
 
 
@@ -59,5 +59,5 @@ def test_slide_runs_match_slides(tmp_path):
         assert index.grouped_by_slide
         for view in (index, index.select(np.array([1, 2, 6, 7, 8, 14]))):
             start, length = view.slide_runs()
-            assert np.array_equal(np.repeat(np.arange(len(start)), length), view.slides())
+            assert np.array_equal(np.repeat(np.arange(len(start)), length), view.slides(TileIndex.ALL))
             assert np.array_equal(start, np.r_[0, np.cumsum(length)[:-1]])

@@ -18,6 +18,7 @@ from PIL import Image
 from test_train import _patch_step, tiny_cfg
 
 from dinov2_patho.cli import main
+from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.report import COLUMNS, write_tables
 from dinov2_patho.report import batches, mosaic, write_report
@@ -144,7 +145,7 @@ def test_map_points_carry_their_own_clusters_slides_and_tiles(report, cohort_ind
         coloring = data["colorings"][name]
         values = cohort_index.cluster_values(k)[cohort_index.level(k)[rows]]
         assert [coloring["names"][c] for c in coloring["codes"]] == [str(v) for v in values]
-    slides = [cohort_index.slide_names[s] for s in cohort_index.slides()[rows]]
+    slides = [cohort_index.slide_names[s] for s in cohort_index.slides(TileIndex.ALL)[rows]]
     assert [data["slide_names"][s] for s in data["slide"]] == slides
     assert {"tissue", "tissue_diagnosis"} <= set(data["colorings"])
     assert data["method"] in ("PCA", "UMAP") and min(data["x"]) >= 0 and max(data["x"]) <= 1
@@ -251,7 +252,7 @@ def test_replayed_coverage_and_per_batch_measures(cohort_index, batch):
 def test_replay_of_a_subset_run_draws_from_its_data_subset(cohort_index, tmp_path):
     """A run trained on `data.subset` is replayed over that view, as the trainer drew it, and the
     uniform comparison over the whole index."""
-    slides = cohort_index.slides()
+    slides = cohort_index.slides(TileIndex.ALL)
     rows = np.flatnonzero(slides == slides[0])[::2]  # half the tiles of one slide
     np.save(tmp_path / "rows.npy", rows)
     batch = 4

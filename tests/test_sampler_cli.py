@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dinov2_patho.cli import main
+from dinov2_patho.data.index import TileIndex
 from dinov2_patho.samplers import SamplerError, build_sampler, subset_view
 
 index_mod = pytest.importorskip("dinov2_patho.data.index")
@@ -91,14 +92,14 @@ def test_real_index_views_and_metadata(tiny_index):
     root, index = tiny_index
     view = index.select(np.arange(0, 240, 2))
     batch = build_sampler({"name": "cluster_stratified", "level": 1}, view, 12).next_batch()
-    assert np.isin(batch, view.row_ids()).all()
+    assert np.isin(batch, view.row_ids(TileIndex.ALL)).all()
     csv = root / "metadata.csv"
     sampler = build_sampler({"name": "cluster_stratified", "metadata_csv": str(csv),
                              "column": "tissue_diagnosis"}, index, 12)
     codes = index.metadata_codes(csv, "tissue_diagnosis")[0]
     batch = sampler.next_batch()
     assert np.array_equal(np.bincount(codes[batch], minlength=2), [6, 6])
-    assert not np.isin(index.slides()[batch], [5]).any()  # slide5 has no metadata
+    assert not np.isin(index.slides(TileIndex.ALL)[batch], [5]).any()  # slide5 has no metadata
     meta = build_sampler({"name": "metadata", "metadata_csv": str(csv), "target_size": 50}, index, 10)
     assert len(np.unique(np.concatenate([meta.next_batch() for _ in range(5)]))) == 50
 
@@ -109,7 +110,7 @@ def test_data_subset_is_a_view_that_every_sampler_draws_from(tiny_index, tmp_pat
     rows = rng.choice(240, 90, replace=False)
     np.save(tmp_path / "rows.npy", np.r_[rows, rows[:5]])  # `curate sample` order; repeats are harmless
     view = subset_view(index, tmp_path / "rows.npy")
-    assert np.array_equal(view.row_ids(), np.sort(rows))
+    assert np.array_equal(view.row_ids(TileIndex.ALL), np.sort(rows))
     sections = [{"name": "uniform"}, {"name": "cluster_stratified", "level": 1, "cache": False},
                 {"name": "metadata", "metadata_csv": str(root / "metadata.csv"), "target_size": 30}]
     for section in sections:

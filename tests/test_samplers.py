@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key
 from dinov2_patho.samplers import SamplerError, StepBatchSampler, build_sampler, rank_slice
@@ -53,11 +54,11 @@ class FakeIndex:
     def cluster_sizes(self, k: int) -> np.ndarray:
         return np.bincount(self.level(k), minlength=self.num_clusters(k)).astype(np.int64)
 
-    def slides(self, positions=None) -> np.ndarray:
-        return self._slides if positions is None else self._slides[positions]
+    def slides(self, positions) -> np.ndarray:
+        return self._slides[positions]
 
-    def row_ids(self) -> np.ndarray:
-        return self._row_ids
+    def row_ids(self, positions) -> np.ndarray:
+        return self._row_ids[positions]
 
     def metadata_codes(self, csv, column: str) -> tuple[np.ndarray, list[str]]:
         per_slide = self._metadata[column]
@@ -153,7 +154,7 @@ def test_slide_cap_is_a_hard_bound(params, batch_size, cap, epoch_batches):
     sampler = stratified(index, batch_size, seed=params[0], max_slides_per_epoch=cap,
                          pseudo_epoch_samples=epoch_batches * batch_size)
     batches = draw(sampler, 4 * epoch_batches)
-    slides = index.slides()
+    slides = index.slides(TileIndex.ALL)
     for e in range(4):
         assert len(np.unique(slides[batches[e * epoch_batches:(e + 1) * epoch_batches]])) <= cap
     # least-seen first within each (cluster, slide group) stratum
@@ -170,7 +171,7 @@ def test_slide_cap_visits_every_slide_once_per_cycle():
     # 4 slide groups, pseudo-epochs of 2 batches
     sampler = stratified(index, 8, max_slides_per_epoch=3, pseudo_epoch_samples=16)
     batches = draw(sampler, 8)
-    assert len(np.unique(index.slides()[batches])) == 10
+    assert len(np.unique(index.slides(TileIndex.ALL)[batches])) == 10
 
 
 def test_batches_mix_clusters_across_ranks():
@@ -267,7 +268,7 @@ def test_seeds_differ():
 def test_single_cluster_level_and_one_tile_clusters():
     index = make_index(1, 50, 5)
     one = build_sampler({"name": "cluster_stratified", "level": 2, "cache": False}, FakeIndex(
-        [index.level(1), np.zeros(50)], index.slides()), 16)
+        [index.level(1), np.zeros(50)], index.slides(TileIndex.ALL)), 16)
     assert len(one.next_batch()) == 16
     tiny = FakeIndex([np.arange(5)], np.zeros(5))  # five clusters of one tile each
     batches = draw(stratified(tiny, 10), 3)
@@ -359,8 +360,8 @@ def test_strata_cache_works_where_flock_does_not(tmp_path, monkeypatch, caplog):
 def test_subset_view_yields_global_row_ids():
     base = make_index(4, 400, 9)
     keep = np.flatnonzero(np.arange(400) % 3 == 0)
-    view = FakeIndex([base.level(1)[keep], base.level(2)[keep]], base.slides()[keep], row_ids=keep,
-                     num_slides=7)
+    slides = base.slides(TileIndex.ALL)
+    view = FakeIndex([base.level(1)[keep], base.level(2)[keep]], slides[keep], row_ids=keep, num_slides=7)
     batches = draw(stratified(view, 24), 5)
     assert np.isin(batches, keep).all()
 
@@ -508,7 +509,7 @@ def test_telemetry():
     assert stats["clusters_level_1"] == stats["clusters"] == 8
     assert stats["clusters_level_2"] == 3
     assert (stats["per_cluster_min"], stats["per_cluster_max"]) == (4, 4)
-    assert stats["slides"] == len(np.unique(index.slides()[batch]))
+    assert stats["slides"] == len(np.unique(index.slides(TileIndex.ALL)[batch]))
     assert summary.update(batch) == {k: v for k, v in stats.items() if k in summary.per_batch[0]}
     for _ in range(9):
         summary.update(sampler.next_batch())

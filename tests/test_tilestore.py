@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dinov2_patho.cli import main
+from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import SlideTileSource, TileReadError
 from dinov2_patho.data.slides import SlideNotFoundError, SlideRegistry
 from dinov2_patho.data.tilestore import HDF5TileSource, extract_tiles
@@ -21,7 +22,7 @@ def store(cohort_index, wsi, tmp_path_factory):
     out = tmp_path_factory.mktemp("store")
     slides = cohort_index.slide_names[:3]
     written = extract_tiles(cohort_index, wsi, out, slide_ids=slides, workers=2)
-    assert sum(written.values()) == int(np.isin(cohort_index.slides(), [0, 1, 2]).sum())
+    assert sum(written.values()) == int(np.isin(cohort_index.slides(TileIndex.ALL), [0, 1, 2]).sum())
     return out
 
 
@@ -47,7 +48,7 @@ def test_store_layout_and_pixels_match_the_slides(store, cohort_index, wsi):
         coords = f["coords"][:]
         assert list(map(tuple, coords)) == sorted(map(tuple, coords), key=lambda c: (c[1], c[0]))
     h5 = HDF5TileSource(store)
-    for row in np.flatnonzero(cohort_index.slides() < 3)[::5]:
+    for row in np.flatnonzero(cohort_index.slides(TileIndex.ALL) < 3)[::5]:
         sid, x, y = cohort_index.tile(int(row))
         np.testing.assert_array_equal(h5.read(sid, x, y), wsi.read(sid, x, y))
 

@@ -113,13 +113,14 @@ class TileIndex:
         return self._store.manifest.as_dict()
 
     # --- per-row data ---------------------------------------------------------------------------
-    # The per-row accessors take view positions; without them they return the whole view's column,
-    # which at 350M rows is 2.8 GB (row_ids), 1.4 GB (slides) or 2.8 GB (coords): an explicit choice,
-    # so passes over every row go through `chunks()` instead.
-    def row_ids(self, positions: Positions | None = None) -> np.ndarray:
-        """Global row ids of these view positions (all of them when None)."""
-        if positions is None:
-            return np.arange(self._store.num_rows, dtype=np.int64) if self._rows is None else self._rows
+    ALL = slice(None)
+    """`positions` meaning every row of the view: the whole column, held in memory at once. It costs
+    bytes per row x rows: row_ids 8 (2.8 GB at 350M rows; a view's own ids, no copy), slides 4 (1.4 GB),
+    coords 8 for the two int32 axes returned (2.8 GB; decoding uint24 peaks near 28, 9.8 GB). Passes
+    over every row go through `chunks()` instead; ALL is for small views and explicit full copies."""
+
+    def row_ids(self, positions: Positions) -> np.ndarray:
+        """Global row ids of these view positions (`ALL`: every one, see its cost)."""
         if self._rows is not None:
             return np.asarray(self._rows[positions], dtype=np.int64)
         n = self._store.num_rows
@@ -133,8 +134,10 @@ class TileIndex:
             raise IndexError(f"view position out of range [-{n}, {n})")
         return np.where(pos < 0, pos + n, pos)
 
-    def chunks(self, size: int = _ROW_CHUNK) -> Iterator[slice]:
-        """Consecutive slices of view positions of at most `size` rows, covering the view in order."""
+    def chunks(self, size: int | None = None) -> Iterator[slice]:
+        """Consecutive slices of view positions of at most `size` rows (default the module's `_ROW_CHUNK`,
+        read at each call), covering the view in order."""
+        size = _ROW_CHUNK if size is None else size
         if size < 1:
             raise ValueError(f"chunk size must be >= 1, got {size}")
         for a in range(0, len(self), size):
@@ -163,18 +166,24 @@ class TileIndex:
     def cluster_values(self, k: int) -> np.ndarray:
         return self._store.values[self._k(k)]
 
-    def _slides_of(self, rows: np.ndarray | None) -> np.ndarray:
+    def _slides_of(self, rows: np.ndarray) -> np.ndarray:
         st = self._store
         if not st.grouped:
-            return np.asarray(st.slide if rows is None else st.slide[rows], dtype=np.int32)
-        if rows is None:
-            return np.repeat(np.arange(len(st.slide_names), dtype=np.int32), np.diff(st.offsets))
+            return np.asarray(st.slide[rows], dtype=np.int32)
         return (np.searchsorted(st.offsets, rows, side="right") - 1).astype(np.int32)
 
-    def slides(self, positions: Positions | None = None) -> np.ndarray:
-        """int32 slide id (into `slide_names`) of these view positions (all of them when None)."""
-        if positions is None:
-            return self._slides_of(self._rows)
+    def slides(self, positions: Positions) -> np.ndarray:
+        """int32 slide id (into `slide_names`) of these view positions (`ALL`: every one, see its cost)."""
+        st = self._store
+        if self._rows is None and isinstance(positions, slice) and positions.step in (None, 1):
+            a, b, _ = positions.indices(st.num_rows)  # a run of rows: no per-row ids to look up
+            if not st.grouped:
+                return np.asarray(st.slide[a:b], dtype=np.int32)
+            if a >= b:
+                return np.empty(0, np.int32)
+            first, last = np.searchsorted(st.offsets, [a, b - 1], side="right") - 1  # the run's slides
+            per_slide = np.diff(np.clip(st.offsets[first:last + 2], a, b))
+            return np.repeat(np.arange(first, last + 1, dtype=np.int32), per_slide)
         return self._slides_of(self.row_ids(positions))
 
     def slide_runs(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -187,11 +196,9 @@ class TileIndex:
         bounds = np.asarray(bounds, dtype=np.int64)
         return bounds[:-1], np.diff(bounds)
 
-    def coords(self, positions: Positions | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """int32 level-0 x, y of these view positions (all of them when None)."""
+    def coords(self, positions: Positions) -> tuple[np.ndarray, np.ndarray]:
+        """int32 level-0 x, y of these view positions (`ALL`: every one, see its cost)."""
         xy = self._store.xy
-        if positions is None:
-            return decode_xy(xy if self._rows is None else xy[self._rows])
         if self._rows is None and isinstance(positions, slice):
             return decode_xy(xy[positions])  # a slice of the memory map: reads only those rows
         return decode_xy(xy[self.row_ids(positions)])
@@ -276,10 +283,8 @@ class TileIndex:
         per_slide, names = self.slide_metadata(csv, column)
         per_slide = per_slide.astype(np.min_scalar_type(-max(len(names), 1)))
         out = np.empty(len(self), dtype=per_slide.dtype)
-        for a in range(0, len(self), _ROW_CHUNK):
-            b = min(a + _ROW_CHUNK, len(self))
-            rows = np.arange(a, b) if self._rows is None else self._rows[a:b]
-            out[a:b] = per_slide[self._slides_of(rows)]
+        for chunk in self.chunks():
+            out[chunk] = per_slide[self.slides(chunk)]
         return out, names
 
     def select_metadata(self, csv: str | Path, column: str, values: Iterable[str]) -> TileIndex:

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from dinov2_patho.data.dataset import TileDataset
+from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import TileReadError, TileSource
 from dinov2_patho.errors import UserError
 
@@ -55,7 +56,7 @@ def sample_rows(candidates: np.ndarray | int, n: int, rng: np.random.Generator) 
 
 def slide_groups(index: Any, slide_ids: list[str], per_group: int, seed: int) -> list[TileGroup]:
     rng = np.random.default_rng(seed)
-    return [TileGroup(sid, sample_rows(index.select_slides([sid]).row_ids(), per_group, rng))
+    return [TileGroup(sid, sample_rows(index.select_slides([sid]).row_ids(TileIndex.ALL), per_group, rng))
             for sid in slide_ids]
 
 

@@ -39,8 +39,8 @@ class SlideTask:
     mpp: float | None = None  # overrides the slides' own µm/px
 
     def tile_rows(self, slide_id: str) -> np.ndarray:
-        """Global row ids in `tiles` of the slide's tissue tiles."""
-        return self.tiles.select_slides([slide_id]).row_ids()
+        """Global row ids in `tiles` of the slide's tissue tiles (a one-slide view's own ids)."""
+        return self.tiles.select_slides([slide_id]).row_ids(TileIndex.ALL)
 
 
 def open_tiles(path: str | Path) -> TileIndex:
