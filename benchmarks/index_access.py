@@ -8,16 +8,27 @@ from `chunks()`, with the peak of numpy's heap allocations (tracemalloc: the mem
 page cache is not allocated memory) and VmHWM. The chunked pass must allocate at most
 LIMIT_CHUNKED_GB and return the same reduction.
 
+With --consumers REV: three callers that used to take whole columns (the slide ranges `curate embed`
+writes, one slide's coordinates for `tiles extract`, a slide-capped stratified sampler over cached strata
+with its telemetry), each measured with the code of git revision REV and with this tree, in fresh
+processes: peak allocations, VmHWM, and a digest of what they produce, which must match.
+
     nice -n 10 flock /tmp/dinov2_patho_heavy.lock .venv/bin/python benchmarks/index_access.py
     .venv/bin/python benchmarks/index_access.py --rows 10000000      # a quick run
+    nice -n 10 flock /tmp/dinov2_patho_heavy.lock .venv/bin/python benchmarks/index_access.py \\
+        --rows 100000000 --consumers 7b483af
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +87,49 @@ print(json.dumps({"tile_us": per_tile * 1e6, "tiles_us_per_row": per_batch / row
 """
 
 
+_CONSUMER = """
+import hashlib, json, shutil, sys, tempfile, time, tracemalloc
+from pathlib import Path
+from dinov2_patho.curation import embed  # imported before tracing: module objects are not the consumers'
+from dinov2_patho.data.index import TileIndex
+from dinov2_patho.data.tilestore import _slide_coords
+from dinov2_patho.samplers import build_sampler
+ix, consumer = TileIndex.open(sys.argv[1]), sys.argv[2]
+
+def embed_slides():  # the slide ranges (slides.csv) that finish a `curate embed` run
+    out = Path(tempfile.mkdtemp(prefix="index_consumer_"))
+    (out / embed.PROGRESS).mkdir()
+    (out / embed.PROGRESS / f"rows_0_{len(ix)}.json").write_text(json.dumps({"rows": len(ix)}))
+    (out / embed.PARTIAL).write_bytes(b"")
+    (out / embed.RUN).write_text("{}")
+    embed._finish(out, ix, {"tiles": {"num_rows": len(ix)}, "dim": 1}, 1)
+    text = (out / embed.SLIDES).read_bytes()
+    shutil.rmtree(out)
+    return text
+
+def tile_store():  # the coordinates of one slide, as `tiles extract --slides` reads them
+    coords = _slide_coords(ix, [ix.slide_names[len(ix.slide_names) // 2]])
+    return b"".join(c.tobytes() for c in coords.values())
+
+def sampler():  # a slide-capped stratified sampler (strata cached next to the index) and its telemetry
+    s = build_sampler({"name": "cluster_stratified", "level": 1, "max_slides_per_epoch": 800}, ix, 2048)
+    out = json.dumps([s.telemetry(s.next_batch()) for _ in range(8)]).encode()
+    kept["bytes"] = tracemalloc.get_traced_memory()[0]  # while the sampler lives
+    return out
+
+kept = {}
+tracemalloc.start()
+t = time.perf_counter()
+result = {"embed_slides": embed_slides, "tile_store": tile_store, "sampler": sampler}[consumer]()
+seconds = time.perf_counter() - t
+peak = tracemalloc.get_traced_memory()[1]
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"alloc_peak": peak, "kept": kept.get("bytes"), "vmhwm": hwm, "seconds": seconds,
+                  "digest": hashlib.sha256(result).hexdigest()}))
+"""
+CONSUMERS = ("embed_slides", "tile_store", "sampler")
+
+
 def make_index(root: Path, rows: int) -> None:
     """A grouped index of `rows` rows, written in steps (manifest last, like the builder)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -101,21 +155,65 @@ def make_index(root: Path, rows: int) -> None:
              source="benchmarks/index_access.py", duplicates_dropped=0).write(root)
 
 
-def run(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True)
+def run(script: str, *args: str, code: Path | None = None) -> dict:
+    """`script` in a fresh process, importing dinov2_patho from `code` (default: the installed package)."""
+    env = {**os.environ, "PYTHONPATH": str(code)} if code else None
+    cwd = code or tempfile.gettempdir()  # `python -c` puts its working directory first on sys.path
+    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True,
+                         env=env, cwd=cwd)
     return json.loads(out.stdout)
+
+
+def code_of(rev: str, dest: Path) -> Path:
+    """The package as of git revision `rev`, importable from `dest`; samplers/ and eval/ are linked in
+    as the editable install maps them."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "dinov2_patho", "samplers", "eval"],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    for name in ("samplers", "eval"):
+        (dest / "dinov2_patho" / name).symlink_to(Path("..") / name)
+    return dest
+
+
+def compare_consumers(root: Path, rev: str) -> bool:
+    gb = 1e9
+    ok = True
+    run(_CONSUMER, str(root), "sampler")  # builds the strata cache, which both codes then read
+    print(f"{'consumer':12} {'alloc ' + rev:>16} {'alloc now':>10} {'saved':>7} {'VmHWM ' + rev:>16} "
+          f"{'VmHWM now':>10} {'kept ' + rev:>15} {'kept now':>9} {'s ' + rev:>10} {'s now':>6}  same result")
+    with tempfile.TemporaryDirectory(prefix="index_access_code_") as tmp:
+        before_code = code_of(rev, Path(tmp))
+        for consumer in CONSUMERS:
+            before = run(_CONSUMER, str(root), consumer, code=before_code)
+            now = run(_CONSUMER, str(root), consumer)
+            same = before["digest"] == now["digest"]
+            ok &= same
+            kept = [f"{m['kept'] / gb:.3f} GB" if m["kept"] is not None else "-" for m in (before, now)]
+            print(f"{consumer:12} {before['alloc_peak'] / gb:13.3f} GB {now['alloc_peak'] / gb:7.3f} GB "
+                  f"{before['alloc_peak'] / max(now['alloc_peak'], 1):6.0f}x {before['vmhwm'] / gb:13.2f} GB "
+                  f"{now['vmhwm'] / gb:7.2f} GB {kept[0]:>15} {kept[1]:>9} {before['seconds']:10.1f} "
+                  f"{now['seconds']:6.1f}  {same}")
+    return ok
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=FULL_ROWS)
     p.add_argument("--workdir", default="/tmp/dinov2_patho_bench_index_access")
+    p.add_argument("--consumers", metavar="REV",
+                   help="compare the consumers with the code of git revision REV")
     args = p.parse_args()
     root = Path(args.workdir) / f"rows{args.rows}"
     if not (root / "manifest.json").is_file():
         t = time.perf_counter()
         make_index(root, args.rows)
         print(f"wrote a {args.rows:,}-row index in {time.perf_counter() - t:.0f} s: {root}")
+    if args.consumers:
+        ok = compare_consumers(root, args.consumers)
+        print(f"every consumer produces what it did at {args.consumers}: {ok}")
+        return 0 if ok else 1
     gb = 1e9
     ok = True
     print(f"{'accessor':9} {'full alloc':>11} {'chunked alloc':>14} {'saved':>8} {'full VmHWM':>11} "
