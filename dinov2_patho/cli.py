@@ -31,8 +31,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A subcommand takes its options and `key.path=value` overrides in any order: argparse alone
+    fills a `nargs="*"` positional once, so `a=1 --dry-run b=2` would leave `b=2` unrecognized.
+    An argument nobody knows is the subcommand's error, shown with its own usage."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        leaf = self._subparsers is None and not any(
+            a.nargs in (argparse.REMAINDER, argparse.PARSER) for a in self._actions)
+        if not leaf or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls back here
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dinov2-patho",
         description="DINOv2 pretraining for pathology on cluster-curated data.",
     )
