@@ -79,7 +79,8 @@ def check_keys(cfg: DictConfig, reference: DictConfig, source: str, open_keys: I
         if path in moved:
             raise ConfigError(f"{source}: {path} is now {moved[path]}")
         if key not in known:
-            raise ConfigError(f"{source}: unknown key {path!r}{did_you_mean(str(key), reference.keys())}")
+            hint = did_you_mean(str(key), reference.keys(), prefix)
+            raise ConfigError(f"{source}: unknown key {path!r}{hint}")
         if path in open_keys:
             continue
         sub, ref = cfg._get_node(key), reference._get_node(key)

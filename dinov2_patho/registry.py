@@ -36,10 +36,11 @@ class Registry:
         return name in self._entries
 
 
-def did_you_mean(name: str, choices) -> str:
-    """`; did you mean 'x'?` for the closest choice, or the list of valid ones."""
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """`; did you mean 'x'?` for the closest choice, or the list of valid ones; `prefix` (a config
+    section, `train.`) goes before the suggestion, so it can be typed as it is shown."""
     choices = sorted(map(str, choices))
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     if close:
-        return f"; did you mean {close[0]!r}?"
+        return f"; did you mean {prefix + close[0]!r}?"
     return f"; valid: {', '.join(choices)}" if choices else ""

@@ -31,7 +31,8 @@ def test_overrides_merge_over_file_over_defaults(defaults, tmp_path):
 
 
 def test_unknown_key_names_key_and_closest(defaults, tmp_path):
-    with pytest.raises(ConfigError, match=r"'train.batch_size_per_gp'.*did you mean 'batch_size_per_gpu'"):
+    # the suggestion is the full key, as it is typed
+    with pytest.raises(ConfigError, match=r"'train.batch_size_per_gp'.*mean 'train.batch_size_per_gpu'\?"):
         load_config(defaults, None, ["train.batch_size_per_gp=8"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle:\n  arch: vit_large\n")
