@@ -57,6 +57,13 @@ def test_integers_below_their_minimum_or_fractional_are_refused(data):
         check_values(load_train_config(SMOKE, [f"{key}={value}"]))
 
 
+def test_an_unknown_student_arch_is_refused_before_any_model_is_built():
+    # the registry's KeyError came as a traceback only once the slides were checked; a dry run passed
+    with pytest.raises(ConfigError, match=r"^student.arch='vit_smal' is unknown \(valid: .*vit_small;"):
+        check_values(load_train_config(None, ["student.arch=vit_smal"]))
+    check_values(load_train_config(None, ["student.arch=vit_small"]))
+
+
 def test_a_negative_learning_rate_and_a_string_are_refused():
     with pytest.raises(ConfigError, match=r"^optim.base_lr=-0.001: must be > 0$"):
         check_values(load_train_config(SMOKE, ["optim.base_lr=-0.001"]))

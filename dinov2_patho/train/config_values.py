@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from dinov2_patho.config_files import ConfigError
 from dinov2_patho.data.augment import AugmentConfig
 from dinov2_patho.logging import get_logger
+from dinov2_patho.models import BACKBONES
 from dinov2_patho.train.student import SIZE_KEYS
 
 log = get_logger(__name__)
@@ -98,6 +99,10 @@ def check_values(cfg: DictConfig) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}"
                               + (" (or null)" if key in OPTIONAL_INTEGERS else ""))
+    arch = cfg.student.arch
+    if arch is not None and arch not in BACKBONES:
+        raise ConfigError(f"student.arch={arch!r} is unknown (valid: {', '.join(BACKBONES.names())}; or null "
+                          f"with student.embed_dim, depth and num_heads)")
     sizes = [k for k in SIZE_KEYS if cfg.student[k] is not None]
     if sizes and cfg.student.arch is not None:
         raise ConfigError(f"student.arch={cfg.student.arch} and student.{sizes[0]} are both set: explicit "
