@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from dinov2_patho.errors import UserError
 
 
 class Registry:
@@ -28,6 +31,19 @@ class Registry:
 
     def build(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         return self.get(name)(*args, **kwargs)
+
+    def check_options(self, name: str, options: Iterable[str], section: str,
+                      passed: Sequence[str] = ()) -> None:
+        """A one-line UserError naming `section.key` for the first of `options` that `name`'s
+        constructor does not take by keyword (`passed`: those its caller gives itself), before the
+        call would raise a TypeError traceback."""
+        params = inspect.signature(self.get(name)).parameters
+        valid = [key for key, p in params.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and key not in passed]
+        for key in options:
+            if key not in valid:
+                raise UserError(f"{section}.{key}: not an option of {self.kind} {name!r}"
+                                f"{did_you_mean(str(key), valid, f'{section}.')}")
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dinov2_patho.cli import build_parser, main
+from dinov2_patho.errors import UserError
 
 
 @pytest.mark.parametrize("argv, dest", [
@@ -27,3 +28,22 @@ def test_an_unknown_option_is_the_subcommands_error(capsys):
     assert e.value.code == 2
     assert "dinov2-patho train: error: unrecognized arguments: --dryrun" in err
     assert "usage: dinov2-patho train" in err
+
+
+def test_an_unknown_benchmark_option_names_its_key(tmp_path):
+    from dinov2_patho.eval.benchmarks import build_benchmark
+
+    # was a TypeError traceback from the adapter's call
+    with pytest.raises(UserError, match=r"^datasets.synthetic.rot: not an option of benchmark 'synthetic'; "
+                                        r"did you mean 'datasets.synthetic.root'\?$"):
+        build_benchmark("synthetic", tmp_path, rot=str(tmp_path))
+    with pytest.raises(UserError, match=r"^datasets.bach.magnifications: .*; valid: root$"):
+        build_benchmark("bach", tmp_path, magnifications=["40X"])
+
+
+def test_an_unknown_slide_task_option_names_its_key(tmp_path):
+    from dinov2_patho.eval.slide.runner import open_task, slide_config
+
+    cfg = slide_config({"datasets": {"synthetic": {"root": str(tmp_path), "tile": "x"}}})
+    with pytest.raises(UserError, match=r"^datasets.synthetic.tile: .*mean 'datasets.synthetic.tiles'"):
+        open_task("synthetic", cfg, tmp_path / "cache")

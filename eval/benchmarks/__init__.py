@@ -14,6 +14,7 @@ def build_benchmark(name: str, root: str | Path, **options: Any) -> Benchmark:
         adapter = BENCHMARKS.get(name)
     except KeyError as e:
         raise BenchmarkError(e.args[0]) from e
+    BENCHMARKS.check_options(name, options, f"datasets.{name}", passed=("source",))
     return adapter(Path(root), **options)
 
 

@@ -40,6 +40,7 @@ def open_task(name: str, cfg: DictConfig, cache: Path) -> SlideTask:
         node = cfg.datasets.get(name)
         options = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
         root = Path(options.pop("root", None) or Path(cfg.data_root) / name)
+        SLIDE_TASKS.check_options(name, options, f"datasets.{name}", passed=("cache",))
         return SLIDE_TASKS.get(name)(root, cache, **options)
     if Path(name).suffix.lower() == ".csv" or Path(name).is_file():
         if cfg.slides is None or cfg.tiles is None:
