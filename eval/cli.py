@@ -12,15 +12,16 @@ from dinov2_patho.config_files import load_config, save_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import setup_logging
 
+BACKBONE_HELP = ("a training run or checkpoint directory (its teacher, at its own size: no --arch needed), "
+                 "or a weights file (ours, DINOv2 hub or timm); omit for a random-init baseline")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     run_parser = sub.add_parser("run", help="evaluate a frozen backbone on benchmarks",
                                 description="Extract features (cached), fit linear probe / kNN / logistic "
                                             "regression, write results.{csv,md,json,png}.")
-    run_parser.add_argument("--backbone", help="a training run or checkpoint directory (its teacher, at "
-                                               "its own size: no --arch needed), or a weights file (ours, "
-                                               "DINOv2 hub or timm); omit for a random-init baseline")
+    run_parser.add_argument("--backbone", help=BACKBONE_HELP)
     run_parser.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
     run_parser.add_argument("--benchmarks", help="comma-separated: bach,crc,mhist,pcam,bracs,breakhis,"
                                                  "unitopatho,chaoyang,synthetic,folder,csv")
@@ -28,13 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_parser.add_argument("--output-dir", required=True, type=Path,
                             help="results.{csv,md,json,png}, cached features, config.yaml, log")
     run_parser.add_argument("--config-file", help="eval config over configs/eval/default.yaml")
+    run_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     run_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. "
                             "heads.linear.n_runs=3 datasets.bach.root=/data/BACH")
     slide = sub.add_parser("slide", help="evaluate a frozen backbone on slide-level tasks (attention-MIL)",
                            description="Extract bags of tile features (cached per slide), fit gated "
                                        "attention-MIL and a mean-pooling baseline, write "
                                        "results.{csv,md,json,png}.")
-    slide.add_argument("--backbone", help="checkpoint path; omit for a randomly initialised baseline")
+    slide.add_argument("--backbone", help=BACKBONE_HELP)
     slide.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
     slide.add_argument("--tasks", help="comma-separated task names (synthetic, camelyon16, panda) or labels "
                                        "CSVs slide_id,label[,split][,patient_id]")
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"backbone.arch={args.arch}")
     if args.data_root is not None:
         overrides.append(f"data_root={args.data_root}")
+    if args.no_progress:
+        overrides.append("progress=false")
     cfg = load_config(DEFAULTS, args.config_file, overrides, open_keys=OPEN_KEYS)
     if args.benchmarks is not None:
         cfg.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]

@@ -47,3 +47,12 @@ def test_an_unknown_slide_task_option_names_its_key(tmp_path):
     cfg = slide_config({"datasets": {"synthetic": {"root": str(tmp_path), "tile": "x"}}})
     with pytest.raises(UserError, match=r"^datasets.synthetic.tile: .*mean 'datasets.synthetic.tiles'"):
         open_task("synthetic", cfg, tmp_path / "cache")
+
+
+def test_eval_run_takes_no_progress_as_eval_slide_does(tmp_path):
+    import yaml
+
+    # an unknown benchmark stops the run once its config is saved, before any feature is computed
+    assert main(["eval", "run", "--no-progress", "--arch", "vit_small", "--benchmarks", "nosuch",
+                 "--output-dir", str(tmp_path), "backbone.model.img_size=28"]) == 2
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["progress"] is False
