@@ -56,3 +56,14 @@ def test_eval_run_takes_no_progress_as_eval_slide_does(tmp_path):
     assert main(["eval", "run", "--no-progress", "--arch", "vit_small", "--benchmarks", "nosuch",
                  "--output-dir", str(tmp_path), "backbone.model.img_size=28"]) == 2
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["progress"] is False
+
+
+@pytest.mark.parametrize("option, message", [("--metadata", "metadata CSV"),
+                                             ("--eval-dir", "eval directory")])
+def test_report_refuses_a_missing_path_it_was_given(tmp_path, capsys, option, message):
+    # a missing --metadata was a FileNotFoundError once the map was drawn, or ignored without a map
+    out = tmp_path / "report.html"
+    assert main(["report", str(tmp_path), "--out", str(out), option, str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dinov2-patho report: error: {message} {tmp_path / 'nope'} does not exist"
+    assert not out.exists()

@@ -65,6 +65,12 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
+    # paths given, checked before any work (a missing --metadata was a traceback once the map was drawn)
+    if metadata is not None and not Path(metadata).is_file():
+        raise UserError(f"metadata CSV {metadata} does not exist")
+    for eval_dir in eval_dirs:
+        if not Path(eval_dir).is_dir():
+            raise UserError(f"eval directory {eval_dir} does not exist")
     metrics = training.read_metrics(run_dir)
     panels = {key: Panel(key) for key in ("training", "batches", "tree", "embedding", "evaluation")}
     config_path = run_dir / "config.yaml"
