@@ -67,3 +67,15 @@ def test_report_refuses_a_missing_path_it_was_given(tmp_path, capsys, option, me
     err = capsys.readouterr().err.strip()
     assert err == f"dinov2-patho report: error: {message} {tmp_path / 'nope'} does not exist"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [None, "slide_id,tile_x,tile_y,tissue_type\ns,0,0,a\n"])
+def test_index_build_of_a_bad_csv_draws_no_progress_bar(tmp_path, capsys, content):
+    from dinov2_patho.data.index_ingest import build
+
+    csv = tmp_path / "clusters.csv"
+    if content is not None:
+        csv.write_text(content)
+    with pytest.raises(UserError, match=r"clusters.csv: (no such file|unknown column)"):
+        build(csv, tmp_path / "index", progress=True)
+    assert capsys.readouterr().err == ""

@@ -218,14 +218,10 @@ def build(src: Path, out: Path, *, dedupe: bool = False, progress: bool = True) 
 def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
     work = tmp / "_work"
     work.mkdir()
-    bar = tqdm(
-        total=src.stat().st_size if src.exists() else None,
-        unit="B",
-        unit_scale=True,
-        desc=f"index {src.name}",
-        disable=not progress,
-    )
-    level_names, batches = iter_batches(src, on_bytes=bar.update)
+    # the file and its header are checked first: a bad path is its one-line error, with no bar drawn
+    level_names, batches = iter_batches(src, on_bytes=lambda n: bar.update(n))
+    bar = tqdm(total=src.stat().st_size, unit="B", unit_scale=True, desc=f"index {src.name}",
+               disable=not progress)
     scratch = Scratch(work, len(level_names), src.stat().st_size)
     slide_ids: dict[str, int] = {}
     maps = [_ValueMap() for _ in level_names]
