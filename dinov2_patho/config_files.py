@@ -100,6 +100,9 @@ def load_config(defaults: str | Path, config_file: str | Path | None = None,
     open_keys = tuple(open_keys)
     layers: list[tuple[str, DictConfig]] = []
     if config_file is not None:
+        shipped = defaults_path.parent / Path(config_file).name
+        if not Path(config_file).is_file() and shipped.is_file():  # `--config-file t1.yaml` outside the repo
+            raise ConfigError(f"config file {config_file} does not exist; the shipped one is {shipped}")
         layers.append((str(config_file), read_yaml(config_file)))
     if overrides:
         layers.append(("command line", parse_overrides(overrides)))

@@ -3,6 +3,8 @@ key, wrong paths and unknown options as one line before any work starts."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dinov2_patho.cli import build_parser, main
@@ -79,3 +81,15 @@ def test_index_build_of_a_bad_csv_draws_no_progress_bar(tmp_path, capsys, conten
     with pytest.raises(UserError, match=r"clusters.csv: (no such file|unknown column)"):
         build(csv, tmp_path / "index", progress=True)
     assert capsys.readouterr().err == ""
+
+
+def test_a_shipped_configs_bare_name_points_to_where_it_is(tmp_path, monkeypatch):
+    from dinov2_patho.config_files import ConfigError, load_config, packaged_config
+
+    monkeypatch.chdir(tmp_path)  # no cpu_smoke.yaml here: the help lists the shipped names
+    shipped = packaged_config("curation/cpu_smoke.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"config file cpu_smoke.yaml does not exist; the shipped "
+                                                    f"one is {shipped}")):
+        load_config("curation/default.yaml", "cpu_smoke.yaml")
+    with pytest.raises(ConfigError, match="^config file other.yaml does not exist$"):
+        load_config("curation/default.yaml", "other.yaml")
