@@ -17,16 +17,16 @@ from dinov2_patho.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dinov2_patho.demo", "make the synthetic cohort, index it, train cpu_smoke, evaluate"),
+    "demo": ("dinov2_patho.demo", "curate, train, evaluate and report on a synthetic cohort"),
     "cohort": ("dinov2_patho.data.synthetic", "generate a synthetic pyramidal-TIFF cohort"),
     "index": ("dinov2_patho.data.index_cli", "build or inspect a tile index from clustering CSVs"),
-    "tiles": ("dinov2_patho.data.tilestore", "extract tiles into per-slide HDF5 stores"),
+    "tiles": ("dinov2_patho.data.tilestore", "extract tiles into per-slide HDF5 stores, or preview them"),
     "curate": ("dinov2_patho.curation.cli", "curation: tissue tiles, embeddings, k-means tree, subsets"),
-    "sampler": ("dinov2_patho.samplers.cli", "dump a sampler's batches and telemetry"),
+    "sampler": ("dinov2_patho.samplers.cli", "dump a sampler's batches and telemetry; its cache"),
     "train": ("dinov2_patho.train.cli", "DINOv2 pretraining (torchrun-aware)"),
     "export": ("dinov2_patho.train.export", "export a teacher backbone to DINOv2 hub / timm format"),
-    "eval": ("dinov2_patho.eval.cli", "linear probe, kNN and logistic regression on benchmarks"),
-    "launch": ("dinov2_patho.run.cli", "submit train or eval jobs to SLURM with submitit"),
+    "eval": ("dinov2_patho.eval.cli", "linear probe, kNN, logreg on tile benchmarks; MIL on slide tasks"),
+    "launch": ("dinov2_patho.run.cli", "submit train, eval or curate jobs to SLURM with submitit"),
     "report": ("dinov2_patho.report.cli", "a run's report as one self-contained HTML page (no server)"),
 }
 

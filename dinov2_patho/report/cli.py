@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", help="slide_id,... CSV whose columns colour the map (default: the "
                         "sampler's metadata_csv)")
     parser.add_argument("--eval-dir", action="append", default=[], help="another directory searched for "
-                        "`eval run` results (repeatable; RUN_DIR is always searched)")
+                        "`eval run` and `eval slide` results (repeatable; RUN_DIR is always searched)")
     parser.add_argument("--map-points", type=int, default=800, help="tiles on the embedding map")
     parser.add_argument("--mosaic-clusters", type=int, default=6, help="largest and smallest clusters shown")
     parser.add_argument("--tiles-per-cluster", type=int, default=10, help="tiles per mosaic row")
