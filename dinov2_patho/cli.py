@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -72,12 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    args = build_parser(command).parse_args(argv)
     try:
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        args = build_parser(command).parse_args(argv)
+        status = int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return status
     except UserError as e:
         print(f"dinov2-patho {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dinov2-patho index info IDX | head`: the reader is gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and nothing left to flush
+        return 1
 
 
 if __name__ == "__main__":

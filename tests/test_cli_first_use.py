@@ -93,3 +93,26 @@ def test_a_shipped_configs_bare_name_points_to_where_it_is(tmp_path, monkeypatch
         load_config("curation/default.yaml", "cpu_smoke.yaml")
     with pytest.raises(ConfigError, match="^config file other.yaml does not exist$"):
         load_config("curation/default.yaml", "other.yaml")
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, unbuffered):
+    import os
+    import subprocess
+    import sys
+
+    from dinov2_patho.data.index_ingest import build
+
+    csv = tmp_path / "clusters.csv"
+    csv.write_text("slide_id,tile_x,tile_y,level_1\ns,0,0,1\ns,224,0,2\n")
+    build(csv, tmp_path / "index", progress=False)
+    read, write = os.pipe()
+    os.close(read)  # `dinov2-patho index info IDX | head -1`, head gone before the output
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        argv = [sys.executable, "-m", "dinov2_patho", "index", "info", str(tmp_path / "index")]
+        proc = subprocess.run(argv, env={**env, "PYTHONUNBUFFERED": "1"} if unbuffered else env,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode == 1
