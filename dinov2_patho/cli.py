@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
         return status
     except UserError as e:
-        print(f"dinov2-patho {args.command}: error: {e}", file=sys.stderr)
+        print(f"dinov2-patho {command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `dinov2-patho index info IDX | head`: the reader is gone, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and nothing left to flush
