@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
+from dinov2_patho.jsonfile import JsonFileError, read_json
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -113,8 +114,8 @@ def fill_features(backbone: nn.Module, dataset: Dataset, outputs: dict[str, tupl
     move); `amp` (bf16 | fp16 | none) autocasts the forward pass on CUDA."""
     progress_file = Path(progress_file)
     n = len(dataset)
-    done = json.loads(progress_file.read_text())["rows"] if progress_file.is_file() else 0
-    if done >= n:
+    done = rows_done(progress_file, n) if progress_file.is_file() else 0
+    if done == n:
         return
     if amp not in AMP_DTYPES:
         raise UserError(f"amp: unknown {amp!r}; valid: {', '.join(AMP_DTYPES)}")
@@ -141,9 +142,22 @@ def fill_features(backbone: nn.Module, dataset: Dataset, outputs: dict[str, tupl
                 for array, _ in outputs.values():
                     if isinstance(array, np.memmap):
                         array.flush()
-                atomic_write_text(progress_file, json.dumps({"rows": done}))
+                write_rows_done(progress_file, done)
                 last_checkpoint = time.monotonic()
             bar.update(images.shape[0])
+
+
+def write_rows_done(progress_file: Path, rows: int) -> None:
+    atomic_write_text(progress_file, json.dumps({"rows": rows}))
+
+
+def rows_done(progress_file: Path, n: int) -> int:
+    """The rows of `n` a progress file of fill_features says are on disk."""
+    fix = "delete it to extract from the first row again"
+    rows = read_json(progress_file, "feature progress record", fix, shape={"rows": int})["rows"]
+    if not 0 <= rows <= n:
+        raise JsonFileError(f"{progress_file}: {rows} rows done of {n}; {fix}")
+    return rows
 
 
 def extract_features(backbone: nn.Module, dataset: Dataset, split_dir: str | Path, *, batch_size: int = 64,

@@ -177,7 +177,7 @@ def test_stale_manifest_or_unfinished_run_is_refused(tiles_dir, clean_run, tmp_p
     (out / "run.json").parent.mkdir()
     stale = json.loads((clean_run / "manifest.json").read_text())["settings"]
     stale["backbone"]["path"] = "/elsewhere.pth"
-    (out / "run.json").write_text(json.dumps({"settings": stale}))
+    (out / "run.json").write_text(json.dumps({"format_version": 1, "settings": stale}))
     with pytest.raises(UserError, match=r"run\.json: an unfinished run of different settings "
                                         r"\(backbone\.path \('/elsewhere\.pth' there"):
         curate_embed(tiles_dir, out, "--backbone", str(weights))

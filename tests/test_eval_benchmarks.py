@@ -130,7 +130,7 @@ def test_chaoyang_json(tmp_path):
     b = build_benchmark("chaoyang", tmp_path)
     assert b.splits["val"].labels.tolist() == [0, 1, 2, 3]
     (tmp_path / "test.json").write_text("{not json")
-    with pytest.raises(BenchmarkError, match="test.json: expected a JSON list"):
+    with pytest.raises(UserError, match=r"test.json: not a Chaoyang split .*not JSON.*line 1 column 2"):
         build_benchmark("chaoyang", tmp_path)
 
 

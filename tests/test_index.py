@@ -222,7 +222,7 @@ def test_open_rejects_missing_and_unknown_formats(tmp_path):
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     manifest["format_version"] = 999
     (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="index format 999"):
+    with pytest.raises(UserError, match="index manifest of format 999, this code reads 1; rebuild"):
         TileIndex.open(tmp_path / "idx")
 
 

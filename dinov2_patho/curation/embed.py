@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from dinov2_patho.curation.config import add_config_arguments, config_from_args
-from dinov2_patho.curation.tissue import INDEX, SETTINGS
+from dinov2_patho.curation.tissue import INDEX, SETTINGS, read_settings
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.jsonfile import read_json
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -92,7 +93,9 @@ def check_settings(emb_dir: Path, settings: dict[str, Any]) -> bool:
     for name, what in ((MANIFEST, "embeddings"), (RUN, "an unfinished run")):
         path = emb_dir / name
         if path.is_file():
-            diff = first_difference(json.loads(path.read_text())["settings"], settings)
+            recorded = read_json(path, f"{what} record", "delete that directory or use another --out",
+                                 shape={"settings": dict}, version=FORMAT_VERSION)["settings"]
+            diff = first_difference(recorded, settings)
             if diff is not None:
                 raise UserError(f"{path}: {what} of different settings ({diff}); refusing to mix them: "
                                 "use another --out or delete that directory")
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     tiles_dir, out = Path(args.tiles), Path(args.out)
     if not (tiles_dir / INDEX / "manifest.json").is_file():
         raise UserError(f"{tiles_dir}: not a tile list of `curate tiles` (no {INDEX}/manifest.json)")
-    tiles = json.loads((tiles_dir / SETTINGS).read_text()) if (tiles_dir / SETTINGS).is_file() else {}
+    tiles = read_settings(tiles_dir)
     slides = args.slides or tiles.get("slides")
     if slides is None:
         raise UserError(f"{tiles_dir}: no {SETTINGS} naming the slides; pass --slides")
@@ -250,11 +253,13 @@ def _slide_runs(index: Any) -> Iterator[tuple[int, int, int]]:
 def _finish(out: Path, index: Any, settings: dict[str, Any], world_size: int) -> None:
     """Check every shard is complete, then embeddings.npy, slides.csv, manifest.json (last); drop the run
     state."""
+    from dinov2_patho.eval.features import rows_done
+
     n = settings["tiles"]["num_rows"]
     for rank in range(world_size):
         start, stop = shard(n, rank, world_size)
         path = out / PROGRESS / f"rows_{start}_{stop}.json"
-        if stop > start and (not path.is_file() or json.loads(path.read_text())["rows"] != stop - start):
+        if stop > start and (not path.is_file() or rows_done(path, stop - start) != stop - start):
             raise UserError(f"{path}: shard of rank {rank} is incomplete; rerun to resume it")
     with atomic_path(out / SLIDES) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)

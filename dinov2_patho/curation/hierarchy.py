@@ -326,7 +326,7 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
     for level, spec in enumerate(specs, 1):
         record = level_record(spec, cfg)
         if tree.level_complete(out, level):
-            done = json.loads((tree.level_dir(out, level) / tree.LEVEL_DONE).read_text())
+            done = tree.read_level_done(out, level)
             if {k: done.get(k) for k in record} != record:
                 raise UserError(f"{tree.level_dir(out, level)}: built with another config "
                                 f"({done.get('spec')}); use a new --out or delete that directory")

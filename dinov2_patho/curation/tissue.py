@@ -29,11 +29,13 @@ import numpy as np
 from dinov2_patho.curation.config import add_config_arguments, config_from_args
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.jsonfile import read_json
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
 
 TILES_CSV, SLIDES_CSV, SETTINGS, INDEX = "tiles.csv", "slides.csv", "tiles.json", "index"
+SETTINGS_SHAPE = {"slides": str, "mpp_override": float | None, "backend": str | None, "fallback": str | None}
 REPORT_COLUMNS = ("slide_id", "status", "reason", "tiles", "tissue_fraction", "mpp", "tile_px", "width",
                   "height")
 
@@ -239,3 +241,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"unreadable slide {r.slide_id}: {r.reason}")
     print(summary)
     return 0
+
+
+def read_settings(out: Path) -> dict[str, Any]:
+    """The settings `curate tiles` wrote in OUT ({} for a tile index made otherwise)."""
+    path = Path(out) / SETTINGS
+    if not path.is_file():
+        return {}
+    return read_json(path, "tile list settings", "rerun `dinov2-patho curate tiles` into that directory",
+                     shape=SETTINGS_SHAPE)

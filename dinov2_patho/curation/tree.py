@@ -24,10 +24,13 @@ import numpy as np
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.jsonfile import read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LEVEL_DONE = "done.json"
+MANIFEST_SHAPE = {"num_points": int, "clusters": list[int]}
+LEVEL_DONE_SHAPE = {"clusters": int, "points": int, "objective": float}
 
 
 def level_dir(root: str | Path, level: int) -> Path:
@@ -67,6 +70,13 @@ def level_complete(root: str | Path, level: int) -> bool:
     return (level_dir(root, level) / LEVEL_DONE).is_file()
 
 
+def read_level_done(root: str | Path, level: int) -> dict[str, Any]:
+    """A complete level's done.json (what write_level recorded)."""
+    return read_json(level_dir(root, level) / LEVEL_DONE, "finished-level record",
+                     f"delete {level_dir(root, level)} (and the levels above it) and rerun "
+                     "`dinov2-patho curate kmeans`: it rebuilds them", shape=LEVEL_DONE_SHAPE)
+
+
 def write_manifest(root: str | Path, num_points: int, clusters: list[int], **info: Any) -> None:
     manifest = {"format_version": FORMAT_VERSION, "num_points": int(num_points),
                 "clusters": [int(k) for k in clusters], **info}
@@ -89,10 +99,9 @@ class ClusterTree:
         if not path.is_file():
             raise UserError(f"{root}: not a complete cluster tree (no {MANIFEST}); run `dinov2-patho curate "
                             "kmeans` to (re)build it")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{root}: cluster tree format {manifest.get('format_version')}, this code reads "
-                            f"{FORMAT_VERSION}; rebuild it")
+        manifest = read_json(path, "cluster tree manifest", "rerun `dinov2-patho curate kmeans` with this "
+                             "--out (it reuses the finished levels) to rewrite it, or delete that directory",
+                             shape=MANIFEST_SHAPE, version=FORMAT_VERSION)
         return cls(root, manifest)
 
     @property

@@ -6,13 +6,13 @@ of the kept rows, in order).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from dinov2_patho.data.index_format import (
+    REBUILD,
     SLIDE,
     SLIDE_OFFSETS,
     SLIDES,
@@ -27,6 +27,7 @@ from dinov2_patho.data.index_format import (
 from dinov2_patho.data.index_ingest import build
 from dinov2_patho.data.index_source import read_text_table
 from dinov2_patho.errors import UserError
+from dinov2_patho.jsonfile import JsonFileError, read_json
 
 _ROW_CHUNK = 1 << 22  # rows per step of a per-row pass that must not hold a full-length temporary
 
@@ -47,7 +48,11 @@ class _Store:
         self.manifest = Manifest.read(path)
         self.num_rows: int = self.manifest.num_rows
         self.level_names = tuple(self.manifest.level_names)
-        self.slide_names: list[str] = json.loads((path / SLIDES).read_text())
+        self.slide_names: list[str] = read_json(path / SLIDES, "slide list of the index", REBUILD,
+                                                 shape=list[str])
+        if len(self.slide_names) != self.manifest.num_slides:
+            raise JsonFileError(f"{path / SLIDES}: {len(self.slide_names)} slide ids, the manifest says "
+                                f"{self.manifest.num_slides}; {REBUILD}")
         self.xy = np.load(path / XY, mmap_mode="r")
         ks = range(1, len(self.level_names) + 1)
         self.levels = [np.load(path / level_file(k), mmap_mode="r") for k in ks]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.jsonfile import read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -30,6 +31,7 @@ SLIDE = "slide.npy"
 SLIDE_OFFSETS = "slide_offsets.npy"
 UINT24, INT32 = "uint24", "int32"  # the two coordinate encodings
 UINT24_LIMIT = 1 << 24
+REBUILD = "rebuild the index (`dinov2-patho index build --out` onto it)"
 
 
 def level_file(k: int) -> str:
@@ -79,11 +81,7 @@ class Manifest:
         if not path.is_file():
             raise UserError(f"{directory}: not a tile index (no {MANIFEST}); build one with "
                             "`dinov2-patho index build`")
-        raw = json.loads(path.read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{directory}: index format {raw.get('format_version')}, this code reads "
-                            f"{FORMAT_VERSION}; rebuild it")
-        return cls(**{**raw, "levels": [LevelMeta(**meta) for meta in raw["levels"]]})
+        return read_json(path, "tile index manifest", REBUILD, shape=cls, version=FORMAT_VERSION)
 
 
 def index_files(manifest: Manifest) -> list[str]:

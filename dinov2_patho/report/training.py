@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,10 @@ import pyarrow.compute
 import pyarrow.json
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.jsonfile import complete_lines, parse_lines
 from dinov2_patho.report.figures import figure_uri, plot_series, pyplot
-from dinov2_patho.train.metrics_log import METRICS_FILE
+from dinov2_patho.textfile import one_line
+from dinov2_patho.train.metrics_log import METRICS_FILE, RECORD, RECORD_FIX, RECORD_WHAT
 
 LOSSES = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss")
 SCHEDULES = ("lr", "wd", "teacher_temp", "momentum")
@@ -50,39 +51,24 @@ def read_metrics(run_dir: Path) -> Metrics:
     if not path.is_file():
         raise UserError(f"{run_dir} has no {METRICS_FILE}: not a training run directory (or it never "
                         f"reached its first iteration)")
-    data = path.read_bytes().rstrip(b"\n")
-    notes = []
-    head, _, last = data.rpartition(b"\n")
-    if last.strip() and _record(last) is None:
-        number = head.count(b"\n") + 2 if head else 1
-        notes.append(f"{path}: last line {number} is incomplete (run killed while writing?); left out")
-        data = head
+    data, note = complete_lines(path, RECORD_WHAT, RECORD_FIX)
+    notes = [] if note is None else [note]
     if not data.strip():
         return Metrics({"iteration": np.empty(0)}, notes)
     try:
-        table = pyarrow.json.read_json(io.BytesIO(data))
-    except pyarrow.ArrowInvalid:
-        table = None
-    if table is None or "iteration" not in table.column_names or table["iteration"].null_count:
-        for number, line in enumerate(data.split(b"\n"), 1):
-            if line.strip() and _record(line) is None:
-                raise UserError(f"{path}: line {number} is not a metrics record (a JSON object with an "
-                                f"'iteration')")
-        raise UserError(f"{path}: not JSON lines of metrics records")
+        table, error = pyarrow.json.read_json(io.BytesIO(data)), "no integer 'iteration' in some record"
+    except pyarrow.ArrowException as e:
+        table, error = None, one_line(e)
+    if table is None or "iteration" not in table.column_names or table["iteration"].null_count \
+            or not pyarrow.types.is_integer(table["iteration"].type):
+        parse_lines(path, data, RECORD_WHAT, RECORD_FIX, shape=RECORD)  # names the first bad line
+        raise UserError(f"{path}: metrics records pyarrow cannot read as columns ({error}); {RECORD_FIX}")
     columns = {}
     for name in table.column_names:
         column = table[name]
         if pyarrow.types.is_integer(column.type) or pyarrow.types.is_floating(column.type):
             columns[name] = pyarrow.compute.cast(column, pyarrow.float64()).to_numpy(zero_copy_only=False)
     return Metrics(columns, notes)
-
-
-def _record(line: bytes) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and "iteration" in record else None
 
 
 def read_sessions(run_dir: Path) -> list[dict[str, Any]]:

@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from dinov2_patho.io import atomic_write_text
+from dinov2_patho.jsonfile import read_json_lines
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+RECORD = {"iteration": int}
+RECORD_WHAT = "metrics record (a JSON object with an integer 'iteration')"
+RECORD_FIX = "delete that line, or the file (its log then starts afresh), and run again"
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -26,10 +30,12 @@ def _tensorboard_writer(log_dir: Path):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when there is none). A last line cut short by a killed run
+    (SIGKILL, a SLURM requeue) is left out with a warning; any other bad line is a one-line error."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(path, RECORD_WHAT, RECORD_FIX, shape=RECORD)
 
 
 class MetricsWriter:

@@ -8,11 +8,11 @@ validation split, eva validates on its test split, and so do we (MHIST, Chaoyang
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
+from dinov2_patho.jsonfile import read_json
 from dinov2_patho.textfile import open_text
 
 from .base import (
@@ -160,6 +160,9 @@ def unitopatho(root: Path) -> Benchmark:
     return Benchmark("unitopatho", classes, 0.4415, splits)
 
 
+_CHAOYANG_ENTRY = {"name": str, "label": int}
+
+
 @BENCHMARKS.register("chaoyang")
 def chaoyang(root: Path) -> Benchmark:
     """`train.json` / `test.json`: lists of {"name": "train/<file>", "label": 0..3}."""
@@ -168,12 +171,9 @@ def chaoyang(root: Path) -> Benchmark:
     splits = {}
     for split, manifest in (("train", "train.json"), ("val", "test.json")):
         path = require_file(root / manifest, f"Chaoyang's {manifest}")
-        try:
-            entries = json.loads(path.read_text())
-            rows = [(root / e["name"], int(e["label"])) for e in entries]
-        except (ValueError, KeyError, TypeError) as e:
-            raise BenchmarkError(f"{path}: expected a JSON list of {{\"name\", \"label\"}} objects "
-                                 f"({e})") from e
+        entries = read_json(path, "Chaoyang split (a list of {\"name\", \"label\"} objects)",
+                            "use the dataset's own file", shape=list[_CHAOYANG_ENTRY])
+        rows = [(root / e["name"], e["label"]) for e in entries]
         for n, (image, label) in enumerate(rows):
             if not 0 <= label < len(classes):
                 raise BenchmarkError(f"{path}: entry {n}: label {label} is not in 0..{len(classes) - 1}")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from dinov2_patho.curation.embed import first_difference, normalise_on_device, tile_list_fingerprint
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.jsonfile import read_json
 
 from ..features import feature_dim, fill_features
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -66,7 +67,9 @@ def bag_manifest(task: SlideTask, backbone: nn.Module, backbone_name: str, token
 def _check_manifest(cache: Path, manifest: dict) -> None:
     path = cache / MANIFEST
     if path.is_file():
-        diff = first_difference(json.loads(path.read_text()), manifest)
+        recorded = read_json(path, "bag cache manifest", "delete that directory or give another output "
+                             "directory")
+        diff = first_difference(recorded, manifest)
         if diff is not None:
             raise UserError(f"{path}: bags of other settings ({diff}); delete that directory or give "
                             "another output directory")
