@@ -116,3 +116,20 @@ def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, unbuffered):
     finally:
         os.close(write)
     assert proc.stderr == "" and proc.returncode == 1
+
+
+def test_knn_says_when_k_exceeds_the_training_images(caplog):
+    import logging
+
+    import numpy as np
+
+    from dinov2_patho.eval.heads import knn_classify
+
+    rng = np.random.default_rng(0)
+    train = (rng.normal(size=(6, 4)).astype(np.float32), np.arange(6) % 2)
+    test = (rng.normal(size=(3, 4)).astype(np.float32), np.arange(3) % 2)
+    with caplog.at_level(logging.WARNING):
+        results = knn_classify(train, test, ["a", "b"], ks=(3, 20, 100))
+    assert set(results) == {3, 20, 100}
+    assert [r.getMessage() for r in caplog.records if "kNN" in r.getMessage()] == [
+        "kNN: k=20, 100 exceed the 6 training images: each votes with all 6"]

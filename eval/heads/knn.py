@@ -7,7 +7,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinov2_patho.logging import get_logger
+
 from ..metrics import classification_metrics
+
+log = get_logger(__name__)
 
 
 def knn_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int, k: int,
@@ -31,7 +35,11 @@ def knn_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_
 def knn_classify(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                  classes: list[str], ks: tuple[int, ...] = (10, 20, 100, 200),
                  temperature: float = 0.07) -> dict[int, dict]:
-    """Metrics on `test` for each k."""
+    """Metrics on `test` for each k (a k above the training images counts them all, said in a warning)."""
+    too_large = [k for k in ks if k > len(train[1])]
+    if too_large:
+        log.warning("kNN: k=%s exceed the %d training images: each votes with all %d",
+                    ", ".join(map(str, too_large)), len(train[1]), len(train[1]))
     results = {}
     for k in ks:
         probs = knn_probs(train[0], train[1], test[0], len(classes), k, temperature)
