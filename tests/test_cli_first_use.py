@@ -133,3 +133,12 @@ def test_knn_says_when_k_exceeds_the_training_images(caplog):
     assert set(results) == {3, 20, 100}
     assert [r.getMessage() for r in caplog.records if "kNN" in r.getMessage()] == [
         "kNN: k=20, 100 exceed the 6 training images: each votes with all 6"]
+
+
+@pytest.mark.parametrize("grid", [["0", "3"], ["-1", "4"]])
+def test_cohort_refuses_an_empty_grid_in_one_line(tmp_path, capsys, grid):
+    # was a ValueError traceback from the TIFF writer (0) or numpy (negative)
+    assert main(["cohort", "--out", str(tmp_path / "c"), "--num-slides", "1", "--grid", *grid]) == 2
+    assert capsys.readouterr().err == (f"dinov2-patho cohort: error: grid must be at least 1 x 1 tiles, "
+                                       f"got {grid[0]} x {grid[1]}\n")
+    assert not (tmp_path / "c").exists()

@@ -278,11 +278,13 @@ def _write_pyramid(path: Path, level0: np.ndarray, levels: int, tile: int) -> No
                       description=f"Aperio level {width}x{height} -> {img.width}x{img.height}", **opts)
 
 
-def _check_options(num_slides: int, tissue_mix: Sequence[float] | None, positive_fraction: float,
-                   lesion_tiles: int) -> np.ndarray | None:
+def _check_options(num_slides: int, grid: tuple[int, int], tissue_mix: Sequence[float] | None,
+                   positive_fraction: float, lesion_tiles: int) -> np.ndarray | None:
     """The normalised tissue shares (None: the default palette); a UserError for a bad option."""
     if num_slides < 1:
         raise UserError(f"num_slides must be >= 1, got {num_slides}")
+    if min(grid) < 1:
+        raise UserError(f"grid must be at least 1 x 1 tiles, got {grid[0]} x {grid[1]}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise UserError(f"positive_fraction must lie in [0, 1], got {positive_fraction}")
     if positive_fraction > 0 and lesion_tiles < 1:
@@ -316,7 +318,7 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
     The directory is built beside `out_dir` and renamed onto it, so it is either complete or absent.
     """
     out = Path(out_dir)
-    shares = _check_options(num_slides, tissue_mix, positive_fraction, lesion_tiles)
+    shares = _check_options(num_slides, grid, tissue_mix, positive_fraction, lesion_tiles)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     rng = np.random.default_rng(seed)
