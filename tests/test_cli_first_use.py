@@ -142,3 +142,15 @@ def test_cohort_refuses_an_empty_grid_in_one_line(tmp_path, capsys, grid):
     assert capsys.readouterr().err == (f"dinov2-patho cohort: error: grid must be at least 1 x 1 tiles, "
                                        f"got {grid[0]} x {grid[1]}\n")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--map-points", "0"), ("--map-points", "-1"),
+                                           ("--tiles-per-cluster", "0"), ("--mosaic-clusters", "-2"),
+                                           ("--batch-steps", "-3")])
+def test_report_refuses_counts_out_of_range_in_one_line(tmp_path, capsys, option, value):
+    # --map-points -1 was a numpy ValueError traceback, 0 one from PCA; negative counts drew an empty part
+    out = tmp_path / "report.html"
+    assert main(["report", str(tmp_path), "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dinov2-patho report: error: --map-points and --tiles-per-cluster must be >= 1")
+    assert err.count("\n") == 1 and not out.exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from dinov2_patho.errors import UserError
 from dinov2_patho.report.build import write_report
 
 
@@ -35,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if min(args.map_points, args.tiles_per_cluster) < 1 or min(args.mosaic_clusters, args.batch_steps) < 0:
+        raise UserError(f"--map-points and --tiles-per-cluster must be >= 1, --mosaic-clusters and "
+                        f"--batch-steps >= 0 (0: none), got {args.map_points}, {args.tiles_per_cluster}, "
+                        f"{args.mosaic_clusters}, {args.batch_steps}")
     out = write_report(args.run_dir, args.out, index=args.index, slides=args.slides,
                        embeddings=args.embeddings, level=args.level, metadata=args.metadata,
                        eval_dirs=args.eval_dir,
