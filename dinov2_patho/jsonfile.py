@@ -55,6 +55,13 @@ def _admits_none(shape: Any) -> bool:
 
 def _convert(value: Any, shape: Any, where: str) -> Any:
     """`value` checked against `shape` (dataclasses built); _Mismatch naming `where` otherwise."""
+    if shape is None or type(shape) is type and shape in _KINDS:  # first: once a record in JSON lines
+        shape = type(None) if shape is None else shape
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if shape is float
+              else type(value) is shape if shape in (int, bool) else isinstance(value, shape))
+        if not ok:
+            raise _Mismatch(f"{where} is {_kind(value)}, not {_KINDS[shape]}")
+        return value
     if shape is Any:
         return value
     if isinstance(shape, dict):
@@ -62,8 +69,9 @@ def _convert(value: Any, shape: Any, where: str) -> Any:
         for key, sub in shape.items():
             if key not in obj and not _admits_none(sub):
                 raise _Mismatch(f"no key {key!r} in {where}")
-        return {**obj, **{key: _convert(obj[key], sub, f"{where}.{key}") for key, sub in shape.items()
-                          if key in obj}}
+        checked = {key: _convert(obj[key], sub, f"{where}.{key}") for key, sub in shape.items() if key in obj}
+        # the same object unless a value was built (a dataclass): no copy per record of a long JSON-lines file
+        return obj if all(checked[key] is obj[key] for key in checked) else {**obj, **checked}
     if dataclasses.is_dataclass(shape):
         obj = _convert(value, dict, where)
         fields = _fields(shape)
@@ -87,36 +95,32 @@ def _convert(value: Any, shape: Any, where: str) -> Any:
         return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(_convert(value, list, where))]
     if origin is dict:
         return {k: _convert(v, args[1], f"{where}.{k}") for k, v in _convert(value, dict, where).items()}
-    if shape is None:
-        shape = type(None)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if shape is float
-          else type(value) is shape if shape in (int, bool) else isinstance(value, shape))
-    if not ok:
-        raise _Mismatch(f"{where} is {_kind(value)}, not {_KINDS.get(shape, shape.__name__)}")
-    return value
+    raise TypeError(f"not a JSON shape: {shape!r}")  # a bug of the caller, not of the file
 
 
 def parse_json(path: Path, text: str, what: str, fix: str, *, shape: Any = dict, version: int | None = None,
                line: int | None = None) -> Any:
     """The JSON value of `text` (the file `path`, or its line `line`), checked (see read_json)."""
-    it = f"{path}:" if line is None else f"{path}: line {line} is"  # "<it> not a <what> (why)"
+    def error(why: str) -> JsonFileError:
+        it = f"{path}:" if line is None else f"{path}: line {line} is"
+        return JsonFileError(f"{it} not a {what} ({why}); {fix}")
+
     if not text.strip():
         raise JsonFileError(f"{path}: empty, not a {what}; {fix}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         where = f"line {e.lineno} column {e.colno}" if line is None else f"column {e.colno}"
-        raise JsonFileError(f"{it} not a {what} (not JSON: {e.msg} at {where}; truncated or damaged); "
-                            f"{fix}") from None
+        raise error(f"not JSON: {e.msg} at {where}; truncated or damaged") from None
     except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting too deep
-        raise JsonFileError(f"{it} not a {what} (not JSON: {e}); {fix}") from None
+        raise error(f"not JSON: {e}") from None
     if version is not None and isinstance(value, dict) and value.get("format_version") != version:
         found = value.get("format_version")
         raise JsonFileError(f"{path}: {what} of format {found!r}, this code reads {version}; {fix}")
     try:
         return _convert(value, shape, "the top level")
     except _Mismatch as e:
-        raise JsonFileError(f"{it} not a {what} ({e}); {fix}") from None
+        raise error(str(e)) from None
 
 
 def read_bytes(path: str | Path, what: str, fix: str) -> bytes:
