@@ -101,7 +101,7 @@ def test_resume_under_a_changed_config_is_refused_unless_forced(cohort, cohort_i
 
 
 def test_config_errors_name_the_key(cohort, cohort_index, tmp_path):
-    with pytest.raises(ConfigError, match=r"'train.batch_size_per_gp'.*'batch_size_per_gpu'"):
+    with pytest.raises(ConfigError, match=r"'train.batch_size_per_gp'.*'train.batch_size_per_gpu'"):
         load_train_config(SMOKE, ["train.batch_size_per_gp=4"])
     with pytest.raises(ConfigError, match="train.iterations"):
         trainer_mod.run_training(tiny_cfg(cohort, cohort_index, "train.iterations=0"), tmp_path)
