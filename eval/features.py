@@ -7,10 +7,15 @@ files opened with `np.load(mmap_mode="r")`), `labels.npy` and `meta.json`. Rows 
 written in dataset order; `progress.json` records how many rows are on disk (rewritten
 atomically after the arrays are flushed), so an interrupted extraction resumes at the
 first missing row. `meta.json` appears last, marking the split complete.
+
+`<cache>/manifest.json` (`check_cache_manifest`) records what the features are of (a sha256 of
+the backbone's weights, the preprocessing, the images); a cache of other settings is refused
+naming the first difference, never reused (evaluation's features and the slide bags).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from dinov2_patho.curation.embed import first_difference
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.jsonfile import JsonFileError, read_json
@@ -31,6 +37,33 @@ from dinov2_patho.logging import get_logger
 log = get_logger(__name__)
 
 TOKENS = ("cls", "patch_mean")
+MANIFEST = "manifest.json"
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 of the module's parameters and buffers, in state_dict order (a module in memory, as the
+    trainer's teacher, has no weights file to hash)."""
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_cache_manifest(cache: Path, manifest: dict, what: str) -> None:
+    """Write `cache`/manifest.json on first use; a cache whose manifest differs is a UserError naming
+    the first difference (`what`: the cached things, as the message names them)."""
+    path = cache / MANIFEST
+    if path.is_file():
+        recorded = read_json(path, f"{what} cache manifest", "delete that directory or give another output "
+                             "directory")
+        diff = first_difference(recorded, manifest)
+        if diff is not None:
+            raise UserError(f"{path}: {what} of other settings ({diff}); delete that directory or give "
+                            "another output directory")
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(manifest, indent=1))
 
 
 def embed(backbone: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ write results.{json,csv,md,png}. The CLI and the trainer's periodic evaluation b
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from dinov2_patho.logging import get_logger
 
 from .backbone import frozen
 from .benchmarks import Benchmark, BenchmarkError, build_benchmark
-from .features import extract_features
+from .features import check_cache_manifest, extract_features, weights_hash
 from .heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
 from .preprocess import Preprocess
 from .report import write_results
@@ -128,6 +129,21 @@ def cross_validate(feats: dict[str, tuple[np.ndarray, np.ndarray]], groups: np.n
     return result
 
 
+def feature_manifest(benchmark: Benchmark, backbone: nn.Module, cfg: DictConfig) -> dict:
+    """What a benchmark's cached features are of: another backbone, preprocessing or image set in the
+    same output directory is refused, not read back as this one's features."""
+    options = cfg.datasets.get(benchmark.name)
+    options = dict(OmegaConf.to_container(options, resolve=True)) if options is not None else {}
+    options.pop("root", None)  # where the images are read from is not what they are
+    return {"weights_sha256": weights_hash(backbone),
+            "preprocess": {"mpp": benchmark.mpp, "target_mpp": cfg.preprocess.target_mpp,
+                           "size": cfg.preprocess.size},
+            "options": options,
+            "splits": {name: {"images": len(split), "labels_sha256": hashlib.sha256(
+                np.ascontiguousarray(split.labels, np.int64).tobytes()).hexdigest()}
+                for name, split in benchmark.splits.items()}}
+
+
 def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, output_dir: Path) -> dict:
     folds = cfg.cross_validation.folds
     if folds is not None:
@@ -141,10 +157,11 @@ def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, ou
             raise BenchmarkError(f"benchmark {benchmark.name}: cross_validation.folds={folds!r} must be an "
                                  f"integer between 3 and its number of slides/patients ({n_groups})")
     preprocess = Preprocess(benchmark.mpp, cfg.preprocess.target_mpp, cfg.preprocess.size)
+    cache = output_dir / "features" / benchmark.name
+    check_cache_manifest(cache, feature_manifest(benchmark, backbone, cfg), "features")
     feats = {}
     for split_name, split in benchmark.splits.items():
-        features = extract_features(backbone, split.with_transform(preprocess),
-                                    output_dir / "features" / benchmark.name / split_name,
+        features = extract_features(backbone, split.with_transform(preprocess), cache / split_name,
                                     batch_size=cfg.features.batch_size, num_workers=cfg.features.num_workers,
                                     progress=cfg.progress,
                                     desc=f"{benchmark.name}/{split_name}")
@@ -165,8 +182,9 @@ def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig |
 
     `cfg` is an eval config (configs/eval/default.yaml; partial ones are merged over it).
     `record` (the CLI's backbone: path, arch, seed) goes with each result in results.json.
-    Features are cached in `output_dir/features`, so give each checkpoint its own
-    `output_dir` (the trainer: one per evaluation step)."""
+    Features are cached in `output_dir/features`; a cache of another backbone (weights sha256),
+    preprocessing or image set is refused, so give each checkpoint its own `output_dir` (the
+    trainer: one per evaluation step)."""
     cfg = eval_config(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

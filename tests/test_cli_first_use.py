@@ -154,3 +154,35 @@ def test_report_refuses_counts_out_of_range_in_one_line(tmp_path, capsys, option
     err = capsys.readouterr().err
     assert err.startswith("dinov2-patho report: error: --map-points and --tiles-per-cluster must be >= 1")
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_eval_features_of_another_backbone_or_preprocessing_are_refused(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dinov2_patho.eval.runner import run_benchmarks
+    from dinov2_patho.models import VisionTransformer
+
+    for split in ("train", "val"):
+        for c, colour in (("pink", 200), ("blue", 60)):
+            folder = tmp_path / "folder" / split / c
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((16, 16, 3), colour + i, np.uint8)).save(folder / f"{i}.png")
+
+    def vit(seed: int) -> VisionTransformer:
+        torch.manual_seed(seed)
+        return VisionTransformer(embed_dim=32, depth=1, num_heads=2, img_size=28, patch_size=14)
+
+    heads = {"linear": {"enabled": False}, "logreg": {"enabled": False}, "knn": {"k": [1]}}
+    cfg = {"data_root": str(tmp_path), "preprocess": {"size": 28}, "heads": heads, "progress": False,
+           "plot": False}
+    out = tmp_path / "out"
+    run_benchmarks(vit(0), ["folder"], cfg, out)
+    # the cache was read back as any later backbone's features, and results.json named that backbone
+    with pytest.raises(UserError, match=r"features of other settings \(weights_sha256 "):
+        run_benchmarks(vit(1), ["folder"], cfg, out)
+    with pytest.raises(UserError, match=r"features of other settings \(preprocess.size \(28 there, 42 now"):
+        run_benchmarks(vit(0), ["folder"], {**cfg, "preprocess": {"size": 42}}, out)
+    run_benchmarks(vit(0), ["folder"], cfg, out)  # the same backbone reads its cache

@@ -19,8 +19,7 @@ from dinov2_patho.curation import embed, tissue, tree
 from dinov2_patho.data.index import TileIndex, build_index
 from dinov2_patho.data.index_format import Manifest
 from dinov2_patho.errors import UserError
-from dinov2_patho.eval.features import rows_done, write_rows_done
-from dinov2_patho.eval.slide import bags
+from dinov2_patho.eval.features import MANIFEST, check_cache_manifest, rows_done, write_rows_done
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.jsonfile import JsonFileError, read_json
 from dinov2_patho.report import training as report_training
@@ -81,8 +80,8 @@ def _case(name: str, tmp: Path) -> Case:
         return Case(tmp / "progress.json", lambda: rows_done(tmp / "progress.json", 8))
     if name == "bag manifest":
         manifest = {"backbone": "b", "weights_sha256": "0" * 8, "token": "cls", "max_tiles": None}
-        bags._check_manifest(tmp, manifest)  # the first call writes it
-        return Case(tmp / bags.MANIFEST, lambda: bags._check_manifest(tmp, manifest))
+        check_cache_manifest(tmp, manifest, "bags")  # the first call writes it
+        return Case(tmp / MANIFEST, lambda: check_cache_manifest(tmp, manifest, "bags"))
     if name == "metrics (train)":
         path = _metrics(tmp)
         return Case(path, lambda: metrics_log.read_metrics(path), lines=True)

@@ -12,8 +12,6 @@ makes an interrupted extraction resume and marks the bag complete when it reache
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -24,26 +22,13 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from dinov2_patho.curation.embed import first_difference, normalise_on_device, tile_list_fingerprint
+from dinov2_patho.curation.embed import normalise_on_device, tile_list_fingerprint
 from dinov2_patho.errors import UserError
-from dinov2_patho.io import atomic_path, atomic_write_text
-from dinov2_patho.jsonfile import read_json
+from dinov2_patho.io import atomic_path
 
-from ..features import feature_dim, fill_features
+from ..features import check_cache_manifest, feature_dim, fill_features, weights_hash
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .tasks import SlideTask
-
-MANIFEST = "manifest.json"
-
-
-def weights_hash(module: nn.Module) -> str:
-    """sha256 of the module's parameters and buffers, in state_dict order (a module in memory, as the
-    trainer's teacher, has no weights file to hash)."""
-    digest = hashlib.sha256()
-    for key, value in module.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def capped_rows(rows: np.ndarray, slide_id: str, cap: int | None, seed: int) -> np.ndarray:
@@ -62,20 +47,6 @@ def bag_manifest(task: SlideTask, backbone: nn.Module, backbone_name: str, token
                       "fingerprint": tile_list_fingerprint(Path(task.tiles.path))},
             "mpp_override": task.mpp, "token": token, "max_tiles": cap, "cap_seed": seed,
             "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
-
-
-def _check_manifest(cache: Path, manifest: dict) -> None:
-    path = cache / MANIFEST
-    if path.is_file():
-        recorded = read_json(path, "bag cache manifest", "delete that directory or give another output "
-                             "directory")
-        diff = first_difference(recorded, manifest)
-        if diff is not None:
-            raise UserError(f"{path}: bags of other settings ({diff}); delete that directory or give "
-                            "another output directory")
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(manifest, indent=1))
 
 
 def _bag(backbone: nn.Module, tiles: Subset, rows: np.ndarray, slide_dir: Path, token: str,
@@ -107,7 +78,7 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
     from dinov2_patho.data.readers import SlideTileSource
 
     cache = Path(cache)
-    _check_manifest(cache, bag_manifest(task, backbone, backbone_name, token, cap, seed))
+    check_cache_manifest(cache, bag_manifest(task, backbone, backbone_name, token, cap, seed), "bags")
     source = source if source is not None else SlideTileSource(task.registry, mpp_override=task.mpp,
                                                                       mpp_key="mpp (eval slide)")
     dataset = TileDataset(task.tiles, source)  # (uint8 [3, 224, 224] tile, row id) by global row id
