@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .backbone import backbone_record, load_backbone
-    from .runner import DEFAULTS, OPEN_KEYS, run_benchmarks
+    from .runner import DEFAULTS, OPEN_KEYS, check_eval_values, run_benchmarks
 
     if args.action == "slide":
         return run_slide(args)
@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(DEFAULTS, args.config_file, overrides, open_keys=OPEN_KEYS)
     if args.benchmarks is not None:
         cfg.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    check_eval_values(cfg)  # before the backbone is built and moved to features.device
     setup_logging(args.output_dir)
     save_config(cfg, args.output_dir / "config.yaml")
     spec = cfg.backbone

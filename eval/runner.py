@@ -9,11 +9,13 @@ import math
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from dinov2_patho.config_files import merge_over_defaults
+from dinov2_patho.config_files import ConfigError, merge_over_defaults
 from dinov2_patho.logging import get_logger
+from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE, check_domains
 
 from .backbone import frozen
 from .benchmarks import Benchmark, BenchmarkError, build_benchmark
@@ -28,9 +30,36 @@ DEFAULTS = "eval/default.yaml"
 OPEN_KEYS = ("datasets", "backbone.model")
 
 
+# value domains, checked before any backbone or feature (a zero n_runs or an empty C sweep was a traceback)
+NUMBERS = {"heads.linear.lr": POSITIVE, "heads.linear.weight_decay": NON_NEGATIVE,
+           "heads.knn.temperature": POSITIVE, "heads.logreg.heldout_fraction": ("must be in (0, 1)",
+                                                                               lambda v: 0 < v < 1),
+           "preprocess.target_mpp": POSITIVE}
+INTEGERS = {"heads.linear.n_runs": 1, "heads.linear.max_steps": 1, "heads.linear.batch_size": 1,
+            "heads.linear.patience": 1, "heads.logreg.max_iter": 1, "features.batch_size": 1,
+            "features.num_workers": 0, "preprocess.size": 1}
+OPTIONAL = ("preprocess.target_mpp", "heads.linear.patience")
+LISTS = {"heads.knn.k": ("integers >= 1", lambda v: type(v) is int and v >= 1),
+         "heads.logreg.C": ("numbers > 0", lambda v: type(v) in (int, float) and v > 0)}
+
+
+def check_eval_values(cfg: DictConfig) -> None:
+    """A one-line ConfigError for the first value outside its domain, or a device this machine lacks."""
+    check_domains(cfg, NUMBERS, INTEGERS, OPTIONAL)
+    for key, (what, ok) in LISTS.items():
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, ListConfig) or len(value) == 0 or not all(ok(v) for v in value):
+            raise ConfigError(f"{key}={value!r}: must be a non-empty list of {what}")
+    device = str(cfg.features.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"features.device={device}: this machine has no CUDA device (use cpu)")
+
+
 def eval_config(cfg: DictConfig | dict | None = None) -> DictConfig:
-    """The packaged eval defaults under `cfg` (a full or partial eval config)."""
-    return merge_over_defaults(DEFAULTS, cfg, "eval config", OPEN_KEYS)
+    """The packaged eval defaults under `cfg` (a full or partial eval config), checked."""
+    cfg = merge_over_defaults(DEFAULTS, cfg, "eval config", OPEN_KEYS)
+    check_eval_values(cfg)
+    return cfg
 
 
 def open_benchmark(name: str, cfg: DictConfig) -> Benchmark:

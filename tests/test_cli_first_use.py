@@ -186,3 +186,25 @@ def test_eval_features_of_another_backbone_or_preprocessing_are_refused(tmp_path
     with pytest.raises(UserError, match=r"features of other settings \(preprocess.size \(28 there, 42 now"):
         run_benchmarks(vit(0), ["folder"], {**cfg, "preprocess": {"size": 42}}, out)
     run_benchmarks(vit(0), ["folder"], cfg, out)  # the same backbone reads its cache
+
+
+@pytest.mark.parametrize("override, message", [
+    ("heads.linear.n_runs=0", "heads.linear.n_runs=0: must be an integer >= 1"),
+    ("heads.linear.lr=-1", "heads.linear.lr=-1: must be > 0"),
+    ("heads.knn.k=5", "heads.knn.k=5: must be a non-empty list of integers >= 1"),
+    ("heads.knn.k=[10,0]", "heads.knn.k=[10, 0]: must be a non-empty list of integers >= 1"),
+    ("heads.logreg.C=[]", "heads.logreg.C=[]: must be a non-empty list of numbers > 0"),
+    ("features.batch_size=0", "features.batch_size=0: must be an integer >= 1"),
+    ("preprocess.size=0", "preprocess.size=0: must be an integer >= 1"),
+    ("preprocess.target_mpp=-0.5", "preprocess.target_mpp=-0.5: must be > 0 (or null)"),
+])
+def test_eval_values_outside_their_domain_are_one_line(override, message):
+    from omegaconf import OmegaConf
+
+    from dinov2_patho.config_files import ConfigError
+    from dinov2_patho.eval.runner import eval_config
+
+    eval_config()  # the shipped defaults pass
+    # each was a traceback from torch, sklearn or PIL once features were extracted
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        eval_config(OmegaConf.from_dotlist([override]))

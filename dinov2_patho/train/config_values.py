@@ -74,31 +74,34 @@ OPTIONAL_INTEGERS: dict[str, int] = {
 }
 
 
-def _get(cfg: DictConfig, key: str):
-    section, name = key.split(".")
-    return cfg[section][name]
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_values(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value outside its domain."""
-    for key, (why, ok) in {**NUMBERS, **OPTIONAL_NUMBERS}.items():
-        value = _get(cfg, key)
-        if value is None and key in OPTIONAL_NUMBERS:
+def check_domains(cfg: DictConfig, numbers: dict[str, Domain], integers: dict[str, int],
+                  optional: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError for the first value (by dotted key) outside its domain; `optional` keys may
+    also be null (training: the tables above; evaluation: its own)."""
+    for key, (why, ok) in numbers.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in optional:
             continue
         if not _is_number(value) or not ok(value):
             raise ConfigError(f"{key}={value!r}: {why if _is_number(value) else 'must be a number'}"
-                              + (" (or null)" if key in OPTIONAL_NUMBERS else ""))
-    for key, minimum in {**INTEGERS, **OPTIONAL_INTEGERS}.items():
-        value = _get(cfg, key)
-        if value is None and key in OPTIONAL_INTEGERS:
+                              + (" (or null)" if key in optional else ""))
+    for key, minimum in integers.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in optional:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}"
-                              + (" (or null)" if key in OPTIONAL_INTEGERS else ""))
+                              + (" (or null)" if key in optional else ""))
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value outside its domain."""
+    check_domains(cfg, {**NUMBERS, **OPTIONAL_NUMBERS}, {**INTEGERS, **OPTIONAL_INTEGERS},
+                  optional=(*OPTIONAL_NUMBERS, *OPTIONAL_INTEGERS))
     arch = cfg.student.arch
     if arch is not None and arch not in BACKBONES:
         raise ConfigError(f"student.arch={arch!r} is unknown (valid: {', '.join(BACKBONES.names())}; or null "
