@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_slide(args: argparse.Namespace) -> int:
     from .backbone import backbone_record, load_backbone
-    from .slide.runner import DEFAULTS, OPEN_KEYS, run_slide_tasks
+    from .slide.runner import DEFAULTS, OPEN_KEYS, check_slide_values, run_slide_tasks
 
     overrides = list(args.overrides)
     for key, value in (("backbone.path", args.backbone), ("backbone.arch", args.arch),
@@ -97,6 +97,7 @@ def run_slide(args: argparse.Namespace) -> int:
         cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not cfg.tasks:
         raise UserError("eval slide: no task given (--tasks or tasks= in the config)")
+    check_slide_values(cfg)  # before the backbone is built and moved to bags.device
     setup_logging(args.output_dir)
     save_config(cfg, args.output_dir / "config.yaml")
     spec = cfg.backbone

@@ -43,16 +43,19 @@ LISTS = {"heads.knn.k": ("integers >= 1", lambda v: type(v) is int and v >= 1),
          "heads.logreg.C": ("numbers > 0", lambda v: type(v) in (int, float) and v > 0)}
 
 
-def check_eval_values(cfg: DictConfig) -> None:
-    """A one-line ConfigError for the first value outside its domain, or a device this machine lacks."""
-    check_domains(cfg, NUMBERS, INTEGERS, OPTIONAL)
-    for key, (what, ok) in LISTS.items():
+def check_eval_values(cfg: DictConfig, numbers: dict = NUMBERS, integers: dict = INTEGERS,
+                      optional: tuple[str, ...] = OPTIONAL, lists: dict = LISTS,
+                      device_key: str = "features.device") -> None:
+    """A one-line ConfigError for the first value outside its domain, or a device this machine lacks
+    (the tables: tile evaluation's by default, the slide tasks' in `slide.runner`)."""
+    check_domains(cfg, numbers, integers, optional)
+    for key, (what, ok) in lists.items():
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, ListConfig) or len(value) == 0 or not all(ok(v) for v in value):
             raise ConfigError(f"{key}={value!r}: must be a non-empty list of {what}")
-    device = str(cfg.features.device)
+    device = str(OmegaConf.select(cfg, device_key))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"features.device={device}: this machine has no CUDA device (use cpu)")
+        raise ConfigError(f"{device_key}={device}: this machine has no CUDA device (use cpu)")
 
 
 def eval_config(cfg: DictConfig | dict | None = None) -> DictConfig:

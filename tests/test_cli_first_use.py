@@ -208,3 +208,20 @@ def test_eval_values_outside_their_domain_are_one_line(override, message):
     # each was a traceback from torch, sklearn or PIL once features were extracted
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         eval_config(OmegaConf.from_dotlist([override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("heads.abmil.n_runs=0", "heads.abmil.n_runs=0: must be an integer >= 1"),
+    ("heads.abmil.batch_size=0", "heads.abmil.batch_size=0: must be an integer >= 1"),
+    ("heads.mean_pool.C=[]", "heads.mean_pool.C=[]: must be a non-empty list of numbers > 0"),
+    ("bags.max_tiles=0", "bags.max_tiles=0: must be an integer >= 1 (or null)"),
+])
+def test_slide_eval_values_outside_their_domain_are_one_line(override, message):
+    from omegaconf import OmegaConf
+
+    from dinov2_patho.config_files import ConfigError
+    from dinov2_patho.eval.slide.runner import slide_config
+
+    slide_config()
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        slide_config(OmegaConf.from_dotlist([override]))

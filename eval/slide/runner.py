@@ -13,12 +13,14 @@ from torch import nn
 from dinov2_patho.config_files import merge_over_defaults
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
+from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE
 
 from ..backbone import frozen
 from ..heads.abmil import AbmilConfig, abmil
 from ..heads.logreg import logistic_regression
 from ..report import write_results
-from ..runner import group_folds, mean_over_folds
+from ..runner import LISTS as TILE_LISTS
+from ..runner import check_eval_values, group_folds, mean_over_folds
 from .adapters import SLIDE_TASKS
 from .bags import extract_bags
 from .tasks import SlideTask, csv_task
@@ -29,9 +31,23 @@ DEFAULTS = "eval/slide.yaml"
 OPEN_KEYS = ("datasets", "backbone.model")
 
 
+NUMBERS = {"heads.abmil.lr": POSITIVE, "heads.abmil.weight_decay": NON_NEGATIVE, "mpp": POSITIVE}
+INTEGERS = {"heads.abmil.n_runs": 1, "heads.abmil.max_epochs": 1, "heads.abmil.batch_size": 1,
+            "heads.abmil.patience": 1, "heads.abmil.projection": 1, "heads.abmil.attention_hidden": 1,
+            "heads.mean_pool.max_iter": 1, "bags.batch_size": 1, "bags.num_workers": 0, "bags.max_tiles": 1}
+OPTIONAL = ("mpp", "bags.max_tiles")
+LISTS = {"heads.mean_pool.C": TILE_LISTS["heads.logreg.C"]}
+
+
+def check_slide_values(cfg: DictConfig) -> None:
+    check_eval_values(cfg, NUMBERS, INTEGERS, OPTIONAL, LISTS, "bags.device")
+
+
 def slide_config(cfg: DictConfig | dict | None = None) -> DictConfig:
-    """The packaged slide-eval defaults under `cfg` (a full or partial config)."""
-    return merge_over_defaults(DEFAULTS, cfg, "slide eval config", OPEN_KEYS)
+    """The packaged slide-eval defaults under `cfg` (a full or partial config), checked."""
+    cfg = merge_over_defaults(DEFAULTS, cfg, "slide eval config", OPEN_KEYS)
+    check_slide_values(cfg)
+    return cfg
 
 
 def open_task(name: str, cfg: DictConfig, cache: Path) -> SlideTask:
