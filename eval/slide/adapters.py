@@ -62,8 +62,8 @@ def _assign_splits(rows: list[dict[str, str]], fractions: tuple[float, float], s
 def synthetic(root: Path, cache: Path, tiles: str | Path | None = None) -> SlideTask:
     from dinov2_patho.data.index import build_index
 
-    labels_csv = _require(root / "slide_labels.csv", "the cohort's slide_labels.csv (make_cohort with "
-                                                     "positive_fraction > 0)")
+    labels_csv = _require(root / "slide_labels.csv", "the cohort's slide_labels.csv (`dinov2-patho cohort "
+                                                     "--positive-fraction P`, P > 0)")
     if tiles is None:
         index_dir = cache / "index"
         if not (index_dir / "manifest.json").is_file():
