@@ -16,7 +16,7 @@ def setup_logging(output_dir: str | Path | None = None, *, level: int = logging.
                   all_ranks: bool = False, rank: int | None = None) -> logging.Logger:
     """Configure the package logger once (calling again replaces its handlers).
 
-    Console: rank 0 only unless `all_ranks`. File: `output_dir/log.txt` on rank 0,
+    Console (stderr): rank 0 only unless `all_ranks`. File: `output_dir/log.txt` on rank 0,
     `log.rank{r}.txt` on other ranks when `all_ranks`.
     """
     rank = get_rank() if rank is None else rank
@@ -28,7 +28,7 @@ def setup_logging(output_dir: str | Path | None = None, *, level: int = logging.
         handler.close()
     formatter = logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S")
     if rank == 0 or all_ranks:
-        console = logging.StreamHandler(sys.stdout)
+        console = logging.StreamHandler(sys.stderr)  # with the progress bars: stdout is results (--json)
         console.setFormatter(formatter)
         logger.addHandler(console)
         if output_dir is not None:

@@ -225,3 +225,21 @@ def test_slide_eval_values_outside_their_domain_are_one_line(override, message):
     slide_config()
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         slide_config(OmegaConf.from_dotlist([override]))
+
+
+def test_logs_go_to_stderr_so_stdout_holds_only_results(capsys):
+    import logging
+
+    from dinov2_patho.logging import LOGGER_NAME, get_logger, setup_logging
+
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = logger.handlers[:], logger.propagate, logger.level
+    try:
+        setup_logging(rank=0)
+        get_logger("dinov2_patho.train.trainer").info("resumed from somewhere")
+        out, err = capsys.readouterr()
+    finally:  # the package logger as other tests found it
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    # `train --json | jq` read the log lines before the summary on stdout
+    assert out == "" and "INFO [rank0] dinov2_patho.train.trainer: resumed from somewhere" in err
