@@ -243,3 +243,16 @@ def test_logs_go_to_stderr_so_stdout_holds_only_results(capsys):
         logger.setLevel(saved[2])
     # `train --json | jq` read the log lines before the summary on stdout
     assert out == "" and "INFO [rank0] dinov2_patho.train.trainer: resumed from somewhere" in err
+
+
+def test_a_level_of_an_index_without_levels_says_it_has_none(tmp_path):
+    from dinov2_patho.data.index import TileIndex
+    from dinov2_patho.data.index_ingest import build
+    from dinov2_patho.report.mosaic import parse_level
+
+    csv = tmp_path / "tiles.csv"
+    csv.write_text("slide_id,tile_x,tile_y\ns,0,0\ns,224,0\n")
+    build(csv, tmp_path / "index", progress=False)
+    # was "level 0 does not exist: the index ... has levels 1..0 ()" from `tiles preview --by cluster`
+    with pytest.raises(UserError, match=r"index has no cluster levels \(its CSV had no level_K columns\)"):
+        parse_level(TileIndex.open(tmp_path / "index"), 0)

@@ -42,6 +42,9 @@ def parse_level(index: Any, level: int | str) -> int:
     """A level number 1..K, also given as the CSV's column name `level_K`."""
     text = str(level)
     number = text[len("level_"):] if text.startswith("level_") else text
+    if index.num_levels == 0:
+        raise UserError(f"the index {index.path} has no cluster levels (its CSV had no level_K columns); "
+                        "cluster views need a clustering CSV's levels")
     if not number.isdigit() or not 1 <= int(number) <= index.num_levels:
         raise UserError(f"level {level!r} does not exist: the index {index.path} has levels "
                         f"1..{index.num_levels} ({', '.join(index.level_names)})")
