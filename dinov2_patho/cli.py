@@ -81,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"dinov2-patho {command}: error: {e}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # an output path that is a file, under a file, a directory, or not ours: the path is the message
+        print(f"dinov2-patho {command}: error: {e.filename}: {e.strerror.lower()}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `dinov2-patho index info IDX | head`: the reader is gone, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and nothing left to flush
         return 1

@@ -256,3 +256,13 @@ def test_a_level_of_an_index_without_levels_says_it_has_none(tmp_path):
     # was "level 0 does not exist: the index ... has levels 1..0 ()" from `tiles preview --by cluster`
     with pytest.raises(UserError, match=r"index has no cluster levels \(its CSV had no level_K columns\)"):
         parse_level(TileIndex.open(tmp_path / "index"), 0)
+
+
+@pytest.mark.parametrize("under, message", [("", "file exists"), ("sub", "not a directory")])
+def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys, under, message):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = afile / under if under else afile
+    # was a FileExistsError / NotADirectoryError traceback (eval run, train, export, curate tiles, ...)
+    assert main(["eval", "run", "--benchmarks", "nosuch", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"dinov2-patho eval: error: {out}: {message}\n"
