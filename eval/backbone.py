@@ -66,8 +66,9 @@ def _arch_name(arch: str, model_kwargs: dict[str, Any]) -> str:
 
 
 def backbone_record(path: str | Path | None, arch: str, seed: int) -> dict[str, Any]:
-    """What results record of the evaluated backbone: the seed only for a random initialisation."""
-    return {"path": None if path is None else str(path), "arch": arch,
+    """What results record of the evaluated backbone: the seed only for a random initialisation; no
+    arch for a training run's teacher, which is evaluated at its own architecture, not `arch`."""
+    return {"path": None if path is None else str(path), "arch": None if _training_run(path) else arch,
             "seed": int(seed) if path is None else None}
 
 

@@ -266,3 +266,15 @@ def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys, under,
     # was a FileExistsError / NotADirectoryError traceback (eval run, train, export, curate tiles, ...)
     assert main(["eval", "run", "--benchmarks", "nosuch", "--output-dir", str(out)]) == 2
     assert capsys.readouterr().err == f"dinov2-patho eval: error: {out}: {message}\n"
+
+
+def test_results_record_no_arch_for_a_runs_teacher(tmp_path):
+    from dinov2_patho.eval.backbone import backbone_record
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # results.json said arch vit_small (the unused default) for a cpu_smoke run's 96-dim teacher
+    assert backbone_record(run, "vit_small", 0) == {"path": str(run), "arch": None, "seed": None}
+    assert backbone_record(tmp_path / "w.pth", "vit_large", 0) == {"path": str(tmp_path / "w.pth"),
+                                                                    "arch": "vit_large", "seed": None}
+    assert backbone_record(None, "vit_small", 3) == {"path": None, "arch": "vit_small", "seed": 3}
