@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from eva_session import EVA_SESSION, pct, run_eva
 
 from dinov2_patho.data.synthetic import make_cohort
 from dinov2_patho.eval.benchmarks import build_benchmark
@@ -85,18 +84,8 @@ def split(name):
     return data
 
 
-# in-process loading: eva's DataLoader defaults (prefetch, persistent workers) need workers
-loader = {"batch_size": 256, "num_workers": 0, "prefetch_factor": None, "persistent_workers": False}
-data = eva.DataModule(
-    datasets=datamodules.schemas.DatasetsSchema(train=split("train"), val=split("val"), test=split("test")),
-    dataloaders=datamodules.schemas.DataloadersSchema(
-        train=dataloaders.DataLoader(shuffle=True, **loader),
-        val=dataloaders.DataLoader(**loader),
-        test=dataloaders.DataLoader(**loader)))
-start = time.perf_counter()
-trainer.run_evaluation_session(model=model, datamodule=data)
-print(f"SESSION_SECONDS {time.perf_counter() - start:.3f}")
-"""
+batch_size = 256
+""" + EVA_SESSION
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -152,24 +141,6 @@ def write_eva_embeddings(feats: dict[str, Split], root: Path) -> None:
         writer.writerows(rows)
 
 
-def run_eva(eva_python: Path, root: Path, dim: int, classes: int, patience: int,
-            n_runs: int) -> tuple[dict, float, float]:
-    """eva's session metrics, the subprocess's wall time and the in-process session time."""
-    start = time.perf_counter()
-    argv = [str(eva_python), "-c", EVA_DRIVER, str(root), *map(str, (dim, classes, patience, n_runs))]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"eva failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    found = sorted((root / "logs").rglob("results.json"), key=lambda p: p.stat().st_mtime)
-    session = float(proc.stdout.rsplit("SESSION_SECONDS", 1)[1].split()[0])
-    return json.loads(found[-1].read_text())["metrics"], wall, session
-
-
-def pct(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -207,7 +178,8 @@ def main() -> int:
         return 1
     eva_root = out / "eva"
     write_eva_embeddings(feats, eva_root)
-    metrics, eva_wall, eva_session = run_eva(args.eva_python, eva_root, dim, len(classes), patience, n_runs)
+    metrics, eva_wall, eva_session = run_eva(args.eva_python, EVA_DRIVER, eva_root, dim, len(classes),
+                                             patience, n_runs)
     eva_test = metrics["test"][0]["test/MulticlassAccuracy"]
     eva_val = metrics["val"][0]["val/MulticlassAccuracy"]
     diff = 100 * (ours["balanced_accuracy"] - eva_test["mean"])
