@@ -278,3 +278,23 @@ def test_results_record_no_arch_for_a_runs_teacher(tmp_path):
     assert backbone_record(tmp_path / "w.pth", "vit_large", 0) == {"path": str(tmp_path / "w.pth"),
                                                                     "arch": "vit_large", "seed": None}
     assert backbone_record(None, "vit_small", 3) == {"path": None, "arch": "vit_small", "seed": 3}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["evaluation.benchmarks=[synthetc]"],
+     "evaluation.benchmarks: unknown benchmark 'synthetc'; did you mean 'synthetic'?"),
+    (["evaluation.slide_tasks=[camelyon]"], "evaluation.slide_tasks: 'camelyon' is neither a slide task"),
+    (["evaluation.benchmarks=[crc]", "evaluation.config_file=EVAL"], "evaluation.config_file=EVAL: "
+                                                                      "heads.linear.n_runs=0: must be"),
+])
+def test_training_checks_its_evaluation_before_it_starts(tmp_path, overrides, message):
+    from dinov2_patho.config_files import ConfigError
+    from dinov2_patho.train.config import load_train_config, validate_config
+
+    eval_file = tmp_path / "eval.yaml"
+    eval_file.write_text("heads:\n  linear:\n    n_runs: 0\n")
+    overrides = [o.replace("EVAL", str(eval_file)) for o in overrides]
+    cfg = load_train_config(None, [f"data.index={tmp_path}", *overrides])
+    # was an error at the first evaluation, after evaluation.every_n_iterations of training
+    with pytest.raises(ConfigError, match=f"^{re.escape(message.replace('EVAL', str(eval_file)))}"):
+        validate_config(cfg)

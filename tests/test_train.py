@@ -228,13 +228,15 @@ def test_evaluation_hook_runs_slide_tasks_on_the_teacher(cohort, cohort_index, t
     monkeypatch.setattr(slide_runner, "run_slide_tasks", fake_run_slide_tasks)
     slide_cfg = tmp_path / "slide.yaml"
     slide_cfg.write_text("cross_validation:\n  folds: 3\n")
+    labels = tmp_path / "labels.csv"  # a labels CSV task is checked to exist before training
+    labels.write_text("slide_id,label\n")
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=2", "train.num_workers=0",
-                   "evaluation.every_n_iterations=2", "evaluation.slide_tasks=[labels.csv]",
+                   "evaluation.every_n_iterations=2", f"evaluation.slide_tasks=[{labels}]",
                    f"evaluation.slide_config_file={slide_cfg}")
     trainer_mod.run_training(cfg, tmp_path / "run")  # slide tasks alone turn the hook on
     out = tmp_path / "run" / "eval" / "iter_00000002" / "slide"
     folds = {"cross_validation": {"folds": 3}}
-    assert calls == [(["labels.csv"], folds, out, "teacher iter_00000002", False, 48)]
+    assert calls == [([str(labels)], folds, out, "teacher iter_00000002", False, 48)]
     with pytest.raises(UserError, match=r"evaluation\.slide_config_file: .*absent\.yaml does not exist"):
         trainer_mod.run_training(tiny_cfg(cohort, cohort_index, "evaluation.slide_tasks=[labels.csv]",
                                           f"evaluation.slide_config_file={tmp_path / 'absent.yaml'}"),

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dinov2_patho.config_files import ConfigError, load_config
+from dinov2_patho.config_files import ConfigError, load_config, read_yaml
 from dinov2_patho.errors import UserError
+from dinov2_patho.registry import did_you_mean
 from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
 from dinov2_patho.train.config_values import check_values
 
@@ -71,3 +72,30 @@ def validate_config(cfg: DictConfig) -> None:
         eval_file = cfg.evaluation[key]
         if cfg.evaluation[tasks] and eval_file is not None and not Path(eval_file).is_file():
             raise UserError(f"evaluation.{key}: {eval_file} does not exist")
+    _check_evaluation(cfg.evaluation)
+
+
+def _check_evaluation(evaluation: DictConfig) -> None:
+    """Benchmark and slide-task names and their eval configs' keys and values, now rather than at
+    the first evaluation, hours into a run."""
+    from dinov2_patho.eval.benchmarks import BENCHMARKS
+    from dinov2_patho.eval.runner import eval_config
+    from dinov2_patho.eval.slide.adapters import SLIDE_TASKS
+    from dinov2_patho.eval.slide.runner import slide_config
+
+    for name in evaluation.benchmarks:
+        if name not in BENCHMARKS:
+            raise ConfigError(f"evaluation.benchmarks: unknown benchmark {name!r}"
+                              f"{did_you_mean(str(name), BENCHMARKS.names())}")
+    for name in evaluation.slide_tasks:
+        if name not in SLIDE_TASKS and not Path(name).is_file():
+            raise ConfigError(f"evaluation.slide_tasks: {name!r} is neither a slide task "
+                              f"({', '.join(SLIDE_TASKS.names())}) nor a labels CSV")
+    for tasks, key, merged in (("benchmarks", "config_file", eval_config),
+                               ("slide_tasks", "slide_config_file", slide_config)):
+        path = evaluation[key]
+        if evaluation[tasks]:
+            try:
+                merged(read_yaml(path) if path else None)
+            except ConfigError as e:
+                raise ConfigError(f"evaluation.{key}={path}: {e}" if path else f"evaluation: {e}") from e
