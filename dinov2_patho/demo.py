@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dinov2_patho.config_files import packaged_config
+from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger, setup_logging
 
@@ -108,15 +109,15 @@ def train_config(index: Path, slides: Path, seed: int, overrides: list[str] | tu
         f"sampler.level={SAMPLER_LEVEL}", *overrides])
 
 
-def evaluate(backbones: dict, cohort, crop_size: int, out: Path) -> dict:
+def evaluate(backbones: dict, cohort, crop_size: int, out: Path, progress: bool = True) -> dict:
     """Tile probe (CV by slide) and slide task (attention-MIL) of each backbone, results under `out`."""
     from dinov2_patho.eval.runner import run_benchmarks
     from dinov2_patho.eval.slide.runner import run_slide_tasks
 
     tile_cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "heads": {"linear": {"n_runs": 3}},
-                "preprocess": {"size": crop_size}, "cross_validation": {"folds": FOLDS}}
+                "preprocess": {"size": crop_size}, "cross_validation": {"folds": FOLDS}, "progress": progress}
     slide_cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "heads": {"abmil": {"n_runs": 3}},
-                 "cross_validation": {"folds": FOLDS}}
+                 "cross_validation": {"folds": FOLDS}, "progress": progress}
     results = {}
     for name, backbone in backbones.items():
         tiles = run_benchmarks(backbone, ["synthetic"], tile_cfg, out / name)["synthetic"]
@@ -141,6 +142,9 @@ def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
     # the training config is checked (a misspelt override) before the slow stages make its paths
     cfg = train_config(Curation(out / "curation").index, Cohort.at(out / "cohort").slides_dir, seed,
                        overrides)
+    if num_slides < FOLDS:  # else the evaluations stop only after curation and training
+        raise UserError(f"--num-slides {num_slides}: the demo's {FOLDS}-fold cross-validation by slide needs "
+                        f"at least {FOLDS} slides")
     cohort = make_demo_cohort(out / "cohort", num_slides, seed)
     curation = curate_cohort(cohort, out / "curation", progress=progress)
     summary = run_training(cfg, out / "train")
@@ -153,7 +157,8 @@ def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
     backbones = {"trained": teacher_backbone(summary["checkpoint"]),
                  "random_init": build_student_backbone(cfg).eval()}
     results = {"summary": summary, "agreement": agreement, "groups": class_groups(cohort.labels_csv),
-               **evaluate(backbones, cohort, cfg.crops.global_crops_size, out / "eval"), "report": None}
+               **evaluate(backbones, cohort, cfg.crops.global_crops_size, out / "eval", progress),
+               "report": None}
     if report:
         from dinov2_patho.report import write_report
 

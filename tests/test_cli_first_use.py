@@ -298,3 +298,29 @@ def test_training_checks_its_evaluation_before_it_starts(tmp_path, overrides, me
     # was an error at the first evaluation, after evaluation.every_n_iterations of training
     with pytest.raises(ConfigError, match=f"^{re.escape(message.replace('EVAL', str(eval_file)))}"):
         validate_config(cfg)
+
+
+def test_demo_no_progress_reaches_its_evaluations(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from dinov2_patho import demo
+    from dinov2_patho.eval import runner
+    from dinov2_patho.eval.slide import runner as slide_runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_benchmarks", lambda b, names, cfg, out: seen.append(cfg) or
+                        {"synthetic": {}})
+    monkeypatch.setattr(slide_runner, "run_slide_tasks", lambda b, names, cfg, out, name: seen.append(cfg) or
+                        {"synthetic": {}})
+    # `demo --no-progress` drew the feature and bag bars of every evaluation
+    demo.evaluate({"trained": None}, SimpleNamespace(root=tmp_path), 112, tmp_path, progress=False)
+    assert [cfg["progress"] for cfg in seen] == [False, False]
+
+
+def test_demo_refuses_fewer_slides_than_its_folds_before_any_work(tmp_path, capsys):
+    from dinov2_patho.demo import FOLDS
+
+    # 3 slides curated and trained for minutes, then the 4-fold cross-validation stopped
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--num-slides", str(FOLDS - 1)]) == 2
+    assert f"needs at least {FOLDS} slides" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "cohort").exists()
