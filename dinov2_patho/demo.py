@@ -147,7 +147,7 @@ def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
                         f"at least {FOLDS} slides")
     cohort = make_demo_cohort(out / "cohort", num_slides, seed)
     curation = curate_cohort(cohort, out / "curation", progress=progress)
-    summary = run_training(cfg, out / "train")
+    summary = run_training(cfg, out / "train", progress=progress)
     recuration = curate_cohort(cohort, out / "recuration", progress=progress, backbone=out / "train",
                                tiles=curation.tiles)
     agreement = {"random-init ViT-Ti": tree_agreement(curation.index, cohort.labels_csv),

@@ -324,3 +324,23 @@ def test_demo_refuses_fewer_slides_than_its_folds_before_any_work(tmp_path, caps
     assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--num-slides", str(FOLDS - 1)]) == 2
     assert f"needs at least {FOLDS} slides" in capsys.readouterr().err
     assert not (tmp_path / "demo" / "cohort").exists()
+
+
+def test_train_no_progress_reaches_the_slide_preflight(cohort, cohort_index, tmp_path, monkeypatch):
+    from test_train import SMOKE, TINY, _data
+
+    from dinov2_patho.train import trainer as trainer_mod
+
+    asked = []
+
+    def preflight(cfg, index, *, progress: bool = True):
+        asked.append(progress)
+
+    monkeypatch.setattr(trainer_mod, "slide_preflight", preflight)
+    monkeypatch.setattr(trainer_mod, "install_stop_handlers", lambda: None)  # keep pytest's handlers
+    args = ["train", "--config-file", str(SMOKE), *_data(cohort, cohort_index), *TINY, "train.iterations=1",
+            "train.num_workers=0", "--no-progress"]
+    # `train` had no --no-progress: over 10^4 slides its preflight bar was the one thing it drew
+    assert main([*args, "--output-dir", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert main([*args, "--output-dir", str(tmp_path / "run")]) == 0
+    assert asked == [False, False]

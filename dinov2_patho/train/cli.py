@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config, the first batch's sampler telemetry and the data "
                              "source (backend, mpp, tile size), check every slide, and exit")
     parser.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (the slide preflight)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
 
 
@@ -44,7 +45,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"metrics:      {summary.get('metrics')}"]
 
 
-def dry_run(cfg) -> int:
+def dry_run(cfg, progress: bool = True) -> int:
     """Check and describe what `train` would do with `cfg`; 2 when a slide would fail it."""
     from omegaconf import OmegaConf
 
@@ -77,7 +78,7 @@ def dry_run(cfg) -> int:
             print(f"backend      {cfg.data.backend}: tile store {cfg.data.tile_store}")
     finally:
         source.close()
-    report = slide_preflight(cfg, index)
+    report = slide_preflight(cfg, index, progress=progress)
     if report is not None and cfg.data.on_error != "skip":
         raise PreflightError(report)
     print(f"preflight    {report or 'every slide opens and holds its tiles'}")
@@ -90,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config_file, args.overrides)
     if args.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, progress=not args.no_progress)
     install_stop_handlers()
-    summary = run_training(cfg, args.output_dir, force_resume=args.force_resume)
+    summary = run_training(cfg, args.output_dir, force_resume=args.force_resume,
+                           progress=not args.no_progress)
     if is_main_process():
         print(json.dumps(summary) if args.json else "\n".join(summary_lines(summary)))
     return 0

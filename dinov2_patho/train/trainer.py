@@ -78,18 +78,19 @@ def install_stop_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGUS
         signal.signal(sig, lambda *_: request_stop())
 
 
-def run_training(cfg: DictConfig, output_dir: str | Path, *, force_resume: bool = False) -> dict[str, Any]:
+def run_training(cfg: DictConfig, output_dir: str | Path, *, force_resume: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
     """Train per `cfg` into `output_dir`. Returns a summary: "iteration" (completed
     iterations), "start_iteration" (where this call began), "losses" (the last iteration's,
     averaged over ranks), "checkpoint" (the latest checkpoint's path), "stopped" (True when
     stopped early by `request_stop`), "output_dir", "metrics" (metrics.jsonl), "seconds".
     Resuming under a config that differs from the checkpoint's in a key that breaks exact
-    resume is refused unless `force_resume`."""
+    resume is refused unless `force_resume`. `progress`: the slide preflight's bar."""
     output_dir = Path(output_dir)
     validate_config(cfg)
     with distributed_context(str(cfg.train.device)) as ctx:
         setup_logging(output_dir, rank=ctx.rank)
-        trainer = Trainer(cfg, output_dir, ctx, force_resume=force_resume)
+        trainer = Trainer(cfg, output_dir, ctx, force_resume=force_resume, progress=progress)
         try:
             return trainer.train()
         finally:
@@ -123,9 +124,10 @@ def _batch_digest(batch: np.ndarray) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, output_dir: Path, ctx: DistContext, *, force_resume: bool = False):
+    def __init__(self, cfg: DictConfig, output_dir: Path, ctx: DistContext, *, force_resume: bool = False,
+                 progress: bool = True):
         self.cfg, self.output_dir, self.ctx = cfg, output_dir, ctx
-        self.force_resume = force_resume
+        self.force_resume, self.progress = force_resume, progress
         self.ckpt_root = output_dir / ckpt.CHECKPOINTS
         self.total = int(cfg.train.iterations)
         self.global_batch = global_batch_size(cfg, ctx.world_size)
@@ -188,7 +190,7 @@ class Trainer:
         """Rank 0 opens every slide the index reaches (cached when clean) and every rank raises its
         one-line report; under data.on_error=skip the report is a warning and their tiles are
         substituted (and counted) as they fail."""
-        report = slide_preflight(self.cfg, self.index) if self.ctx.is_main else None
+        report = slide_preflight(self.cfg, self.index, progress=self.progress) if self.ctx.is_main else None
         report = broadcast_object(report, self.ctx)
         if report is None:
             return
