@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
               f"per run AUROC {[round(100 * r['auroc'], 2) for r in ours['runs']]}, "
               f"best/last epoch {[(r['best_epoch'] + 1, r['epochs']) for r in ours['runs']]}")
         if not args.eva_python.is_file():
-            print(f"eva: not run, {args.eva_python} is absent (python3 -m venv /tmp/eva-venv && "
-                  "/tmp/eva-venv/bin/pip install -c constraints/cpu.txt kaiko-eva)")
+            print(f"eva: not run, {args.eva_python} is absent (how to build eva's venv: "
+                  "benchmarks/RESULTS.md, 'Slide MIL vs eva')")
             return 0
         pad = write_eva_bags(bags, out / "eva")
         protocol = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "standardize", "device")}
