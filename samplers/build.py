@@ -151,9 +151,14 @@ def metadata(index, batch_size: int, opts: MetadataOptions, given: set[str]) -> 
     return _stratified(index, batch_size, opts, labels, len(names), opts.column)
 
 
-def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> GlobalBatchSampler:
-    """A sampler from its config section: `{name: ..., seed: ..., <options>}`. To draw from a
-    subset of the index, pass its view (`subset_view(index, data.subset)`)."""
+# value domains of the options (integer keys: minimum), checked with the training config
+INTEGERS = {"seed": 0, "pseudo_epoch_samples": 1, "cache_keep": 1, "target_size": 1}
+OPTIONAL_INTEGERS = {"max_slides_per_epoch": 1, "level": 1}
+
+
+def sampler_options(cfg: dict | DictConfig) -> tuple[str, SamplerOptions, set[str]]:
+    """The chosen sampler's name, its typed options and the keys given: unknown, moved, mistyped
+    and missing options are errors naming `sampler.<key>`, without the index."""
     options = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
     # null is "not set": a dot-override cannot delete a key a config file set (sampler.level=null)
     options = {key: value for key, value in options.items() if value is not None}
@@ -180,4 +185,11 @@ def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> Glob
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise SamplerError(f"sampler {name!r} needs sampler.{missing[0]}")
-    return SAMPLERS.get(name)(index, global_batch_size, OmegaConf.to_object(merged), set(options))
+    return name, OmegaConf.to_object(merged), set(options)
+
+
+def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> GlobalBatchSampler:
+    """A sampler from its config section: `{name: ..., seed: ..., <options>}`. To draw from a
+    subset of the index, pass its view (`subset_view(index, data.subset)`)."""
+    name, options, given = sampler_options(cfg)
+    return SAMPLERS.get(name)(index, global_batch_size, options, given)

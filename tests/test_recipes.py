@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dinov2_patho.errors import UserError
 from dinov2_patho.train.config import load_train_config, validate_config
 from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
 
@@ -62,6 +63,11 @@ def test_the_gpu_scale_comparison_differs_only_in_its_batches():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_train_config_builds_its_model_on_meta(path: Path, tmp_path: Path):
     cfg = load_train_config(path, [f"data.index={tmp_path}"])
+    if cfg.sampler.name == "metadata":  # the recipe leaves the user's metadata to the command line
+        with pytest.raises(UserError, match=r"^sampler 'metadata' needs sampler.metadata_csv$"):
+            validate_config(cfg)
+        cfg = load_train_config(path, [f"data.index={tmp_path}", "sampler.metadata_csv=m.csv",
+                                       "sampler.target_size=1000"])
     validate_config(cfg)
     assert cfg.student.pretrained_weights is None  # a recipe never needs a file to build
     with torch.device("meta"):

@@ -4,6 +4,7 @@ made before anything is queued, the batch scripts' finished/not-finished probe."
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from hypothesis import given
@@ -169,3 +170,19 @@ def test_status_tells_finished_from_stopped(tmp_path, latest, code, capsys):
 def test_status_of_a_non_run(tmp_path, capsys):
     assert status_main([str(tmp_path)]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampler.levl=2", r"sampler.levl: not an option of sampler 'cluster_stratified'; did you mean 'level'"),
+    ("sampler.alpha=high", r"sampler.alpha: "),
+    ("sampler.pseudo_epoch_samples=0", r"sampler.pseudo_epoch_samples=0: must be an integer >= 1$"),
+    ("sampler.max_slides_per_epoch=-1", r"sampler.max_slides_per_epoch=-1: must be an integer >= 1 \(or"),
+])
+def test_launch_checks_the_sampler_options_before_queueing(tmp_path, capsys, override, message):
+    # were queued: only build_sampler, in the job, with the index, looked at them
+    root = tmp_path / "runs"
+    assert main(["launch", "train", "--output-root", str(root), "sampler.name=cluster_stratified",
+                 override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(": error: " + message, err[0]), err
+    assert not root.exists()

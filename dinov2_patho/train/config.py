@@ -4,18 +4,20 @@ before any process group, model or DataLoader worker starts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dinov2_patho.config_files import ConfigError, load_config, read_yaml
 from dinov2_patho.errors import UserError
 from dinov2_patho.registry import did_you_mean
+from dinov2_patho.samplers import build as sampler_build
 from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
-from dinov2_patho.train.config_values import check_values
+from dinov2_patho.train.config_values import check_domains, check_values
 
 DEFAULTS = "train/default.yaml"
-# the chosen sampler's options are validated by the sampler
+# the chosen sampler's options are validated by its options dataclass (_check_sampler)
 OPEN_KEYS = ("sampler",)
 # keys that a config written for an earlier version may still set
 MOVED = {"train.pseudo_epoch_length": "sampler.pseudo_epoch_samples"}
@@ -43,6 +45,17 @@ def _one_of(cfg: DictConfig, key: str, choices: Sequence[str]) -> None:
         raise ConfigError(f"{key}={cfg[section][name]!r}: must be one of {', '.join(choices)}")
 
 
+def _check_sampler(cfg: DictConfig) -> None:
+    """The sampler's option names, types and values, which need no index: a typo is refused here,
+    by `train --dry-run` and before `launch train` queues a job, not by the job."""
+    _, options, _ = sampler_build.sampler_options(cfg.sampler)
+    values = asdict(options)
+    integers = {f"sampler.{k}": v for k, v in sampler_build.INTEGERS.items() if k in values}
+    optional = {f"sampler.{k}": v for k, v in sampler_build.OPTIONAL_INTEGERS.items() if k in values}
+    check_domains(OmegaConf.create({"sampler": values}), {}, {**integers, **optional},
+                  optional=tuple(optional))
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Values and paths: a bad key names itself, a missing path names the path."""
     minimums = {"train.iterations": 1, "train.batch_size_per_gpu": 1, "train.num_workers": 0,
@@ -52,6 +65,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, minimum in minimums.items():
         _at_least(cfg, key, minimum)
     check_values(cfg)
+    _check_sampler(cfg)
     lead = cfg.train.num_workers * cfg.train.prefetch_factor
     if lead >= SAMPLER_HISTORY:
         raise ConfigError(f"train.num_workers x train.prefetch_factor = {lead}: the loader may run at most "
