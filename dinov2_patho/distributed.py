@@ -20,6 +20,8 @@ from dinov2_patho.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+DEVICES = ("auto", "cuda", "cpu")
+
 
 def is_initialized() -> bool:
     if "torch" not in sys.modules:
@@ -66,17 +68,18 @@ def _env_int(name: str, default: int) -> int:
 
 
 @contextlib.contextmanager
-def distributed_context(device: str = "auto") -> Iterator[DistContext]:
+def distributed_context(device: str = "auto", key: str = "train.device") -> Iterator[DistContext]:
     """Join the process group named by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT when
-    WORLD_SIZE > 1 (unless the caller already did), and leave it on exit if we joined."""
+    WORLD_SIZE > 1 (unless the caller already did), and leave it on exit if we joined. `key`:
+    the config key `device` came from, named by its errors."""
     import torch
     import torch.distributed as dist
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"train.device: {device!r} is not one of auto, cuda, cpu")
+    if device not in DEVICES:
+        raise UserError(f"{key}: {device!r} is not one of {', '.join(DEVICES)}")
     if use_cuda and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is visible")
+        raise UserError(f"{key}=cuda but no CUDA device is visible")
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     owned = False

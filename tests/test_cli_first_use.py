@@ -344,3 +344,45 @@ def test_train_no_progress_reaches_the_slide_preflight(cohort, cohort_index, tmp
     assert main([*args, "--output-dir", str(tmp_path / "dry"), "--dry-run"]) == 0
     assert main([*args, "--output-dir", str(tmp_path / "run")]) == 0
     assert asked == [False, False]
+
+
+@pytest.mark.parametrize("action, override, message", [
+    ("embed", "embed.batch_size=0", "embed.batch_size=0: must be an integer >= 1"),
+    ("embed", "embed.device=gpu", "embed.device='gpu': must be one of auto, cuda, cpu"),
+    ("embed", "embed.amp=fp8", "embed.amp='fp8': must be one of bf16, fp16, none"),
+    ("kmeans", "kmeans.engine=torc", "kmeans.engine='torc': must be one of faiss, torch"),
+    ("kmeans", "kmeans.chunk_rows=0", "kmeans.chunk_rows=0: must be an integer >= 1"),
+    ("kmeans", "kmeans.init_points_per_centroid=0",
+     "kmeans.init_points_per_centroid=0: must be an integer >= 1"),
+    ("kmeans", "kmeans.seed=-1", "kmeans.seed=-1: must be an integer >= 0"),
+    ("kmeans", "kmeans.tol=-1", "kmeans.tol=-1: must be >= 0"),
+    ("kmeans", "sample.strategy=nearest", "sample.strategy='nearest': must be one of random, closest"),
+])
+def test_curation_values_out_of_their_domain_are_one_line_before_work(tmp_path, capsys, action, override,
+                                                                      message):
+    import numpy as np
+
+    # were ValueError/range()/numpy tracebacks from inside the k-means or the feature loop
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).random((64, 4), dtype=np.float32))
+    inputs = {"embed": ["--tiles", str(tmp_path / "tiles")],
+              "kmeans": ["--embeddings", str(tmp_path / "e.npy")]}
+    out = tmp_path / "out"
+    assert main(["curate", action, *inputs[action], "--out", str(out), "--no-progress", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dinov2-patho curate: error: {message}"]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_curation_device_without_cuda_names_its_own_key(tmp_path, capsys):
+    import numpy as np
+
+    from dinov2_patho.config_files import packaged_config
+
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).random((200, 4), dtype=np.float32))
+    smoke = packaged_config("curation/cpu_smoke.yaml")
+    assert main(["curate", "kmeans", "--embeddings", str(tmp_path / "e.npy"), "--out", str(tmp_path / "t"),
+                 "--config-file", str(smoke), "kmeans.device=cuda"]) == 2
+    # said "train.device=cuda" whatever the command
+    assert capsys.readouterr().err.strip() == ("dinov2-patho curate: error: kmeans.device=cuda but no CUDA "
+                                               "device is visible")

@@ -153,7 +153,7 @@ def test_bad_input_is_one_line_naming_the_path(tmp_path):
     with pytest.raises(UserError, match=r"only_text: no tissue tile in any of 1 slides \(1 unreadable"):
         curate_tiles(tmp_path / "only_text", tmp_path / "out", "tiles.workers=1")
     assert not (tmp_path / "out" / "index").exists()
-    with pytest.raises(UserError, match=r"tiles\.thumbnail_px_per_tile must be >= 1"):
+    with pytest.raises(UserError, match=r"^tiles\.thumbnail_px_per_tile=0: must be an integer >= 1$"):
         curate_tiles(tmp_path / "only_text", tmp_path / "out", "tiles.thumbnail_px_per_tile=0")
 
 

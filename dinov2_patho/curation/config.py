@@ -27,5 +27,42 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. kmeans.seed=1 tiles.min_tissue_fraction=0.6")
 
 
+INTEGERS = {  # key: minimum
+    "tiles.thumbnail_px_per_tile": 1, "tiles.min_saturation": 0, "tiles.closing_px": 0,
+    "tiles.max_hole_tiles": 0, "tiles.workers": 1,
+    "embed.seed": 0, "embed.batch_size": 1, "embed.num_workers": 0,
+    "kmeans.seed": 0, "kmeans.chunk_rows": 1, "kmeans.init_points_per_centroid": 1,
+    "kmeans.max_points_per_centroid": 1, "sample.seed": 0,
+}
+OPTIONAL = ("tiles.mpp_override", "kmeans.max_points_per_centroid")
+
+
+def check_curation_values(cfg: DictConfig) -> None:
+    """A one-line ConfigError for the first value outside its domain, before any action's work."""
+    from dinov2_patho.curation.embed import TOKENS
+    from dinov2_patho.curation.kmeans import ENGINES
+    from dinov2_patho.curation.sampling import STRATEGIES
+    from dinov2_patho.distributed import DEVICES
+    from dinov2_patho.eval.features import AMP_DTYPES
+    from dinov2_patho.models.weights import FORMATS
+    from dinov2_patho.train.config_values import (
+        NON_NEGATIVE,
+        POSITIVE,
+        UNIT_HALF_OPEN,
+        check_choices,
+        check_domains,
+    )
+
+    numbers = {"tiles.min_tissue_fraction": UNIT_HALF_OPEN, "tiles.mpp_override": POSITIVE,
+               "embed.checkpoint_seconds": NON_NEGATIVE, "kmeans.tol": NON_NEGATIVE}
+    check_domains(cfg, numbers, INTEGERS, OPTIONAL)
+    check_choices(cfg, {"embed.token": TOKENS, "embed.weights_format": FORMATS,
+                        "embed.amp": tuple(AMP_DTYPES), "embed.device": DEVICES, "kmeans.engine": ENGINES,
+                        "kmeans.device": DEVICES, "sample.strategy": STRATEGIES})
+
+
 def config_from_args(args: argparse.Namespace) -> DictConfig:
-    return load_curation_config(args.config_file, args.overrides)
+    """The action's config, its values checked (kmeans.levels: by `parse_levels`)."""
+    cfg = load_curation_config(args.config_file, args.overrides)
+    check_curation_values(cfg)
+    return cfg

@@ -170,8 +170,6 @@ def run(args: argparse.Namespace) -> int:
     from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     cfg = config_from_args(args).embed
-    if cfg.token not in TOKENS:
-        raise UserError(f"embed.token: unknown {cfg.token!r}; valid: {', '.join(TOKENS)}")
     tiles_dir, out = Path(args.tiles), Path(args.out)
     if not (tiles_dir / INDEX / "manifest.json").is_file():
         raise UserError(f"{tiles_dir}: not a tile list of `curate tiles` (no {INDEX}/manifest.json)")
@@ -182,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = tile_dataset(tiles_dir, slides, tiles.get("mpp_override"), tiles)
     index = dataset.index
     n = len(index)
-    with distributed_context(cfg.device) as ctx:
+    with distributed_context(cfg.device, "embed.device") as ctx:
         model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
         # seeded: a random-init baseline has the same weights on every rank and every run
         backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, seed=int(cfg.seed),

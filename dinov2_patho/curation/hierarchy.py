@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     embeddings, source = open_embeddings(args.embeddings, args.tiles)
     specs = scale_levels(parse_levels(cfg.levels), len(embeddings), str(source))  # fail before any work
     out = Path(args.out)
-    with distributed_context(cfg.device) as ctx:
+    with distributed_context(cfg.device, "kmeans.device") as ctx:
         check_finite(embeddings, source, int(cfg.chunk_rows), not args.no_progress and ctx.is_main)
         if ctx.is_main:
             print(f"curate kmeans: {len(embeddings)} x {embeddings.shape[1]} {embeddings.dtype} from "

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+ENGINES = ("faiss", "torch")  # nearest-centroid kernels (kmeans.engine)
 ASSIGN_BLOCK_ELEMENTS = 1 << 25  # rows x centroids per distance block of the torch kernel (128 MB)
 
 
@@ -148,7 +149,7 @@ class NearestCentroid:
             self.centroids = torch.from_numpy(centroids).to(self.device)
             self.sq_norms = (self.centroids * self.centroids).sum(1)
         else:
-            raise ValueError(f"unknown k-means engine {engine!r} (faiss, torch)")
+            raise ValueError(f"unknown k-means engine {engine!r} ({', '.join(ENGINES)})")
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels int64 [B], squared distances float32 [B])."""

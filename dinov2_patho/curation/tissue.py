@@ -215,10 +215,6 @@ def run(args: argparse.Namespace) -> int:
     tiles_cfg = cfg.tiles
     if args.workers is not None:
         tiles_cfg.workers = args.workers
-    if tiles_cfg.thumbnail_px_per_tile < 1:
-        raise UserError(f"tiles.thumbnail_px_per_tile must be >= 1, got {tiles_cfg.thumbnail_px_per_tile}")
-    if not 0 < tiles_cfg.min_tissue_fraction <= 1:
-        raise UserError(f"tiles.min_tissue_fraction must lie in (0, 1], got {tiles_cfg.min_tissue_fraction}")
     registry = SlideRegistry.from_spec(args.slides)
     if len(registry) == 0:
         raise UserError(f"{args.slides}: no slides found")

@@ -10,11 +10,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2_patho.config_files import ConfigError, load_config, read_yaml
+from dinov2_patho.distributed import DEVICES
 from dinov2_patho.errors import UserError
 from dinov2_patho.registry import did_you_mean
 from dinov2_patho.samplers import build as sampler_build
 from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
-from dinov2_patho.train.config_values import check_domains, check_values
+from dinov2_patho.train.config_values import check_choices, check_domains, check_values
 
 DEFAULTS = "train/default.yaml"
 # the chosen sampler's options are validated by its options dataclass (_check_sampler)
@@ -37,12 +38,6 @@ def _at_least(cfg: DictConfig, key: str, minimum: int) -> None:
         value = value[part]
     if not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
-
-
-def _one_of(cfg: DictConfig, key: str, choices: Sequence[str]) -> None:
-    section, name = key.split(".")
-    if cfg[section][name] not in choices:
-        raise ConfigError(f"{key}={cfg[section][name]!r}: must be one of {', '.join(choices)}")
 
 
 def _check_sampler(cfg: DictConfig) -> None:
@@ -70,12 +65,11 @@ def validate_config(cfg: DictConfig) -> None:
     if lead >= SAMPLER_HISTORY:
         raise ConfigError(f"train.num_workers x train.prefetch_factor = {lead}: the loader may run at most "
                           f"{SAMPLER_HISTORY - 1} batches ahead (the sampler's undo history)")
-    _one_of(cfg, "train.device", ("auto", "cuda", "cpu"))
-    _one_of(cfg, "train.distributed", ("ddp", "fsdp"))
+    check_choices(cfg, {"train.device": DEVICES, "train.distributed": ("ddp", "fsdp"),
+                        "data.on_error": ("raise", "skip")})
     if cfg.train.distributed == "fsdp" and cfg.compute_precision.amp == "fp16":
         # fp16 needs loss scaling over sharded gradients; FSDP runs take bf16 (no scaler)
         raise ConfigError("train.distributed=fsdp with compute_precision.amp=fp16: use bf16, auto or off")
-    _one_of(cfg, "data.on_error", ("raise", "skip"))
     if cfg.data.index is None:
         raise ConfigError("data.index is required: the TileIndex directory (`dinov2-patho index build`)")
     for key in ("index", "subset", "slides", "tile_store"):

@@ -9,7 +9,7 @@ resume, `check_resume_config` names the keys whose values changed since the chec
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -96,6 +96,14 @@ def check_domains(cfg: DictConfig, numbers: dict[str, Domain], integers: dict[st
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}"
                               + (" (or null)" if key in optional else ""))
+
+
+def check_choices(cfg: DictConfig, choices: dict[str, Sequence[str]]) -> None:
+    """Raise ConfigError for the first value (by dotted key) that is not one of its choices."""
+    for key, valid in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(valid)}")
 
 
 def check_values(cfg: DictConfig) -> None:
