@@ -102,6 +102,13 @@ def dump(args: argparse.Namespace) -> int:
             state = torch.load(args.resume_from, weights_only=True)
         except (OSError, RuntimeError) as e:
             raise UserError(f"--resume-from {args.resume_from}: cannot read a sampler state: {e}") from e
+        except Exception as e:  # text or another pickle: torch.load's errors vary with the bytes
+            raise UserError(f"--resume-from {args.resume_from}: not a sampler state (a file of "
+                            f"--save-state): {type(e).__name__}") from e
+        if not isinstance(state, dict) or not {"fingerprint", "step"} <= state.keys():
+            found = f"keys {', '.join(map(str, state))}" if isinstance(state, dict) else type(state).__name__
+            raise UserError(f"--resume-from {args.resume_from}: not a sampler state (a file of "
+                            f"--save-state); it holds {found}")
         sampler.load_state_dict(state)
         if args.start_step is not None and args.start_step != sampler.step:
             raise SamplerError(f"--start-step {args.start_step} but the state in {args.resume_from} "

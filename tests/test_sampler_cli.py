@@ -137,3 +137,20 @@ def test_data_subset_errors_name_the_file(tiny_index, tmp_path, capsys, rows, me
         subset_view(index, tmp_path / "rows.npy")
     assert dump(root, tmp_path / "b.npy", "--steps", "1", f"data.subset={tmp_path / 'rows.npy'}") == 2
     assert "data.subset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["text", "tensor", "checkpoint"])
+def test_resume_from_a_file_that_is_no_sampler_state_is_one_line(tiny_index, tmp_path, capsys, content):
+    import torch
+
+    root, _ = tiny_index
+    state = tmp_path / "s.pt"
+    if content == "text":
+        state.write_text("step: 3\n")
+    else:  # a tensor, or a training checkpoint's dict (no sampler fingerprint): were tracebacks
+        torch.save(torch.zeros(3) if content == "tensor" else {"model": {}, "iteration": 3}, state)
+    assert dump(root, tmp_path / "x.npy", "--steps", "1", "--resume-from", str(state),
+                "sampler.name=uniform") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--resume-from {state}: not a sampler state" in err[0], err
+    assert not (tmp_path / "x.npy").exists()
