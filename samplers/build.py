@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinov2_patho.logging import get_logger
 from dinov2_patho.registry import Registry, did_you_mean
 
 from .base import GlobalBatchSampler, SamplerError
@@ -25,6 +26,7 @@ from .strata import CACHE_KEEP
 from .stratified import ClusterStratifiedSampler
 from .uniform import UniformSampler
 
+log = get_logger(__name__)
 SAMPLERS = Registry("sampler")
 LEVEL_COLUMN = re.compile(r"level_[0-9]+")
 OPTIONS: dict[str, type] = {}
@@ -63,6 +65,7 @@ class ClusterStratifiedOptions(StratifiedOptions):
     level: int | None = None                 # a tree level of the index, or:
     metadata_csv: str | None = None          # a slide metadata CSV and
     column: str | None = None                # its column (e.g. tissue_diagnosis)
+    skip_slides_without_metadata: bool = False  # else a slide with no value in `column` is an error
 
 
 @dataclass
@@ -71,6 +74,7 @@ class MetadataOptions(StratifiedOptions):
     target_size: int = MISSING               # rows in the inverse-frequency subset
     column: str = "tissue_diagnosis"
     stratify: bool = False                   # batches stratified by `column`; else uniform over the subset
+    skip_slides_without_metadata: bool = False  # else a slide with no value in `column` is an error
 
 
 def register(name: str, options: type) -> Callable:
@@ -94,6 +98,20 @@ def uniform(index, batch_size: int, opts: UniformOptions, given: set[str]) -> Gl
     return UniformSampler(index, batch_size, seed=opts.seed, pseudo_epoch_samples=opts.pseudo_epoch_samples)
 
 
+def _without_metadata(index, missing: np.ndarray, opts: ClusterStratifiedOptions | MetadataOptions) -> None:
+    """The index's slides (ids `missing`) that have no `column` value in `metadata_csv`: an error
+    naming a few, or with `skip_slides_without_metadata`, a warning (their tiles are never drawn)."""
+    if missing.size == 0:
+        return
+    few = ", ".join(index.slide_names[i] for i in missing[:5]) + (", ..." if missing.size > 5 else "")
+    what = (f"sampler.metadata_csv={opts.metadata_csv}: {missing.size} slide(s) of the index have no "
+            f"{opts.column} value there ({few})")
+    if not opts.skip_slides_without_metadata:
+        raise SamplerError(f"{what}; add them, or set sampler.skip_slides_without_metadata=true to leave "
+                           f"them out")
+    log.warning("%s: left out (sampler.skip_slides_without_metadata)", what)
+
+
 def _labels(index, opts: ClusterStratifiedOptions) -> tuple[Any, int, str]:
     level, metadata_csv, column = opts.level, opts.metadata_csv, opts.column
     if (level is None) == (metadata_csv is None):
@@ -103,6 +121,9 @@ def _labels(index, opts: ClusterStratifiedOptions) -> tuple[Any, int, str]:
         if column is not None:
             raise SamplerError("sampler.column: not used by sampler 'cluster_stratified' with sampler.level "
                                "(it names a column of sampler.metadata_csv)")
+        if opts.skip_slides_without_metadata:
+            raise SamplerError("sampler.skip_slides_without_metadata: not used by sampler "
+                               "'cluster_stratified' with sampler.level (it is about sampler.metadata_csv)")
         if not 1 <= int(level) <= index.num_levels:
             raise SamplerError(f"sampler.level={level}: the index has levels 1..{index.num_levels}")
         return index.level(int(level)), index.num_clusters(int(level)), f"level_{int(level)}"
@@ -110,6 +131,7 @@ def _labels(index, opts: ClusterStratifiedOptions) -> tuple[Any, int, str]:
         raise SamplerError("sampler.metadata_csv is set but sampler.column is missing "
                            "(e.g. tissue_diagnosis)")
     codes, names = index.metadata_codes(metadata_csv, column)
+    _without_metadata(index, np.unique(index.slides(np.flatnonzero(codes < 0))), opts)
     return codes, len(names), column
 
 
@@ -139,9 +161,11 @@ def metadata(index, batch_size: int, opts: MetadataOptions, given: set[str]) -> 
     runs = index.slide_runs() if hasattr(index, "slide_runs") else None
     if runs is not None and not opts.stratify:  # an index grouped by slide: no per-row pass
         per_slide, _ = index.slide_metadata(opts.metadata_csv, opts.column)
+        _without_metadata(index, np.flatnonzero((per_slide < 0) & (runs[1] > 0)), opts)
         subset = inverse_frequency_subset_of_runs(per_slide, *runs, int(opts.target_size), opts.seed)
     else:
         codes, names = index.metadata_codes(opts.metadata_csv, opts.column)
+        _without_metadata(index, np.unique(index.slides(np.flatnonzero(codes < 0))), opts)
         subset = inverse_frequency_subset(codes, int(opts.target_size), opts.seed)
     if not opts.stratify:
         return UniformSampler(index, batch_size, seed=opts.seed,

@@ -95,12 +95,16 @@ def test_real_index_views_and_metadata(tiny_index):
     assert np.isin(batch, view.row_ids(TileIndex.ALL)).all()
     csv = root / "metadata.csv"
     sampler = build_sampler({"name": "cluster_stratified", "metadata_csv": str(csv),
-                             "column": "tissue_diagnosis"}, index, 12)
+                             "column": "tissue_diagnosis", "skip_slides_without_metadata": True}, index, 12)
     codes = index.metadata_codes(csv, "tissue_diagnosis")[0]
     batch = sampler.next_batch()
     assert np.array_equal(np.bincount(codes[batch], minlength=2), [6, 6])
     assert not np.isin(index.slides(TileIndex.ALL)[batch], [5]).any()  # slide5 has no metadata
-    meta = build_sampler({"name": "metadata", "metadata_csv": str(csv), "target_size": 50}, index, 10)
+    with pytest.raises(SamplerError, match=r"1 slide\(s\) of the index have no tissue_diagnosis value there "
+                                           r"\(slide5\); add them"):  # were left out silently
+        build_sampler({"name": "metadata", "metadata_csv": str(csv), "target_size": 50}, index, 10)
+    meta = build_sampler({"name": "metadata", "metadata_csv": str(csv), "target_size": 50,
+                          "skip_slides_without_metadata": True}, index, 10)
     assert len(np.unique(np.concatenate([meta.next_batch() for _ in range(5)]))) == 50
 
 
@@ -112,7 +116,8 @@ def test_data_subset_is_a_view_that_every_sampler_draws_from(tiny_index, tmp_pat
     view = subset_view(index, tmp_path / "rows.npy")
     assert np.array_equal(view.row_ids(TileIndex.ALL), np.sort(rows))
     sections = [{"name": "uniform"}, {"name": "cluster_stratified", "level": 1, "cache": False},
-                {"name": "metadata", "metadata_csv": str(root / "metadata.csv"), "target_size": 30}]
+                {"name": "metadata", "metadata_csv": str(root / "metadata.csv"), "target_size": 30,
+                 "skip_slides_without_metadata": True}]
     for section in sections:
         drawn = np.stack([b for b, _ in zip(build_sampler(section, view, 12), range(15))])
         assert np.isin(drawn, rows).all(), section["name"]

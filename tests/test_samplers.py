@@ -299,11 +299,18 @@ def test_alpha_one_is_uniform_over_tiles_and_zero_is_equal_share():
         np.testing.assert_allclose(counts / counts.sum(), target, atol=0.02)
 
 
-def test_metadata_column_as_the_level():
+def test_metadata_column_as_the_level(caplog):
     index = make_index(0, 600, 10, slides=6, metadata={"tissue_diagnosis": np.array([0, 0, 0, 1, 2, -1])})
     cfg = {"name": "cluster_stratified", "metadata_csv": "m.csv", "column": "tissue_diagnosis",
            "cache": False}
-    sampler = build_sampler(cfg, index, 30)
+    with pytest.raises(UserError, match=r"^sampler.metadata_csv=m.csv: 1 slide\(s\) of the index have no "
+                                        r"tissue_diagnosis value there \(s5\); add them, or set "
+                                        r"sampler.skip_slides_without_metadata=true"):
+        build_sampler(cfg, index, 30)  # were left out silently
+    sampler = build_sampler({**cfg, "skip_slides_without_metadata": True}, index, 30)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "sampler.metadata_csv=m.csv: 1 slide(s) of the index have no tissue_diagnosis value there (s5): "
+        "left out (sampler.skip_slides_without_metadata)"]
     codes = index.metadata_codes("m.csv", "tissue_diagnosis")[0]
     for batch in draw(sampler, 5):
         assert np.array_equal(np.bincount(codes[batch], minlength=3), [10, 10, 10])  # slide 5: no metadata
@@ -423,6 +430,11 @@ def test_metadata_sampler_uniform_and_stratified():
     index = make_index(0, 2000, 10, slides=6, metadata={"tissue_diagnosis": np.array([0, 0, 0, 0, 1, -1])})
     codes = index.metadata_codes("m.csv", "tissue_diagnosis")[0]
     cfg = {"name": "metadata", "metadata_csv": "m.csv", "target_size": 100, "seed": 3}
+    for stratify in (False, True):
+        with pytest.raises(UserError, match=r"1 slide\(s\) of the index have no tissue_diagnosis value there "
+                                            r"\(s5\)"):
+            build_sampler({**cfg, "stratify": stratify}, index, 20)
+    cfg["skip_slides_without_metadata"] = True
     flat = draw(build_sampler(cfg, index, 20), 5).ravel()
     assert len(np.unique(flat)) == 100 and (codes[flat] >= 0).all()  # one pass over the subset
     strat = draw(build_sampler({**cfg, "stratify": True, "cache": False}, index, 20), 5)
