@@ -4,6 +4,7 @@ key, wrong paths and unknown options as one line before any work starts."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -386,3 +387,32 @@ def test_a_curation_device_without_cuda_names_its_own_key(tmp_path, capsys):
     # said "train.device=cuda" whatever the command
     assert capsys.readouterr().err.strip() == ("dinov2-patho curate: error: kmeans.device=cuda but no CUDA "
                                                "device is visible")
+
+
+def test_a_runs_config_serves_resume_and_report_from_another_directory(cohort, cohort_index, tmp_path,
+                                                                         monkeypatch):
+    import os
+
+    import yaml
+    from test_train import SMOKE, TINY
+
+    from dinov2_patho.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "install_stop_handlers", lambda: None)  # keep pytest's handlers
+    monkeypatch.chdir(cohort_index.path.parent)
+    relative = [f"data.index={cohort_index.path.name}", f"data.slides={os.path.relpath(cohort.slides_dir)}"]
+    run = tmp_path / "run"
+    common = [*TINY, "train.iterations=1", "train.num_workers=0", "--no-progress", "--output-dir", str(run)]
+    assert main(["train", "--config-file", str(SMOKE), *relative, *common]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert Path(saved["index"]).is_absolute() and Path(saved["index"]).samefile(cohort_index.path)
+    assert Path(saved["slides"]).is_absolute() and Path(saved["slides"]).samefile(cohort.slides_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # the saved config named the paths relative to the first directory: 'data.index: ... does not exist'
+    assert main(["train", "--config-file", str(run / "config.yaml"), *common]) == 0
+    # and the report said "the run's tile index ... is not there: give --index"
+    assert main(["report", str(run), "--out", "r.html", "--no-progress", "--map-points", "20",
+                 "--mosaic-clusters", "0", "--batch-steps", "2"]) == 0
+    assert "is not there: give --index" not in (elsewhere / "r.html").read_text()

@@ -3,6 +3,7 @@ before any process group, model or DataLoader worker starts."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -24,8 +25,19 @@ OPEN_KEYS = ("sampler",)
 MOVED = {"train.pseudo_epoch_length": "sampler.pseudo_epoch_samples"}
 
 
+# keys naming files or directories: made absolute once loaded, so the run's saved config.yaml
+# serves `report`, a resume or a SLURM job from any working directory
+PATH_KEYS = ("data.index", "data.subset", "data.slides", "data.tile_store", "sampler.metadata_csv",
+             "student.pretrained_weights", "evaluation.config_file", "evaluation.slide_config_file")
+
+
 def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    return load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS, moved=MOVED)
+    cfg = load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS, moved=MOVED)
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value:
+            OmegaConf.update(cfg, key, os.path.abspath(value))
+    return cfg
 
 
 def global_batch_size(cfg: DictConfig, world_size: int) -> int:
