@@ -72,6 +72,16 @@ def backbone_record(path: str | Path | None, arch: str, seed: int) -> dict[str, 
             "seed": int(seed) if path is None else None}
 
 
+def backbone_label(path: str | Path | None, arch: str, model: nn.Module) -> str:
+    """How a summary names the backbone built by `load_backbone`: `arch`, but a training run's
+    teacher by its run and sizes (it is built from the run's config, whatever `arch` says)."""
+    run = _training_run(path)
+    if run is None:
+        return arch
+    return (f"the teacher of {run}: ViT {model.embed_dim}-dim, {model.n_blocks} blocks, patch "
+            f"{model.patch_size}")
+
+
 def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_format: str = "auto",
                   seed: int = 0, **model_kwargs: Any) -> nn.Module:
     """`arch` is one of our backbones (`vit_small`, ...; `model_kwargs` go to `build_backbone`)

@@ -235,3 +235,25 @@ def test_shards_partition_the_rows_contiguously_and_evenly(n, world):
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     sizes = [b - a for a, b in bounds]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_the_summary_names_a_runs_teacher_not_the_arch_default(tiles_dir, cohort, cohort_index, tmp_path,
+                                                                monkeypatch, capsys):
+    from test_train import SMOKE
+    from test_train import TINY as TINY_RUN
+
+    from dinov2_patho.cli import main
+    from dinov2_patho.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "install_stop_handlers", lambda: None)  # keep pytest's handlers
+    run = tmp_path / "run"
+    assert main(["train", "--config-file", str(SMOKE), f"data.index={cohort_index.path}",
+                 f"data.slides={cohort.slides_dir}", *TINY_RUN, "train.iterations=1", "train.num_workers=0",
+                 "--no-progress", "--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert embed_mod.run(parse(embed_mod, ["--tiles", str(tiles_dir), "--out", str(tmp_path / "emb"),
+                                           "--no-progress", "--backbone", str(run), "embed.batch_size=16",
+                                           "embed.num_workers=0", "embed.device=cpu"])) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    # said "(cls, vit_small)": --arch's default, unused for a run's teacher (48-dim, 2 blocks here)
+    assert f"(cls, the teacher of {run}: ViT 48-dim, 2 blocks, patch 16)" in summary, summary

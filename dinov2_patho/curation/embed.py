@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from dinov2_patho.distributed import barrier, broadcast_object, distributed_context
-    from dinov2_patho.eval.backbone import load_backbone
+    from dinov2_patho.eval.backbone import backbone_label, load_backbone
     from dinov2_patho.eval.features import feature_dim, fill_features
     from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
         barrier(ctx)
         if ctx.is_main:
             _finish(out, index, settings, ctx.world_size)
-            print(f"curate embed: {n} tiles x {dim} ({cfg.token}, {args.arch}) -> {out / EMBEDDINGS}")
+            print(f"curate embed: {n} tiles x {dim} ({cfg.token}, "
+                  f"{backbone_label(args.backbone, args.arch, backbone)}) -> {out / EMBEDDINGS}")
     return 0
 
 
