@@ -416,3 +416,18 @@ def test_a_runs_config_serves_resume_and_report_from_another_directory(cohort, c
     assert main(["report", str(run), "--out", "r.html", "--no-progress", "--map-points", "20",
                  "--mosaic-clusters", "0", "--batch-steps", "2"]) == 0
     assert "is not there: give --index" not in (elsewhere / "r.html").read_text()
+
+
+def test_tiles_preview_writes_the_format_its_suffix_says(cohort, cohort_index, tmp_path, capsys):
+    from PIL import Image
+
+    args = ["tiles", "preview", "--index", str(cohort_index.path), "--slides", str(cohort.slides_dir),
+            "--rows", "2", "--cols", "2", "--tile-px", "16", "--no-progress", "--out"]
+    assert main([*args, str(tmp_path / "g.jpg")]) == 0
+    with Image.open(tmp_path / "g.jpg") as image:
+        assert image.format == "JPEG"  # was PNG bytes in a .jpg
+    # an unknown suffix is refused before any tile is read
+    assert main([*args, str(tmp_path / "g.xyz")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "g.xyz: cannot write an image with suffix '.xyz'; give .png, .jpg, .webp, ...")
+    assert not (tmp_path / "g.xyz").exists()

@@ -193,12 +193,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ext.add_argument("--workers", type=int, default=1, help="processes, one slide each at a time")
     ext.add_argument("--overwrite", action="store_true", help="rewrite slides whose files exist")
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pre = sub.add_parser("preview", help="a PNG grid of tiles, one row per slide, cluster or random draw, "
+    pre = sub.add_parser("preview", help="an image grid of tiles, one row per slide, cluster or random draw, "
                          "read as training reads them (112 um at level 0, resized)")
     pre.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
     pre.add_argument("--slides", help="slide directory or slide_id,path CSV")
     pre.add_argument("--tile-store", help="read from this tile store (`tiles extract`) instead of the slides")
-    pre.add_argument("--out", required=True, help="PNG file to write")
+    pre.add_argument("--out", required=True, help="image file to write, in the format its suffix says "
+                                                  "(.png, .jpg, .webp, ...)")
     pre.add_argument("--by", default="random", choices=PREVIEW_BY,
                      help="one row per slide, per cluster of --level, or of random rows (default)")
     pre.add_argument("--rows", type=int, default=8, help="rows of the grid (slides, clusters or draws)")
@@ -243,6 +244,7 @@ def _preview(args: argparse.Namespace) -> int:
     if args.rows < 1 or args.cols < 1 or args.tile_px < 8:
         raise UserError(f"--rows and --cols must be >= 1 and --tile-px >= 8, got {args.rows}, {args.cols}, "
                         f"{args.tile_px}")
+    image_format = _image_format(args.out)
     index = TileIndex.open(args.index)
     source = build_tile_source({"backend": "hdf5" if args.tile_store else args.backend, "slides": args.slides,
                                 "tile_store": args.tile_store, "mpp_override": args.mpp_override,
@@ -262,11 +264,24 @@ def _preview(args: argparse.Namespace) -> int:
         groups = mosaic.random_groups(index, args.rows, args.cols, args.seed)
     grid = mosaic.read_grid(index, source, groups, args.tile_px, progress=not args.no_progress)
     with atomic_path(args.out) as tmp:
-        mosaic.draw_grid(grid, args.tile_px).save(tmp, format="PNG")
+        mosaic.draw_grid(grid, args.tile_px).save(tmp, format=image_format)
     tiles = sum(len(g.row_ids) for g in groups)
     print(f"{args.out}: {len(groups)} rows, {tiles} tiles by {args.by}"
           + (f"; {len(grid.errors)} unreadable (red), first: {grid.errors[0]}" if grid.errors else ""))
     return 0
+
+
+def _image_format(path: str | Path) -> str:
+    """The PIL format that writes `path`, by its suffix (.jpg wrote PNG bytes once), or a UserError."""
+    from PIL import Image
+
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format not in Image.SAVE:
+        raise UserError(f"--out {path}: cannot write an image with suffix {suffix or '(none)'!r}; give "
+                        f".png, .jpg, .webp, ...")
+    return image_format
 
 
 def _cluster_codes(index: Any, level: int, clusters: list[str] | None, rows: int) -> np.ndarray:
