@@ -171,6 +171,8 @@ def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
 
 def comparison_table(results: dict) -> str:
     """What the demo measured, as markdown: tree agreement, tile probe, slide task."""
+    from dinov2_patho.eval.report import format_score
+
     groups = results["groups"]
     lines = ["Curated trees against the planted tissue types (never used to curate or train):", "",
              "| embedding | level | clusters | ARI | NMI |", "|---|---|---|---|---|"]
@@ -195,9 +197,9 @@ def comparison_table(results: dict) -> str:
               "| backbone | MIL AUROC | MIL balanced acc. | mean-pool AUROC |", "|---|---|---|---|"]
     for name in BACKBONES:
         slides = results[name]["slides"]
-        lines.append(f"| {name} | {100 * slides['abmil']['auroc']:.1f} | "
+        lines.append(f"| {name} | {format_score(slides['abmil']['auroc'], 'auroc', 1)} | "
                      f"{100 * slides['abmil']['balanced_accuracy']:.1f} | "
-                     f"{100 * slides['mean_pool']['auroc']:.1f} |")
+                     f"{format_score(slides['mean_pool']['auroc'], 'auroc', 1)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,8 @@ def summary_rows(results: dict) -> list[dict]:
     for name, res in results.items():
         split = res["eval_split"]
         common = {"benchmark": name, "n_train": res["sizes"]["train"], "n_eval": res["sizes"][split],
-                  "eval_split": split, "cv_folds": res.get("cv_folds")}
+                  "eval_split": split, "cv_folds": res.get("cv_folds"),
+                  "unit": "slides" if "tiles_per_slide" in res else "images"}
         heads = [(head, res[head]) for head in SINGLE_HEADS[:2] if head in res]
         heads += [(f"knn_k{k}", r) for k, r in res.get("knn", {}).items()]
         heads += [(head, res[head]) for head in SINGLE_HEADS[2:] if head in res]
@@ -35,22 +36,30 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
-def _fmt(value) -> str:
+# AUROC needs two classes among the scored labels (see eval.metrics.auroc): a NaN means none had
+NO_AUROC = "n/a: one class in each test set"
+
+
+def format_score(value, column: str = "", digits: int = 2) -> str:
+    """A score in %, or why there is none."""
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{100 * value:.2f}"
+        if math.isnan(value):
+            return NO_AUROC if column == "auroc" else "nan"
+        return f"{100 * value:.{digits}f}"
     return str(value)
 
 
 def _notes(rows: list[dict]) -> str:
     """What the scores and the counts are, per benchmark: a markdown list."""
     notes = []
-    for name, folds in dict.fromkeys((r["benchmark"], r.get("cv_folds")) for r in rows):
+    for name, folds, unit in dict.fromkeys((r["benchmark"], r.get("cv_folds"), r.get("unit", "images"))
+                                           for r in rows):
         if folds:
             notes.append(f"{name}: {folds}-fold cross-validation by slide/patient; scores are the mean over "
                          f"the {folds} test folds, balanced_accuracy_std their spread over folds; n_train "
-                         f"and n_eval are images per fold (mean)")
+                         f"and n_eval are {unit} per fold (mean)")
         else:
-            notes.append(f"{name}: the benchmark's own splits; n_train and n_eval are the images of train "
+            notes.append(f"{name}: the benchmark's own splits; n_train and n_eval are the {unit} of train "
                          f"and of eval_split")
     return "".join(f"- {note}\n" for note in notes) + "\n" if notes else ""
 
@@ -62,7 +71,7 @@ def write_tables(rows: list[dict], output_dir: Path) -> None:
     writer.writerows(rows)
     atomic_write_text(output_dir / "results.csv", buf.getvalue())
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_score(row[c], c) for c in COLUMNS) + " |" for row in rows]
     atomic_write_text(output_dir / "results.md",
                       "Scores in % (balanced accuracy, macro F1, AUROC, quadratic kappa); linear and abmil: "
                       "mean ± std over runs.\n\n"

@@ -28,3 +28,15 @@ def test_results_md_says_when_scores_are_cross_validation_means_and_what_n_eval_
     assert text.count("- synthetic:") == 1  # one note per benchmark, not per head
     header = next(csv.reader((tmp_path / "results.csv").read_text().splitlines()))
     assert tuple(header) == COLUMNS
+
+
+def test_slide_results_count_slides_and_say_why_an_auroc_is_missing(tmp_path):
+    # a 4-slide cohort in 4 folds: one slide, so one class, in each test set
+    results = {"cohort": {"eval_split": "test", "sizes": {"train": 2, "val": 1, "test": 1}, "cv_folds": 4,
+                          "tiles_per_slide": 60.0, "abmil": {**_head(0.5), "auroc": float("nan")}}}
+    write_tables(summary_rows(results), tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "n_train and n_eval are slides per fold (mean)" in text  # said "images"
+    row = next(line for line in text.splitlines() if line.startswith("| cohort | abmil |"))
+    assert row.split(" | ")[COLUMNS.index("auroc")] == "n/a: one class in each test set"  # was a bare nan
+    assert "images" not in text

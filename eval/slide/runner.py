@@ -18,7 +18,7 @@ from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE
 from ..backbone import frozen
 from ..heads.abmil import AbmilConfig, abmil
 from ..heads.logreg import logistic_regression
-from ..report import write_results
+from ..report import format_score, write_results
 from ..runner import LISTS as TILE_LISTS
 from ..runner import check_eval_values, group_folds, mean_over_folds
 from .adapters import SLIDE_TASKS
@@ -147,6 +147,6 @@ def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dic
             results[task.name] = run_slide_task(backbone, task, cfg, output_dir, backbone_name)
             if "abmil" in results[task.name]:
                 r = results[task.name]["abmil"]
-                log.info("%s: attention-MIL AUROC %.2f, balanced accuracy %.2f", task.name, 100 * r["auroc"],
-                         100 * r["balanced_accuracy"])
+                log.info("%s: attention-MIL AUROC %s, balanced accuracy %s", task.name,
+                         format_score(r["auroc"], "auroc"), format_score(r["balanced_accuracy"]))
     return write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed
