@@ -184,3 +184,14 @@ def read_json_lines(path: str | Path, what: str, fix: str, *, shape: Any = dict)
     if note is not None:
         log.warning(note)
     return parse_lines(path, data, what, fix, shape=shape)
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The dotted key where two JSON-like values first differ (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else f"{prefix[:-1]} ({a!r} there, {b!r} now)"

@@ -28,10 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from dinov2_patho.curation.embed import first_difference
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
-from dinov2_patho.jsonfile import JsonFileError, read_json
+from dinov2_patho.jsonfile import JsonFileError, first_difference, read_json
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)

@@ -34,7 +34,7 @@ from dinov2_patho.curation.config import add_config_arguments, config_from_args
 from dinov2_patho.curation.tissue import INDEX, SETTINGS, read_settings
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
-from dinov2_patho.jsonfile import read_json
+from dinov2_patho.jsonfile import first_difference, read_json
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -75,17 +75,6 @@ def tile_list_fingerprint(index_dir: Path) -> str:
 
 def shard(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return num_rows * rank // world_size, num_rows * (rank + 1) // world_size
-
-
-def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The dotted key where two JSON-like values first differ (None if equal)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            diff = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if diff is not None:
-                return diff
-        return None
-    return None if a == b else f"{prefix[:-1]} ({a!r} there, {b!r} now)"
 
 
 def check_settings(emb_dir: Path, settings: dict[str, Any]) -> bool:
