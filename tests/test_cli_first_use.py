@@ -374,6 +374,16 @@ def test_curation_values_out_of_their_domain_are_one_line_before_work(tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_curate_tiles_workers_option_is_checked_as_its_key(tmp_path, capsys, workers):
+    # --workers was applied after the check: 0 and -2 ran serially without a word
+    out = tmp_path / "out"
+    assert main(["curate", "tiles", "--slides", str(tmp_path), "--out", str(out), "--workers", workers]) == 2
+    expected = f"dinov2-patho curate: error: tiles.workers={workers}: must be an integer >= 1"
+    assert capsys.readouterr().err.strip() == expected
+    assert not out.exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_curation_device_without_cuda_names_its_own_key(tmp_path, capsys):
     import numpy as np

@@ -211,10 +211,9 @@ def run(args: argparse.Namespace) -> int:
     from dinov2_patho.data.index import build_index
     from dinov2_patho.data.slides import SlideRegistry
 
-    cfg = config_from_args(args)
-    tiles_cfg = cfg.tiles
-    if args.workers is not None:
-        tiles_cfg.workers = args.workers
+    if args.workers is not None:  # an override like any other, checked with them
+        args.overrides = [*args.overrides, f"tiles.workers={args.workers}"]
+    tiles_cfg = config_from_args(args).tiles
     registry = SlideRegistry.from_spec(args.slides)
     if len(registry) == 0:
         raise UserError(f"{args.slides}: no slides found")
