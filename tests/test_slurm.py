@@ -55,15 +55,20 @@ def _data_overrides(cohort, cohort_index) -> list[str]:
     return [f"data.index={cohort_index.path}", f"data.slides={cohort.slides_dir}"]
 
 
-def _launch(slurm: SlurmCluster, root: Path, overrides: list[str]) -> tuple[str, Path]:
-    cmd = [sys.executable, "-m", "dinov2_patho", "launch", "train", "--tasks-per-node", "2",
-           "--cpus-per-task", "1", "--partition", slurm.partition, "--timeout", "30",
-           "--output-root", str(root), "--config-file", str(CPU_SMOKE), *overrides]
+def _submit(slurm: SlurmCluster, *launch_args: str) -> tuple[str, Path]:
+    """`dinov2-patho launch ...` on the test cluster: (job id, output directory)."""
+    cmd = [sys.executable, "-m", "dinov2_patho", "launch", *launch_args]
     out = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     match = re.search(r"submitted job (\d+): output (\S+)", out.stdout)
     assert match, out.stdout
     return match.group(1), Path(match.group(2))
+
+
+def _launch(slurm: SlurmCluster, root: Path, overrides: list[str]) -> tuple[str, Path]:
+    return _submit(slurm, "train", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition",
+                   slurm.partition, "--timeout", "30", "--output-root", str(root), "--config-file",
+                   str(CPU_SMOKE), *overrides)
 
 
 def _job_logs(output_dir: Path, tail: int = 3000) -> str:
@@ -191,14 +196,10 @@ def test_launch_eval_runs_the_trained_run_as_a_slurm_job(slurm, smoke_job, tmp_p
     from test_eval_run import folder_benchmark
 
     folder_benchmark(tmp_path / "data" / "folder")
-    cmd = [sys.executable, "-m", "dinov2_patho", "launch", "eval", "--cpus-per-task", "1", "--partition",
-           slurm.partition, "--timeout", "30", "--output-root", str(tmp_path), "--", "run", "--backbone",
-           str(smoke_job[1]), "--benchmarks", "folder", "--data-root", str(tmp_path / "data"), *TINY_EVAL]
-    out = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    match = re.search(r"submitted job (\d+): output (\S+)", out.stdout)
-    assert match, out.stdout
-    job_id, output_dir = match.group(1), Path(match.group(2))
+    job_id, output_dir = _submit(slurm, "eval", "--cpus-per-task", "1", "--partition", slurm.partition,
+                                 "--timeout", "30", "--output-root", str(tmp_path), "--", "run", "--backbone",
+                                 str(smoke_job[1]), "--benchmarks", "folder", "--data-root",
+                                 str(tmp_path / "data"), *TINY_EVAL)
     _wait_end(slurm, job_id, output_dir)
     assert output_dir.name == f"dinov2-patho-eval_{job_id}"
     embed_dim = OmegaConf.load(CPU_SMOKE).student.embed_dim
@@ -216,14 +217,9 @@ def test_launch_curate_kmeans_as_a_two_task_job_builds_the_single_process_tree(s
     config.write_text(OmegaConf.to_yaml({"kmeans": {"levels": levels}}))
     args = ["kmeans", "--embeddings", str(tmp_path / "x.npy"), "--config-file", str(config), "--no-progress"]
     assert main(["curate", *args, "--out", str(tmp_path / "local")]) == 0
-    cmd = [sys.executable, "-m", "dinov2_patho", "launch", "curate", "--tasks-per-node", "2",
-           "--cpus-per-task", "1", "--partition", slurm.partition, "--timeout", "30", "--output-root",
-           str(tmp_path), "--", *args, "--out", str(tmp_path / "tree_%j")]
-    out = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    match = re.search(r"submitted job (\d+): output (\S+)", out.stdout)
-    assert match, out.stdout
-    job_id, output_dir = match.group(1), Path(match.group(2))
+    job_id, output_dir = _submit(slurm, "curate", "--tasks-per-node", "2", "--cpus-per-task", "1",
+                                 "--partition", slurm.partition, "--timeout", "30", "--output-root",
+                                 str(tmp_path), "--", *args, "--out", str(tmp_path / "tree_%j"))
     _wait_end(slurm, job_id, output_dir)
     assert "2 rank(s)" in _job_logs(output_dir)  # one gloo group, not two independent builds
     local, job = tree_arrays(tmp_path / "local"), tree_arrays(tmp_path / f"tree_{job_id}")
