@@ -428,6 +428,17 @@ def test_a_runs_config_serves_resume_and_report_from_another_directory(cohort, c
     assert "is not there: give --index" not in (elsewhere / "r.html").read_text()
 
 
+def test_slide_task_csvs_in_a_run_config_are_absolute_and_task_names_are_kept(tmp_path, monkeypatch):
+    from dinov2_patho.train.config import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labels.txt").write_text("slide_id,label\n")
+    cfg = load_train_config(overrides=["evaluation.slide_tasks=[tasks/labels.csv,camelyon16,labels.txt]"])
+    # a relative labels CSV was saved as given: the evaluation hook of a resume from elsewhere lost it
+    assert list(cfg.evaluation.slide_tasks) == [str(tmp_path / "tasks" / "labels.csv"), "camelyon16",
+                                                str(tmp_path / "labels.txt")]
+
+
 def test_tiles_preview_writes_the_format_its_suffix_says(cohort, cohort_index, tmp_path, capsys):
     from PIL import Image
 

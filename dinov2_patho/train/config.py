@@ -37,6 +37,10 @@ def load_train_config(config_file: str | Path | None = None, overrides: Sequence
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and value:
             OmegaConf.update(cfg, key, os.path.abspath(value))
+    tasks = cfg.evaluation.slide_tasks  # registered names, or labels CSVs (told apart as open_task does)
+    if OmegaConf.is_list(tasks):
+        cfg.evaluation.slide_tasks = [os.path.abspath(t) if Path(str(t)).suffix.lower() == ".csv"
+                                      or Path(str(t)).is_file() else t for t in tasks]
     return cfg
 
 
