@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from dinov2_patho.config_files import ConfigError, merge_over_defaults
+from dinov2_patho.io import atomic_path
 from dinov2_patho.logging import get_logger
 from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE, check_domains
 
@@ -84,9 +85,21 @@ def heldout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return np.setdiff1d(np.arange(len(labels)), held), held
 
 
+def take_predictions(result: dict) -> dict[str, np.ndarray]:
+    """The test predictions of each head, removed from its result: {"linear", "knn_<k>", "logreg"}."""
+    preds = {}
+    for head, value in result.items():
+        if head == "knn":
+            preds.update({f"knn_{k}": r.pop("predictions") for k, r in value.items()})
+        elif isinstance(value, dict) and "predictions" in value:
+            preds[head] = value.pop("predictions")
+    return preds
+
+
 def evaluate_features(feats: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], eval_split: str,
-                      cfg: DictConfig) -> dict:
-    """Every enabled head on features {split: (x, y)}; early stopping / C sweep on val."""
+                      cfg: DictConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """Every enabled head on features {split: (x, y)}; early stopping / C sweep on val. Returns the
+    heads' results and their predictions on the eval split (take_predictions)."""
     heads = cfg.heads
     train, val, test = feats["train"], feats["val"], feats[eval_split]
     out: dict = {}
@@ -104,7 +117,7 @@ def evaluate_features(feats: dict[str, tuple[np.ndarray, np.ndarray]], classes: 
             fit, held = heldout_split(train[1], heads.logreg.heldout_fraction, heads.linear.seed)
             fit_xy, held_xy = (train[0][fit], train[1][fit]), (train[0][held], train[1][held])
             out["logreg"] = logistic_regression(fit_xy, held_xy, test, classes, cs, heads.logreg.max_iter)
-    return out
+    return out, take_predictions(out)
 
 
 def group_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -143,21 +156,27 @@ def cross_validate(feats: dict[str, tuple[np.ndarray, np.ndarray]], groups: np.n
                    cfg: DictConfig) -> dict:
     """Every head on K group-disjoint folds of all the benchmark's rows: fold f is tested,
     fold f+1 validates (early stopping, C sweep), the others train. Returns the fold mean,
-    with each fold's own result under "folds"."""
+    with each fold's own result under "folds", and every row's out-of-fold prediction per head
+    under "predictions" (with its label "y" and group "groups": what eval.power resamples)."""
     k = int(cfg.cross_validation.folds)
     x = np.concatenate([f[0] for f in feats.values()])
     y = np.concatenate([f[1] for f in feats.values()])
     fold = group_folds(groups, k, int(cfg.cross_validation.seed))
     per_fold, sizes = [], []
+    out_of_fold: dict[str, np.ndarray] = {}
     for f in range(k):
         test, val = fold == f, fold == (f + 1) % k
         train = ~(test | val)
         split = {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
-        per_fold.append(evaluate_features(split, classes, "test", cfg))
+        fold_result, preds = evaluate_features(split, classes, "test", cfg)
+        for head, pred in preds.items():
+            out_of_fold.setdefault(head, np.full(len(y), -1, np.int64))[test] = pred
+        per_fold.append(fold_result)
         sizes.append([int(train.sum()), int(val.sum()), int(test.sum())])
     result = mean_over_folds(per_fold)
     mean_sizes = np.mean(sizes, axis=0).round().astype(int)
-    result.update(folds=per_fold, sizes=dict(zip(("train", "val", "test"), map(int, mean_sizes))))
+    result.update(folds=per_fold, sizes=dict(zip(("train", "val", "test"), map(int, mean_sizes))),
+                  predictions={"y": y, "groups": np.asarray(groups), **out_of_fold})
     return result
 
 
@@ -202,9 +221,12 @@ def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, ou
         result = cross_validate(feats, groups, list(benchmark.classes), cfg)
         result.update(classes=list(benchmark.classes), eval_split="test", cv_folds=int(folds))
         return result
-    result = evaluate_features(feats, list(benchmark.classes), benchmark.eval_split, cfg)
+    result, preds = evaluate_features(feats, list(benchmark.classes), benchmark.eval_split, cfg)
+    eval_split = benchmark.splits[benchmark.eval_split]
+    groups = eval_split.groups if eval_split.groups is not None else np.arange(len(eval_split))
     result.update(classes=list(benchmark.classes), eval_split=benchmark.eval_split,
-                  sizes={k: len(v[1]) for k, v in feats.items()})
+                  sizes={k: len(v[1]) for k, v in feats.items()},
+                  predictions={"y": feats[benchmark.eval_split][1], "groups": np.asarray(groups), **preds})
     return result
 
 
@@ -216,16 +238,21 @@ def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig |
     `record` (the CLI's backbone: path, arch, seed) goes with each result in results.json.
     Features are cached in `output_dir/features`; a cache of another backbone (weights sha256),
     preprocessing or image set is refused, so give each checkpoint its own `output_dir` (the
-    trainer: one per evaluation step)."""
+    trainer: one per evaluation step). Each result also holds, in memory, the eval split's labels,
+    groups and every head's predictions ("predictions"), saved as `output_dir/predictions/NAME.npz`."""
     cfg = eval_config(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, predictions = {}, {}
     with frozen(backbone):
         for name in benchmarks:
             results[name] = run_benchmark(backbone, open_benchmark(name, cfg), cfg, output_dir)
+            predictions[name] = results[name].pop("predictions")
+            with atomic_path(output_dir / "predictions" / f"{name}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, **predictions[name])
             if "linear" in results[name]:
                 lin = results[name]["linear"]
                 log.info("%s: linear probe balanced accuracy %.2f ± %.2f", name,
                          100 * lin["balanced_accuracy"], 100 * lin["balanced_accuracy_std"])
-    return write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed
+    written = write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed
+    return {name: {**result, "predictions": predictions[name]} for name, result in written.items()}

@@ -35,7 +35,8 @@ def knn_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_
 def knn_classify(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                  classes: list[str], ks: tuple[int, ...] = (10, 20, 100, 200),
                  temperature: float = 0.07) -> dict[int, dict]:
-    """Metrics on `test` for each k (a k above the training images counts them all, said in a warning)."""
+    """Metrics and test `predictions` for each k (a k above the training images counts them all,
+    said in a warning)."""
     too_large = [k for k in ks if k > len(train[1])]
     if too_large:
         log.warning("kNN: k=%s exceed the %d training images: each votes with all %d",
@@ -43,5 +44,6 @@ def knn_classify(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
     results = {}
     for k in ks:
         probs = knn_probs(train[0], train[1], test[0], len(classes), k, temperature)
-        results[k] = classification_metrics(test[1], probs, classes)
+        results[k] = {**classification_metrics(test[1], probs, classes),
+                      "predictions": np.asarray(probs).argmax(axis=1)}
     return results

@@ -152,17 +152,19 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
                  test: tuple[np.ndarray, np.ndarray], classes: list[str], cfg: LinearProbeConfig) -> dict:
     """`n_runs` heads (seeds seed, seed+1, ...) trained on `train`, early-stopped on `val`,
     scored on `test` (eva scores on `val` when a benchmark has no test split: pass it
-    twice). Returns per-run metrics and mean/std of the scalar ones."""
+    twice). Returns per-run metrics, mean/std of the scalar ones and the test `predictions`."""
     # copies: the inputs may be read-only memory maps of the feature cache
     x_tr, y_tr = torch.tensor(train[0], dtype=torch.float32), torch.tensor(train[1], dtype=torch.int64)
     x_va, y_va = torch.tensor(val[0], dtype=torch.float32), torch.tensor(val[1], dtype=torch.int64)
     x_te = torch.tensor(test[0], dtype=torch.float32)
-    runs = []
+    runs, probs = [], []
     with _single_thread(cfg.device):
         for r in range(cfg.n_runs):
             head, info = train_linear_probe(x_tr, y_tr, x_va, y_va, len(classes), cfg, cfg.seed + r)
-            runs.append({**classification_metrics(test[1], predict_proba(head, x_te), classes), **info})
-    return summarize_runs(runs)
+            probs.append(predict_proba(head, x_te))
+            runs.append({**classification_metrics(test[1], probs[-1], classes), **info})
+    # the runs' mean probabilities decide one prediction per test image (for intervals: eval.power)
+    return {**summarize_runs(runs), "predictions": np.mean(probs, axis=0).argmax(axis=1)}
 
 
 def _nanmean(values: list[float]) -> float:

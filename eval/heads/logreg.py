@@ -26,7 +26,7 @@ def logistic_regression(train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.
                         cs: tuple[float, ...] = tuple(10.0 ** np.arange(-4, 5)),
                         max_iter: int = 1000, ordinal: bool = False) -> dict:
     """Sweep C on `heldout` by balanced accuracy, refit on train + heldout, score `test` (with the
-    quadratic kappa for `ordinal` classes)."""
+    quadratic kappa for `ordinal` classes); also the test `predictions`."""
     sweep = {}
     for c in cs:
         pred = _fit(*train, c, max_iter).predict(heldout[0])
@@ -35,5 +35,6 @@ def logistic_regression(train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.
     x = np.concatenate([train[0], heldout[0]])
     y = np.concatenate([train[1], heldout[1]])
     model = _fit(x, y, best_c, max_iter)
-    return {**classification_metrics(test[1], _probs(model, test[0], len(classes)), classes, ordinal),
-            "C": best_c, "sweep": sweep}
+    probs = _probs(model, test[0], len(classes))
+    return {**classification_metrics(test[1], probs, classes, ordinal), "C": best_c, "sweep": sweep,
+            "predictions": probs.argmax(axis=1)}
