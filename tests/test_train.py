@@ -204,15 +204,34 @@ def test_evaluation_hook_runs_benchmarks_on_the_teacher(cohort, cohort_index, tm
 
     def fake_run_benchmarks(backbone, benchmarks, cfg, output_dir):
         calls.append((backbone, list(benchmarks), cfg, Path(output_dir), backbone.training))
-        return {}
+        score = len(calls) / 10
+        return {"bach": {"linear": {"balanced_accuracy": score}, "knn": {20: {"balanced_accuracy": score}}}}
 
     monkeypatch.setattr(trainer_mod, "run_benchmarks", fake_run_benchmarks)
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=4", "train.num_workers=0",
-                   "evaluation.every_n_iterations=2", "evaluation.benchmarks=[bach]")
+                   "evaluation.every_n_iterations=2", "evaluation.benchmarks=[bach]",
+                   "checkpoint.every_n_iterations=2")
     trainer_mod.run_training(cfg, tmp_path)
-    assert [c[3] for c in calls] == [tmp_path / "eval" / "iter_00000002", tmp_path / "eval" / "iter_00000004"]
+    # the initialisation first: the learning curve's first point
+    assert [c[3].name for c in calls] == ["iter_00000000", "iter_00000002", "iter_00000004"]
     assert all(c[1] == ["bach"] and c[2] is None and not c[4] for c in calls)
     assert calls[0][0] is not None and calls[0][0].embed_dim == 48
+    # the learning curve is in metrics.jsonl, filed under the step before each evaluation...
+    curve = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_iteration" in r]
+    assert [(r["iteration"], r["eval_iteration"], r["eval/bach/knn_20"]) for r in curve] \
+        == [(-1, 0, 0.1), (1, 2, 0.2), (3, 4, 0.3)]
+    # ...and the report reads it apart from the iterations
+    from dinov2_patho.report.training import read_metrics as report_metrics
+
+    metrics = report_metrics(tmp_path)
+    assert len(metrics) == 4 and list(metrics.evals["iteration"]) == [0, 2, 4]
+    assert list(metrics.evals["eval/bach/linear"]) == [0.1, 0.2, 0.3]
+    # a resume from iteration 2 keeps the points up to 2 and adds 4's again, once
+    (tmp_path / "checkpoints" / "latest").write_text("iter_00000002")
+    calls.clear()
+    trainer_mod.run_training(cfg, tmp_path)
+    curve = [r["eval_iteration"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_iteration" in r]
+    assert curve == [0, 2, 4] and [c[3].name for c in calls] == ["iter_00000004"]
 
 
 def test_evaluation_hook_runs_slide_tasks_on_the_teacher(cohort, cohort_index, tmp_path, monkeypatch):
@@ -236,7 +255,8 @@ def test_evaluation_hook_runs_slide_tasks_on_the_teacher(cohort, cohort_index, t
     trainer_mod.run_training(cfg, tmp_path / "run")  # slide tasks alone turn the hook on
     out = tmp_path / "run" / "eval" / "iter_00000002" / "slide"
     folds = {"cross_validation": {"folds": 3}}
-    assert calls == [([str(labels)], folds, out, "teacher iter_00000002", False, 48)]
+    assert calls == [([str(labels)], folds, out.parent.parent / "iter_00000000" / "slide", "teacher iter_00000000",
+                      False, 48), ([str(labels)], folds, out, "teacher iter_00000002", False, 48)]
     with pytest.raises(UserError, match=r"evaluation\.slide_config_file: .*absent\.yaml does not exist"):
         trainer_mod.run_training(tiny_cfg(cohort, cohort_index, "evaluation.slide_tasks=[labels.csv]",
                                           f"evaluation.slide_config_file={tmp_path / 'absent.yaml'}"),

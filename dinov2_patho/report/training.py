@@ -32,6 +32,7 @@ class Metrics:
 
     columns: dict[str, np.ndarray]
     notes: list[str] = field(default_factory=list)
+    evals: dict[str, np.ndarray] = field(default_factory=dict)  # learning curve: "iteration", "eval/..."
 
     def __len__(self) -> int:
         return len(self.columns.get("iteration", ()))
@@ -68,7 +69,13 @@ def read_metrics(run_dir: Path) -> Metrics:
         column = table[name]
         if pyarrow.types.is_integer(column.type) or pyarrow.types.is_floating(column.type):
             columns[name] = pyarrow.compute.cast(column, pyarrow.float64()).to_numpy(zero_copy_only=False)
-    return Metrics(columns, notes)
+    # the trainer's periodic evaluations (learning_curve_record) are rows of their own, not iterations
+    is_eval = np.isfinite(columns.pop("eval_iteration", np.full(len(table), np.nan)))
+    evals = {k: v[is_eval] for k, v in columns.items() if k.startswith("eval/")}
+    if evals:
+        evals["iteration"] = columns["iteration"][is_eval] + 1
+    columns = {k: v[~is_eval] for k, v in columns.items() if not k.startswith("eval/")}
+    return Metrics(columns, notes, evals)
 
 
 def read_sessions(run_dir: Path) -> list[dict[str, Any]]:
@@ -111,6 +118,19 @@ def training_figures(metrics: Metrics) -> dict[str, str]:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         figures["schedules"] = figure_uri(fig)
+    curves = sorted(k for k in metrics.evals if k != "iteration")
+    if curves:  # how the backbone gets better, not only the loss: the trainer's periodic evaluations
+        fig, ax = plt.subplots(figsize=(9, 3.0))
+        for key in curves:
+            y = 100 * metrics.evals[key]
+            keep = np.isfinite(y)
+            ax.plot(metrics.evals["iteration"][keep], y[keep], marker="o", markersize=3,
+                    linewidth=1.2, label=key.removeprefix("eval/"))
+        ax.set(xlabel="iteration", ylabel="balanced accuracy (%)",
+               title="learning curve: the teacher on held-out data (iteration 0: its initialisation)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        figures["learning_curve"] = figure_uri(fig)
     samples, data, total = metrics.get("samples_per_s"), metrics.get("data_time"), metrics.get("iter_time")
     if samples is not None:
         fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))

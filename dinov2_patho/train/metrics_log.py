@@ -55,13 +55,15 @@ class MetricsWriter:
         self._start = start_iteration
         if not enabled:
             return
-        kept = [r for r in read_metrics(self.path) if r.get("iteration", -1) < start_iteration]
+        kept = [r for r in read_metrics(self.path)  # a start from 0 keeps nothing (the -1 record either)
+                if start_iteration > 0 and r.get("iteration", -1) < start_iteration]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
         if tensorboard:
             self._tb = _tensorboard_writer(Path(output_dir) / "tensorboard")
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], progress: bool = True) -> None:
+        """Append `record`; with `progress`, an iteration's record, the progress line when due."""
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
@@ -71,7 +73,7 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, it)
-        if (it + 1) % self.log_every == 0 or it + 1 == self.total or it == self._start:
+        if progress and ((it + 1) % self.log_every == 0 or it + 1 == self.total or it == self._start):
             self._progress(record)
 
     def _progress(self, r: dict[str, Any]) -> None:

@@ -279,6 +279,8 @@ class Trainer:
         self.model.train()
         t_start = time.perf_counter()
         self._loader_iter = iter(self.loader)
+        if every_eval > 0 and self.start == 0:
+            self.evaluate(0)  # the learning curve's first point: the initialisation
         losses: dict[str, float] = {}
         stopped = False
         iteration = self.start
@@ -417,7 +419,8 @@ class Trainer:
             out = self.output_dir / "eval" / ckpt.checkpoint_name(iteration)
             if cfg.benchmarks:
                 eval_cfg = OmegaConf.load(cfg.config_file) if cfg.config_file else None
-                run_benchmarks(teacher, list(cfg.benchmarks), eval_cfg, out)
+                results = run_benchmarks(teacher, list(cfg.benchmarks), eval_cfg, out)
+                self.metrics.write(learning_curve_record(results, iteration), progress=False)
             if cfg.slide_tasks:
                 slide_cfg = OmegaConf.load(cfg.slide_config_file) if cfg.slide_config_file else None
                 slide_runner.run_slide_tasks(teacher, list(cfg.slide_tasks), slide_cfg, out / "slide",
@@ -429,6 +432,20 @@ class Trainer:
         self._loader_iter = None  # shuts the workers down
         if self.metrics is not None:
             self.metrics.close()
+
+
+def learning_curve_record(results: dict[str, dict], iteration: int) -> dict[str, Any]:
+    """One metrics.jsonl record of the teacher's test balanced accuracy per benchmark and head after
+    `iteration` steps (`eval/NAME/linear`, `eval/NAME/knn_K`, `eval/NAME/logreg`). It is filed under
+    the step before (iteration - 1), so a resume from the checkpoint written with it keeps it."""
+    record: dict[str, Any] = {"iteration": iteration - 1, "eval_iteration": iteration}
+    for name, result in results.items():
+        for head in ("linear", "logreg"):
+            if head in result:
+                record[f"eval/{name}/{head}"] = result[head]["balanced_accuracy"]
+        for k, knn in result.get("knn", {}).items():
+            record[f"eval/{name}/knn_{k}"] = knn["balanced_accuracy"]
+    return record
 
 
 def _fmt(losses: dict[str, float]) -> str:
