@@ -60,3 +60,12 @@ def test_schedules_from_config():
     assert first.momentum == pytest.approx(cfg.teacher.momentum_teacher) and s.at(100).momentum == 1.0
     assert first.wd == pytest.approx(cfg.optim.weight_decay) and s.at(100).wd == cfg.optim.weight_decay_end
     assert isinstance(OmegaConf.to_yaml(cfg), str)
+
+
+def test_default_warmups_are_dinov2s_shares_of_the_schedule():
+    # ssl_default_config: 100 epochs; lr warmup 10, teacher-temperature warmup 30, last layer frozen 1
+    cfg = load_config("train/default.yaml", None, ["data.index=x"])
+    total = cfg.train.iterations
+    assert cfg.optim.warmup_iterations / total == pytest.approx(10 / 100)
+    assert cfg.teacher.warmup_teacher_temp_iterations / total == pytest.approx(30 / 100)
+    assert cfg.optim.freeze_last_layer_iterations / total == pytest.approx(1 / 100)
