@@ -144,6 +144,21 @@ def test_params_groups_decay_and_markers():
     assert seen["dino_head.mlp.0.weight"] == (1.0, 1.0, False)
 
 
+def test_token_weight_decay_switch_decays_only_the_tokens():
+    def multipliers(*overrides):
+        groups = SSLMetaArch(tiny_cfg("student.num_register_tokens=2", *overrides)).get_params_groups()
+        return {name: (g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"])
+                for g in groups for name in g["names"]}
+
+    default, decayed = multipliers(), multipliers("optim.token_weight_decay=true")
+    tokens = {f"backbone.{t}" for t in ("cls_token", "pos_embed", "mask_token", "register_tokens")}
+    assert {n for n in default if default[n] != decayed[n]} == tokens
+    for name in tokens:  # DINOv2 decays them like any weight
+        assert default[name][1] == 0.0 and decayed[name] == (default[name][0], 1.0, False)
+    with pytest.raises(UserError, match="optim.token_weight_decay"):
+        SSLMetaArch(tiny_cfg("optim.token_weight_decay=sometimes")).get_params_groups()
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(UserError, match="teacher.centering"):
         SSLMetaArch(tiny_cfg("teacher.centering=sinkhorn"))

@@ -26,8 +26,9 @@ from dinov2_patho.train.student import build_student_backbone
 log = get_logger(__name__)
 
 CENTERINGS = ("sinkhorn_knopp", "centering")
-# Backbone parameters before the first block: layer 0 of the layer-wise lr decay, and no weight decay
-# for the tokens and position embeddings (they are not weights of a linear map).
+# Backbone parameters before the first block: layer 0 of the layer-wise lr decay, and by default no
+# weight decay for the tokens and position embeddings (they are not weights of a linear map; timm,
+# BEiT and MAE exempt them too). DINOv2 decays them: optim.token_weight_decay=true does as it does.
 _EMBEDDING_PARAMS = ("cls_token", "register_tokens", "mask_token", "pos_embed")
 
 
@@ -229,12 +230,17 @@ class SSLMetaArch(nn.Module):
     # ------------------------------------------------------------------ optimiser groups
 
     def get_params_groups(self) -> list[dict[str, Any]]:
-        """Student parameters grouped by (lr_multiplier, wd_multiplier, is_last_layer), as DINOv2:
-        layer-wise lr decay over the backbone's blocks (optim.layerwise_decay; heads and the final
-        norm at 1), patch embedding x optim.patch_embed_lr_mult, no weight decay on biases, norms,
-        LayerScale gains and tokens, and `is_last_layer` on the heads' prototypes (frozen early on)."""
+        """Student parameters grouped by (lr_multiplier, wd_multiplier, is_last_layer): layer-wise lr
+        decay over the backbone's blocks (optim.layerwise_decay; heads and the final norm at 1), patch
+        embedding x optim.patch_embed_lr_mult, no weight decay on biases, norms and LayerScale gains,
+        and `is_last_layer` on the heads' prototypes (frozen early on), all as DINOv2. Unlike DINOv2,
+        the cls/register/mask tokens and position embeddings get no weight decay either, unless
+        optim.token_weight_decay is true."""
         decay = float(self.cfg.optim.layerwise_decay)
         patch_embed_mult = float(self.cfg.optim.patch_embed_lr_mult)
+        decay_tokens = self.cfg.optim.token_weight_decay
+        if not isinstance(decay_tokens, bool):
+            raise UserError(f"config: optim.token_weight_decay={decay_tokens!r} must be true or false")
         n_blocks = len(unwrap(self.student["backbone"]).blocks)
         groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
         for module_name, module in self.student.items():
@@ -247,7 +253,7 @@ class SSLMetaArch(nn.Module):
                     if name.startswith("patch_embed."):
                         lr_mult *= patch_embed_mult
                 no_decay = (name.endswith(".bias") or "norm" in name or name.endswith(".gamma")
-                            or name in _EMBEDDING_PARAMS)
+                            or (name in _EMBEDDING_PARAMS and not decay_tokens))
                 key = (lr_mult, 0.0 if no_decay else 1.0, name.startswith("last_layer."))
                 group = groups.setdefault(key, {"params": [], "names": [], "lr_multiplier": key[0],
                                                 "wd_multiplier": key[1], "is_last_layer": key[2]})
