@@ -145,3 +145,39 @@ def test_from_config_reads_crops_and_augmentation_and_rejects_bad_values():
         AugmentConfig.defaults(grayscale_p=1.5)
     with pytest.raises(UserError, match=r"crops.local_crops_scale"):
         AugmentConfig.defaults(local_crops_scale=(0.3, 0.1))
+
+
+def test_blur_kernel_size_fixes_the_taps_as_torchvision():
+    """blur_kernel_size=9: a 9 x 9 Gaussian (torchvision's GaussianBlur(9), DINOv2's), written here as
+    one 2-D convolution; the default keeps ceil(3 sigma) taps each side, so at sigma 2 it differs."""
+    x = torch.rand(3, 30, 30, generator=torch.Generator().manual_seed(0))
+    sigma = 2.0
+    t = torch.arange(-4.0, 5.0)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k2 = torch.outer(k1, k1) / k1.sum() ** 2
+    padded = torch.nn.functional.pad(x.unsqueeze(0), (4, 4, 4, 4), mode="reflect")
+    expected = torch.nn.functional.conv2d(padded, k2.expand(3, 1, 9, 9), groups=3).squeeze(0)
+    assert torch.allclose(gaussian_blur(x, sigma, kernel_size=9), expected, atol=1e-6)
+    assert not torch.allclose(gaussian_blur(x, sigma), expected, atol=1e-4)
+    assert AugmentConfig.from_config({"augmentation": {"blur_kernel_size": 9}}).blur_kernel_size == 9
+    for bad in (8, 1, "9"):
+        with pytest.raises(UserError, match="augmentation.blur_kernel_size"):
+            AugmentConfig.defaults(blur_kernel_size=bad)
+
+
+def test_blur_p_is_the_odds_each_crop_is_blurred(monkeypatch):
+    """blur_p [0.0, 0.9, 0.5] reproduces what DINOv2's GaussianBlur(p=1.0 / 0.1 / 0.5) does (1 - p)."""
+    import dinov2_patho.data.augment as augment
+
+    blurred = []
+    monkeypatch.setattr(augment, "gaussian_blur", lambda x, *_: blurred.append(x.shape[-1]) or x)
+    cfg = AugmentConfig.defaults(**{**PLAIN, "blur_p": (0.0, 0.9, 0.5)}, global_crops_size=16,
+                                 local_crops_size=8, local_crops_number=1)
+    aug, g = MultiCropAugmentation(cfg), torch.Generator().manual_seed(0)
+    n = 400
+    for _ in range(n):
+        aug(_tile(size=32), generator=g)
+    global_blurred, local_blurred = blurred.count(16), blurred.count(8)
+    # global crop 1 never, crop 2 with p 0.9, the local crop with 0.5 (4 binomial sigmas at n = 400)
+    assert abs(global_blurred - 0.9 * n) < 4 * math.sqrt(n * 0.9 * 0.1)
+    assert abs(local_blurred - 0.5 * n) < 4 * math.sqrt(n * 0.25)

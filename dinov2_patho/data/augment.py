@@ -150,9 +150,12 @@ def hed_jitter(x: torch.Tensor, scale: Sequence[float], bias: Sequence[float]) -
     return torch.exp(-od).clamp_(0.0, 1.0)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur, kernel radius ceil(3 sigma) (capped by the image), reflect padding."""
-    radius = min(int(math.ceil(3.0 * sigma)), x.shape[-1] - 1, x.shape[-2] - 1)
+def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur, reflect padding. Kernel radius ceil(3 sigma), which keeps 99.7 % of
+    the Gaussian at every sigma, or (kernel_size - 1) / 2 for a fixed size: DINOv2's torchvision
+    GaussianBlur(9) truncates sigma 2 at 2 sigma. Either is capped by the image."""
+    wanted = int(math.ceil(3.0 * sigma)) if kernel_size is None else (kernel_size - 1) // 2
+    radius = min(wanted, x.shape[-1] - 1, x.shape[-2] - 1)
     if radius < 1:
         return x
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
@@ -196,6 +199,7 @@ class AugmentConfig:
     grayscale_p: float
     blur_sigma: tuple[float, float]
     blur_p: tuple[float, float, float]  # global crop 1, global crop 2, local crops
+    blur_kernel_size: int | None  # None: 2 ceil(3 sigma) + 1 taps
     solarize_p: tuple[float, float, float]
     solarize_threshold: float
     mean: tuple[float, float, float]
@@ -226,6 +230,9 @@ class AugmentConfig:
             values = getattr(self, key)
             if len(values) != 3 or not all(0 <= p <= 1 for p in values):
                 raise bad(key, "needs 3 probabilities in [0, 1]: global crop 1, global crop 2, local")
+        size = self.blur_kernel_size
+        if size is not None and (type(size) is not int or size < 3 or size % 2 == 0):
+            raise bad("blur_kernel_size", "must be an odd integer >= 3, or null (2 ceil(3 sigma) + 1)")
         for key in ("brightness", "contrast", "saturation", "hed_scale", "hed_bias"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
@@ -302,7 +309,7 @@ class MultiCropAugmentation:
         if _coin(c.grayscale_p, g):
             x = grayscale(x).expand(3, -1, -1)
         if _coin(c.blur_p[kind], g):
-            x = gaussian_blur(x, _uniform(*c.blur_sigma, g))
+            x = gaussian_blur(x, _uniform(*c.blur_sigma, g), c.blur_kernel_size)
         if _coin(c.solarize_p[kind], g):
             x = solarize(x, c.solarize_threshold)
         return ((x - self._mean) / self._std).contiguous()
