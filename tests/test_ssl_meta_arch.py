@@ -175,3 +175,31 @@ def test_precision_bf16_on_gpu_fp32_on_cpu():
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("auto", gpu) is torch.bfloat16
     assert autocast_dtype(False, gpu) is None and autocast_dtype("off", gpu) is None
     assert autocast_dtype("fp16", gpu) is torch.float16 and autocast_dtype("bf16", cpu) is torch.bfloat16
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_dino_term_is_the_mean_cross_entropy_over_crop_pairs(tiles, n_local):
+    """Each global crop pairs with the teacher's other view, each local crop with both: 2 + 2 n_local
+    pairs, averaged. DINOv2 divides by max(2 n_local, 1) + 2, 3 without local crops (its DINO term is
+    then 2/3 of this one: dino.loss_weight=0.667 gives its weighting)."""
+    from dinov2_patho.loss.centering import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(f"crops.local_crops_number={n_local}", "ibot.loss_weight=0", "dino.koleo_loss_weight=0")
+    arch = SSLMetaArch(cfg).train()
+    batch = make_batch(cfg, tiles[:4])
+    total = arch.forward_backward(batch, teacher_temp=0.07)["total_loss"]
+    with torch.no_grad():
+        teacher = arch.teacher["dino_head"](arch.teacher["backbone"](batch["global_crops"]))
+        targets = sinkhorn_knopp(teacher, 0.07).chunk(2)
+        student = arch.student["backbone"]
+        views = arch.student["dino_head"](student(batch["global_crops"], batch["masks"])).chunk(2)
+        crops = arch.student["dino_head"](student(batch["local_crops"])).chunk(n_local) if n_local else ()
+
+    def ce(t, s):
+        return -(t * torch.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
+
+    pairs = [ce(targets[1], views[0]), ce(targets[0], views[1])]
+    pairs += [ce(t, crop) for crop in crops for t in targets]
+    assert len(pairs) == 2 + 2 * n_local
+    assert total == pytest.approx(torch.stack(pairs).mean().item(), rel=1e-5)

@@ -196,7 +196,9 @@ class SSLMetaArch(nn.Module):
             ibot_logits = self.student["ibot_head"](masked_patches) if self.separate_ibot_head else rest[0]
 
         # Cross-entropy averaged over every (student crop, other teacher view) pair: 2 global pairs,
-        # 2 * n_local local ones.
+        # 2 * n_local local ones. DINOv2 divides by 2 + max(2 * n_local, 1): the same with local crops,
+        # 3 without them, where its DINO term is 2/3 of ours against iBOT and KoLeo (dino.loss_weight
+        # 0.667 gives its weighting there).
         n_pairs = 2 + 2 * n_local
         dino_local = (self.dino_loss(local_logits.chunk(n_local), dino_probs.chunk(2))
                       if n_local else global_logits.new_zeros((), dtype=torch.float32))
