@@ -23,13 +23,12 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from dinov2_reference import import_reference
 
 from dinov2_patho.models import build_backbone, load_pretrained
 
@@ -68,16 +67,6 @@ def backbone_step(student, teacher, inputs, autocast: Callable[[], object]) -> C
         student.zero_grad(set_to_none=True)
 
     return step
-
-
-def import_reference(repo: Path, device: torch.device):
-    if device.type == "cpu":
-        os.environ["XFORMERS_DISABLED"] = "1"
-    sys.path.insert(0, str(repo))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from dinov2.models import vision_transformer as ref_vits
-    return ref_vits
 
 
 def time_alternating(steps: dict[str, Callable[[], None]], iters: int,
