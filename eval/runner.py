@@ -120,11 +120,22 @@ def evaluate_features(feats: dict[str, tuple[np.ndarray, np.ndarray]], classes: 
     return out, take_predictions(out)
 
 
-def group_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def group_folds(groups: np.ndarray, folds: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
     """The fold of each row: distinct groups (slides, patients) in a seeded random order are
-    dealt to `folds` folds in turn, so no group spans two folds."""
+    dealt to `folds` folds in turn, so no group spans two folds.
+
+    With `labels` (one per row) the folds are also stratified: groups are ordered by their most
+    common label, shuffled within it, then dealt in turn, so each fold holds floor or ceil of
+    1/folds of every label's groups, and a label with at least `folds` groups is in every fold."""
     names, inverse = np.unique(groups, return_inverse=True)
-    order = np.random.default_rng(seed).permutation(len(names))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    if labels is not None:
+        label_values, label_ids = np.unique(labels, return_inverse=True)
+        counts = np.zeros((len(names), len(label_values)), np.int64)
+        np.add.at(counts, (inverse, label_ids), 1)
+        group_label = counts.argmax(axis=1)  # a patient's most common label; ties: the first
+        order = order[np.argsort(group_label[order], kind="stable")]
     fold_of_group = np.empty(len(names), np.int64)
     fold_of_group[order] = np.arange(len(names)) % folds
     return fold_of_group[inverse]

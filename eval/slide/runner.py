@@ -4,6 +4,7 @@ attention-MIL and a mean-pooling baseline, written as `eval run` writes its resu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,8 @@ def open_task(name: str, cfg: DictConfig, cache: Path) -> SlideTask:
 
 def partitions(task: SlideTask, cfg: DictConfig) -> list[dict[str, np.ndarray]]:
     """Slide indices per split: the task's own splits (scored on test, else val), or K folds by
-    patient (fold f tests, fold f+1 validates, the rest train)."""
+    patient, stratified by label (fold f tests, fold f+1 validates, the rest train): a class with at
+    least K patients is in every test split, so no fold's AUROC is undefined where the labels allow."""
     folds = cfg.cross_validation.folds
     if folds is None:
         if task.splits is None:
@@ -80,7 +82,7 @@ def partitions(task: SlideTask, cfg: DictConfig) -> list[dict[str, np.ndarray]]:
     if isinstance(folds, bool) or not isinstance(folds, int) or not 3 <= folds <= n_patients:
         raise UserError(f"slide task {task.name}: cross_validation.folds={folds!r} must be an integer "
                         f"between 3 and its number of patients ({n_patients})")
-    fold = group_folds(task.patients, folds, int(cfg.cross_validation.seed))
+    fold = group_folds(task.patients, folds, int(cfg.cross_validation.seed), labels=task.labels)
     return [{"train": np.flatnonzero((fold != f) & (fold != (f + 1) % folds)),
              "val": np.flatnonzero(fold == (f + 1) % folds), "test": np.flatnonzero(fold == f)}
             for f in range(folds)]
@@ -113,6 +115,17 @@ def evaluate_bags(bags: list[np.ndarray], labels: np.ndarray, part: dict[str, np
     return out
 
 
+def fold_mean(per_fold: list[dict]) -> dict:
+    """Folds averaged; a fold whose AUROC is undefined (one class among its test slides) is left out
+    of that head's AUROC mean and counted in its `auroc_undefined_folds` (all undefined: NaN)."""
+    result = mean_over_folds(per_fold)
+    for head in ("abmil", "mean_pool"):
+        if head in result:
+            result[head]["auroc_undefined_folds"] = sum(math.isnan(f[head]["auroc"]) for f in per_fold)
+    result["folds"] = per_fold
+    return result
+
+
 def run_slide_task(backbone: nn.Module, task: SlideTask, cfg: DictConfig, output_dir: Path,
                    backbone_name: str) -> dict:
     b = cfg.bags
@@ -124,8 +137,8 @@ def run_slide_task(backbone: nn.Module, task: SlideTask, cfg: DictConfig, output
     if len(per_part) == 1:
         result = per_part[0]
     else:
-        result = mean_over_folds(per_part)
-        result.update(folds=per_part, eval_split="test", cv_folds=len(parts),
+        result = fold_mean(per_part)
+        result.update(eval_split="test", cv_folds=len(parts),
                       sizes={k: int(round(np.mean([p["sizes"][k] for p in per_part])))
                              for k in per_part[0]["sizes"]})
     result.update(classes=list(task.classes), tiles_per_slide=float(np.mean([len(b) for b in bags])))
@@ -147,6 +160,9 @@ def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dic
             results[task.name] = run_slide_task(backbone, task, cfg, output_dir, backbone_name)
             if "abmil" in results[task.name]:
                 r = results[task.name]["abmil"]
-                log.info("%s: attention-MIL AUROC %s, balanced accuracy %s", task.name,
-                         format_score(r["auroc"], "auroc"), format_score(r["balanced_accuracy"]))
+                undefined = r.get("auroc_undefined_folds", 0)
+                log.info("%s: attention-MIL AUROC %s%s, balanced accuracy %s", task.name,
+                         format_score(r["auroc"], "auroc"),
+                         f" (undefined in {undefined} of {results[task.name]['cv_folds']} folds, left out)"
+                         if undefined else "", format_score(r["balanced_accuracy"]))
     return write_results(results, output_dir, cfg.plot, record)  # record: a random init's seed
