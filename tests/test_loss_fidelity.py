@@ -4,7 +4,6 @@ stand-in its reference step goes through, and its exit without a checkout."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -79,7 +78,8 @@ def test_cuda_stand_in_is_undone(bench):
     assert torch.Tensor.cuda is cuda
 
 
-def test_without_a_checkout_it_says_so(tmp_path):
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "loss_fidelity.py"), "--dinov2-repo",
-                             str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode == 2 and f"no dinov2 checkout at {tmp_path}" in result.stderr
+def test_without_a_checkout_it_says_so(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["loss_fidelity.py", "--dinov2-repo", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and f"no dinov2 checkout at {tmp_path}" in capsys.readouterr().err
