@@ -255,8 +255,9 @@ def test_evaluation_hook_runs_slide_tasks_on_the_teacher(cohort, cohort_index, t
     trainer_mod.run_training(cfg, tmp_path / "run")  # slide tasks alone turn the hook on
     out = tmp_path / "run" / "eval" / "iter_00000002" / "slide"
     folds = {"cross_validation": {"folds": 3}}
-    assert calls == [([str(labels)], folds, out.parent.parent / "iter_00000000" / "slide", "teacher iter_00000000",
-                      False, 48), ([str(labels)], folds, out, "teacher iter_00000002", False, 48)]
+    at_init = out.parent.parent / "iter_00000000" / "slide"
+    assert calls == [([str(labels)], folds, at_init, "teacher iter_00000000", False, 48),
+                     ([str(labels)], folds, out, "teacher iter_00000002", False, 48)]
     with pytest.raises(UserError, match=r"evaluation\.slide_config_file: .*absent\.yaml does not exist"):
         trainer_mod.run_training(tiny_cfg(cohort, cohort_index, "evaluation.slide_tasks=[labels.csv]",
                                           f"evaluation.slide_config_file={tmp_path / 'absent.yaml'}"),
