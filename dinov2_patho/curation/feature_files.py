@@ -147,7 +147,8 @@ def open_feature_folder(folder: str | Path) -> list[FeatureFile]:
     seen: dict[str, Path] = {}
     for path in tqdm(paths, desc="feature files", unit="file", disable=len(paths) < 1000):
         if path.stem in seen:
-            raise UserError(f"{path}: slide id {path.stem!r} also has {seen[path.stem].name}; one file per slide")
+            raise UserError(f"{path}: slide id {path.stem!r} also has {seen[path.stem].name}: a duplicate "
+                            "slide id")
         seen[path.stem] = path
         feature_file_name(path.stem, str(path))
         file = open_feature_file(path)
@@ -162,9 +163,8 @@ def write_feature_file(path: Path, features: np.ndarray, coords: np.ndarray, att
     """One slide's trident-style file, written whole or not at all."""
     import h5py
 
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(FEATURES, data=np.asarray(features, np.float32))
-            c = f.create_dataset(COORDS, data=np.asarray(coords, np.int64))
-            for key, value in attrs.items():
-                c.attrs[key] = value
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(FEATURES, data=np.asarray(features, np.float32))
+        c = f.create_dataset(COORDS, data=np.asarray(coords, np.int64))
+        for key, value in attrs.items():
+            c.attrs[key] = value

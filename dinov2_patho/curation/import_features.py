@@ -26,8 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from dinov2_patho.curation.embed import EMBEDDINGS, FORMAT_VERSION, MANIFEST, PARTIAL, RUN, SLIDES, \
-    check_settings
+from dinov2_patho.curation.embed import (
+    EMBEDDINGS,
+    FORMAT_VERSION,
+    MANIFEST,
+    PARTIAL,
+    RUN,
+    SLIDES,
+    check_settings,
+)
 from dinov2_patho.curation.feature_files import FeatureFile, open_feature_folder
 from dinov2_patho.curation.tissue import INDEX, TILES_CSV
 from dinov2_patho.errors import UserError
@@ -121,7 +128,8 @@ def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> int:
     shutil.rmtree(out / INDEX, ignore_errors=True)
     with atomic_path(out / PARTIAL) as tmp:
         np.lib.format.open_memmap(tmp, "w+", np.float16, (n, dim)).flush()
-    atomic_write_text(out / RUN, json.dumps({"format_version": FORMAT_VERSION, "settings": settings}, indent=1))
+    run_state = {"format_version": FORMAT_VERSION, "settings": settings}
+    atomic_write_text(out / RUN, json.dumps(run_state, indent=1))
     return 0
 
 
@@ -150,8 +158,8 @@ def _finish(out: Path, files: list[FeatureFile], settings: dict[str, Any]) -> No
             w.writerow((file.slide_id, start, start + file.num_rows))
             start += file.num_rows
     os.replace(out / PARTIAL, out / EMBEDDINGS)
-    manifest = {"format_version": FORMAT_VERSION, "settings": settings, "num_rows": settings["tiles"]["num_rows"],
-                "dim": settings["dim"], "dtype": "float16", "world_size": 1}
+    manifest = {"format_version": FORMAT_VERSION, "settings": settings, "dim": settings["dim"],
+                "num_rows": settings["tiles"]["num_rows"], "dtype": "float16", "world_size": 1}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     (out / RUN).unlink()
     (out / PROGRESS).unlink(missing_ok=True)
