@@ -45,10 +45,14 @@ def run_cli(*argv: str) -> int:
     return main([*argv, "--no-progress"])
 
 
+def import_folder(features: Path, out: Path) -> int:
+    return run_cli("curate", "import", "--features", str(features), "--out", str(out))
+
+
 def test_import_is_an_emb_dir_that_kmeans_write_and_index_build_take(tmp_path, capsys):
     data = make_folder(tmp_path / "feats", {"b_slide": 30, "a_slide": 45, "c_slide": 12})
     emb = tmp_path / "emb"
-    assert run_cli("curate", "import", "--features", str(tmp_path / "feats"), "--out", str(emb)) == 0
+    assert import_folder(tmp_path / "feats", emb) == 0
     order = sorted(data)  # slides in slide id order, each file's rows in its order
     matrix = np.load(emb / "embeddings.npy")
     assert matrix.dtype == np.float16
@@ -66,12 +70,13 @@ def test_import_is_an_emb_dir_that_kmeans_write_and_index_build_take(tmp_path, c
     assert run_cli("curate", "kmeans", "--embeddings", str(emb), "--out", str(tree),
                    "kmeans.levels=[{clusters: 8}, {clusters: 2}]") == 0
     assert run_cli("curate", "write", "--tiles", str(emb), "--tree", str(tree), "--out", str(clusters)) == 0
-    assert run_cli("index", "build", "--csv", str(clusters / "clusters.csv"), "--out", str(tmp_path / "idx")) == 0
+    assert run_cli("index", "build", "--csv", str(clusters / "clusters.csv"), "--out",
+                   str(tmp_path / "idx")) == 0
     rebuilt = TileIndex.open(tmp_path / "idx")
     assert rebuilt.num_levels == 2 and len(rebuilt) == len(matrix)
     np.testing.assert_array_equal(np.stack(rebuilt.coords(TileIndex.ALL), 1), np.stack([x, y], 1))
     capsys.readouterr()
-    assert run_cli("curate", "import", "--features", str(tmp_path / "feats"), "--out", str(emb)) == 0
+    assert import_folder(tmp_path / "feats", emb) == 0
     assert "nothing to do" in capsys.readouterr().out
 
 
@@ -89,7 +94,7 @@ def test_a_killed_import_resumes_at_the_first_file_not_done(tmp_path, monkeypatc
 
     monkeypatch.setattr(feature_files.FeatureFile, "feature_blocks", killed_at_s3)
     with pytest.raises(KeyboardInterrupt):
-        run_cli("curate", "import", "--features", str(tmp_path / "feats"), "--out", str(emb))
+        import_folder(tmp_path / "feats", emb)
     assert not (emb / "manifest.json").exists() and not (emb / "embeddings.npy").exists()
 
     def spy(self, *a, **k):
@@ -98,7 +103,7 @@ def test_a_killed_import_resumes_at_the_first_file_not_done(tmp_path, monkeypatc
 
     read.clear()
     monkeypatch.setattr(feature_files.FeatureFile, "feature_blocks", spy)
-    assert run_cli("curate", "import", "--features", str(tmp_path / "feats"), "--out", str(emb)) == 0
+    assert import_folder(tmp_path / "feats", emb) == 0
     assert read == ["s3", "s4"]  # s0..s2 were on disk already
     np.testing.assert_array_equal(np.load(emb / "embeddings.npy"),
                                   np.concatenate([data[f"s{i}"][0] for i in range(5)]).astype(np.float16))
@@ -107,9 +112,9 @@ def test_a_killed_import_resumes_at_the_first_file_not_done(tmp_path, monkeypatc
 def test_import_refuses_to_mix_another_folder_into_an_emb_dir(tmp_path, capsys):
     make_folder(tmp_path / "one", {"a": 10, "b": 10})
     make_folder(tmp_path / "two", {"a": 10, "b": 11})
-    assert run_cli("curate", "import", "--features", str(tmp_path / "one"), "--out", str(tmp_path / "emb")) == 0
+    assert import_folder(tmp_path / "one", tmp_path / "emb") == 0
     capsys.readouterr()
-    assert run_cli("curate", "import", "--features", str(tmp_path / "two"), "--out", str(tmp_path / "emb")) == 2
+    assert import_folder(tmp_path / "two", tmp_path / "emb") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different settings" in err
 
@@ -150,7 +155,7 @@ def test_bad_feature_files_are_one_line_naming_the_file(case, tmp_path, capsys):
                 f["features"] = content[0]
         else:
             write_h5(folder / file, *content)
-    assert run_cli("curate", "import", "--features", str(folder), "--out", str(tmp_path / "emb")) == 2
+    assert import_folder(folder, tmp_path / "emb") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert name in err and says in err, err
@@ -161,8 +166,7 @@ def test_export_refuses_a_tile_list_the_embeddings_were_not_made_from(tmp_path, 
     make_folder(tmp_path / "one", {"a": 10, "b": 10})
     make_folder(tmp_path / "two", {"a": 10, "b": 11})
     for name in ("one", "two"):
-        assert run_cli("curate", "import", "--features", str(tmp_path / name), "--out",
-                       str(tmp_path / f"emb_{name}")) == 0
+        assert import_folder(tmp_path / name, tmp_path / f"emb_{name}") == 0
     capsys.readouterr()
     assert run_cli("curate", "export", "--embeddings", str(tmp_path / "emb_one"), "--tiles",
                    str(tmp_path / "emb_two"), "--out", str(tmp_path / "out")) == 2
@@ -181,7 +185,7 @@ def test_export_of_an_import_gives_back_the_features_and_coords(sizes, dim, seed
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = make_folder(tmp / "feats", sizes, dim, seed)
-        assert run_cli("curate", "import", "--features", str(tmp / "feats"), "--out", str(tmp / "emb")) == 0
+        assert import_folder(tmp / "feats", tmp / "emb") == 0
         assert run_cli("curate", "export", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "out")) == 0
         assert sorted(p.stem for p in (tmp / "out").glob("*.h5")) == sorted(sizes)
         for slide, (x, xy) in data.items():
