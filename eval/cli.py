@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "CSVs slide_id,label[,split][,patient_id]")
     slide.add_argument("--slides", help="for a labels CSV: slide folder, or slide_id,path CSV")
     slide.add_argument("--tiles", help="for a labels CSV: tile index, or `curate tiles` output folder")
+    slide.add_argument("--features", help="for a labels CSV: a folder of <slide_id>.h5 feature files "
+                                          "(trident/CLAM) to read the bags from, instead of a backbone")
     slide.add_argument("--data-root", help="folder holding one folder per named task")
     slide.add_argument("--output-dir", required=True, type=Path, help="results, cached bags, config, log")
     slide.add_argument("--config-file", help="config over configs/eval/slide.yaml")
@@ -87,7 +89,8 @@ def run_slide(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     for key, value in (("backbone.path", args.backbone), ("backbone.arch", args.arch),
-                       ("slides", args.slides), ("tiles", args.tiles), ("data_root", args.data_root)):
+                       ("slides", args.slides), ("tiles", args.tiles), ("features", args.features),
+                       ("data_root", args.data_root)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.no_progress:
@@ -98,9 +101,16 @@ def run_slide(args: argparse.Namespace) -> int:
     if not cfg.tasks:
         raise UserError("eval slide: no task given (--tasks or tasks= in the config)")
     check_slide_values(cfg)  # before the backbone is built and moved to bags.device
+    spec = cfg.backbone
+    if cfg.features is not None and (spec.path is not None or args.arch is not None):
+        raise UserError("eval slide: --features gives the bags; --backbone/--arch (backbone.*) do not apply")
     setup_logging(args.output_dir)
     save_config(cfg, args.output_dir / "config.yaml")
-    spec = cfg.backbone
+    if cfg.features is not None:
+        run_slide_tasks(None, list(cfg.tasks), cfg, args.output_dir, f"features:{cfg.features}",
+                        {"features": str(Path(cfg.features).resolve())})
+        print((args.output_dir / "results.md").read_text(), end="")
+        return 0
     backbone = load_backbone(spec.path, spec.arch, spec.weights_format, spec.seed,
                              **OmegaConf.to_container(spec.model, resolve=True))
     name = f"{spec.arch}:{spec.path}" if spec.path is not None else f"{spec.arch}:random-init"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dinov2_patho.curation import feature_files
 from dinov2_patho.curation.feature_files import feature_file_name
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval.slide.planted_features import make_planted_features
 
 
 def write_h5(path: Path, features, coords, **attrs) -> None:
@@ -204,3 +206,31 @@ def test_a_slide_id_becomes_a_file_name_inside_its_folder_or_is_refused(slide_id
         assert "labels.csv" in str(e) and len(str(e).splitlines()) == 1
         return
     assert (folder / name).parent == folder and name == f"{slide_id}.h5"
+
+
+def _abmil_auroc(tmp: Path, shuffle_labels: bool) -> float:
+    labels = make_planted_features(tmp, seed=0, shuffle_labels=shuffle_labels)
+    assert main(["eval", "slide", "--features", str(tmp / "features"), "--tasks", str(labels), "--output-dir",
+                 str(tmp / "out"), "--no-progress", "heads.abmil.n_runs=1", "plot=false"]) == 0
+    return json.loads((tmp / "out" / "results.json").read_text())["labels"]["abmil"]["auroc"]
+
+
+def test_eval_slide_on_feature_files_finds_a_label_carried_by_a_few_tiles(tmp_path):
+    assert _abmil_auroc(tmp_path / "planted", shuffle_labels=False) >= 0.9
+    assert _abmil_auroc(tmp_path / "shuffled", shuffle_labels=True) <= 0.7
+
+
+def test_eval_slide_features_names_a_labelled_slide_without_a_file(tmp_path, capsys):
+    labels = make_planted_features(tmp_path, num_slides=12)
+    (tmp_path / "features" / "slide_005.h5").unlink()
+    assert main(["eval", "slide", "--features", str(tmp_path / "features"), "--tasks", str(labels),
+                 "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "line 7: slide 'slide_005' has no feature file in" in err, err
+
+
+def test_eval_slide_features_takes_no_backbone(tmp_path, capsys):
+    labels = make_planted_features(tmp_path, num_slides=12)
+    assert main(["eval", "slide", "--features", str(tmp_path / "features"), "--tasks", str(labels),
+                 "--arch", "vit_small", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--backbone/--arch" in capsys.readouterr().err

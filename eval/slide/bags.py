@@ -6,7 +6,8 @@ a cache whose manifest differs is refused naming the first difference, never reu
 bag is filled by the project's one feature engine (`eval.features.fill_features`, uint8 tiles
 normalised on the device) into `<cache>/slides/<slide_id>/`: `rows.npy` (the tile rows of the
 index, written first), `features.npy` (float32 [n, D] of the token) and `progress.json`, which
-makes an interrupted extraction resume and marks the bag complete when it reaches n.
+makes an interrupted extraction resume and marks the bag complete when it reaches n. A task over
+feature files (`eval slide --features`) has its bags on disk already: `feature_bags` reads them.
 """
 
 from __future__ import annotations
@@ -92,4 +93,17 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
             raise UserError(f"slide task {task.name}: slide {slide_id!r} has no tiles to make a bag of")
         bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, cache / "slides" / slide_id, token,
                          dim, batch_size, num_workers, on_device))
+    return bags
+
+
+def feature_bags(task: SlideTask, *, cap: int | None = None, seed: int = 0,
+                 progress: bool = True) -> list[np.ndarray]:
+    """The bag of every slide of a task over feature files, read from its file (at most `cap` rows,
+    drawn as `extract_bags` draws them)."""
+    assert task.features is not None, "a task over feature files"
+    bags = []
+    for slide_id in tqdm(task.slide_ids, desc=f"{task.name} bags", unit="slide", disable=not progress):
+        file = task.features[slide_id]
+        rows = capped_rows(np.arange(file.num_rows), slide_id, cap, seed)
+        bags.append(file.bag(None if len(rows) == file.num_rows else rows))
     return bags
