@@ -12,6 +12,8 @@ from dinov2_patho.config_files import load_config, save_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import setup_logging
 
+ARCH_HELP = ("our backbone name (vit_small, ...), timm/<model name>, local-dir:PATH (timm's save_for_hf "
+             "folder) or hf-hub:ORG/NAME (from the local Hugging Face cache, offline)")
 BACKBONE_HELP = ("a training run or checkpoint directory (its teacher, at its own size: no --arch needed), "
                  "or a weights file (ours, DINOv2 hub or timm); omit for a random-init baseline")
 
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 description="Extract features (cached), fit linear probe / kNN / logistic "
                                             "regression, write results.{csv,md,json,png}.")
     run_parser.add_argument("--backbone", help=BACKBONE_HELP)
-    run_parser.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
+    run_parser.add_argument("--arch", help=ARCH_HELP)
     run_parser.add_argument("--benchmarks", help="comma-separated: bach,crc,mhist,pcam,bracs,breakhis,"
                                                  "unitopatho,chaoyang,synthetic,folder,csv")
     run_parser.add_argument("--data-root", help="folder holding one folder per benchmark")
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "attention-MIL and a mean-pooling baseline, write "
                                        "results.{csv,md,json,png}.")
     slide.add_argument("--backbone", help=BACKBONE_HELP)
-    slide.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
+    slide.add_argument("--arch", help=ARCH_HELP)
     slide.add_argument("--tasks", help="comma-separated task names (synthetic, camelyon16, panda) or labels "
                                        "CSVs slide_id,label[,split][,patient_id]")
     slide.add_argument("--slides", help="for a labels CSV: slide folder, or slide_id,path CSV")

@@ -28,7 +28,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 
 from ..features import check_cache_manifest, feature_dim, fill_features, weights_hash
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..hub import normalisation
 from .tasks import SlideTask
 
 
@@ -47,7 +47,7 @@ def bag_manifest(task: SlideTask, backbone: nn.Module, backbone_name: str, token
             "tiles": {"index": str(Path(task.tiles.path).resolve()),
                       "fingerprint": tile_list_fingerprint(Path(task.tiles.path))},
             "mpp_override": task.mpp, "token": token, "max_tiles": cap, "cap_seed": seed,
-            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+            "normalisation": dict(zip(("mean", "std"), map(list, normalisation(backbone))))}
 
 
 def _bag(backbone: nn.Module, tiles: Subset, rows: np.ndarray, slide_dir: Path, token: str,
@@ -83,7 +83,7 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
     source = source if source is not None else SlideTileSource(task.registry, mpp_override=task.mpp,
                                                                       mpp_key="mpp (eval slide)")
     dataset = TileDataset(task.tiles, source)  # (uint8 [3, 224, 224] tile, row id) by global row id
-    on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
+    on_device = normalise_on_device(*normalisation(backbone))
     blank = on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0]
     dim = functools.cache(lambda: feature_dim(backbone, blank, token))  # only when a bag is missing
     bags = []

@@ -19,6 +19,7 @@ from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE
 from ..backbone import frozen
 from ..heads.abmil import AbmilConfig, abmil
 from ..heads.logreg import logistic_regression
+from ..hub import check_token
 from ..report import format_score, write_results
 from ..runner import LISTS as TILE_LISTS
 from ..runner import check_eval_values, group_folds, mean_over_folds
@@ -125,6 +126,7 @@ def run_slide_task(backbone: nn.Module | None, task: SlideTask, cfg: DictConfig,
     if task.features is not None:
         bags = feature_bags(task, cap=b.max_tiles, seed=b.seed, progress=cfg.progress)
     else:
+        check_token(backbone, b.token, "bags.token")
         bags = extract_bags(task, backbone, output_dir / "bags" / task.name, backbone_name=backbone_name,
                             token=b.token, cap=b.max_tiles, seed=b.seed, batch_size=b.batch_size,
                             num_workers=b.num_workers, progress=cfg.progress)
