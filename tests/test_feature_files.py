@@ -234,3 +234,30 @@ def test_eval_slide_features_takes_no_backbone(tmp_path, capsys):
     assert main(["eval", "slide", "--features", str(tmp_path / "features"), "--tasks", str(labels),
                  "--arch", "vit_small", "--output-dir", str(tmp_path / "out")]) == 2
     assert "--backbone/--arch" in capsys.readouterr().err
+
+
+def test_eval_slide_writes_its_bags_as_feature_files_that_eval_slide_features_reads_back(cohort, cohort_index,
+                                                                                          tmp_path):
+    from dinov2_patho.eval.slide.runner import run_slide_tasks
+    from dinov2_patho.eval.slide.synthetic_check import ColourTexture
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,patient_id\n" + "".join(
+        f"{sid},{'ab'[i % 2]},P{i // 2}\n" for i, sid in enumerate(cohort.slide_ids)))
+    heads = {"abmil": {"enabled": False}}
+    cfg = {"slides": str(cohort.slides_dir), "tiles": str(cohort_index.path), "heads": heads,
+           "bags": {"max_tiles": 8, "write_features": str(tmp_path / "h5")}, "cross_validation": {"folds": 4},
+           "plot": False, "progress": False}
+    first = run_slide_tasks(ColourTexture(), [str(labels)], cfg, tmp_path / "out", "colour_texture")
+    folder = tmp_path / "h5" / "labels"
+    assert sorted(p.stem for p in folder.glob("*.h5")) == sorted(cohort.slide_ids)
+    for sid in cohort.slide_ids:
+        cached = tmp_path / "out" / "bags" / "labels" / "slides" / sid
+        _, x, y = cohort_index.tiles(np.load(cached / "rows.npy"))
+        with h5py.File(folder / f"{sid}.h5", "r") as f:
+            np.testing.assert_array_equal(f["features"][:], np.load(cached / "features.npy"))
+            np.testing.assert_array_equal(f["coords"][:], np.stack([x, y], 1))
+    again = run_slide_tasks(None, [str(labels)], {"features": str(folder), "cross_validation": {"folds": 4},
+                                                  "heads": heads, "plot": False, "progress": False},
+                            tmp_path / "again")
+    assert again["labels"]["mean_pool"] == first["labels"]["mean_pool"]

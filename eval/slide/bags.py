@@ -24,6 +24,8 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dinov2_patho.curation.embed import normalise_on_device, tile_list_fingerprint
+from dinov2_patho.curation.feature_files import feature_file_name, write_feature_file
+from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 
@@ -107,3 +109,13 @@ def feature_bags(task: SlideTask, *, cap: int | None = None, seed: int = 0,
         rows = capped_rows(np.arange(file.num_rows), slide_id, cap, seed)
         bags.append(file.bag(None if len(rows) == file.num_rows else rows))
     return bags
+
+
+def write_bags(task: SlideTask, bags: list[np.ndarray], folder: Path, *, cap: int | None = None,
+               seed: int = 0) -> None:
+    """Each bag of `extract_bags` as trident's `<slide_id>.h5` (features, level-0 coords of its tiles), the
+    layout `eval slide --features` and Patho-Bench read."""
+    for slide_id, bag in zip(task.slide_ids, bags):
+        _, x, y = task.tiles.tiles(capped_rows(task.tile_rows(slide_id), slide_id, cap, seed))
+        write_feature_file(folder / feature_file_name(slide_id, f"slide task {task.name}"), bag,
+                           np.stack([x, y], 1), {"patch_size": TILE_PX})

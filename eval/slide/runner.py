@@ -24,7 +24,7 @@ from ..report import format_score, write_results
 from ..runner import LISTS as TILE_LISTS
 from ..runner import check_eval_values, group_folds, mean_over_folds
 from .adapters import SLIDE_TASKS
-from .bags import extract_bags, feature_bags
+from .bags import extract_bags, feature_bags, write_bags
 from .tasks import SlideTask, csv_task, features_task
 
 log = get_logger(__name__)
@@ -130,6 +130,8 @@ def run_slide_task(backbone: nn.Module | None, task: SlideTask, cfg: DictConfig,
         bags = extract_bags(task, backbone, output_dir / "bags" / task.name, backbone_name=backbone_name,
                             token=b.token, cap=b.max_tiles, seed=b.seed, batch_size=b.batch_size,
                             num_workers=b.num_workers, progress=cfg.progress)
+        if b.write_features is not None:
+            write_bags(task, bags, Path(b.write_features) / task.name, cap=b.max_tiles, seed=b.seed)
     parts = partitions(task, cfg)
     per_part = [evaluate_bags(bags, task.labels, part, task, cfg) for part in parts]
     if len(per_part) == 1:
