@@ -90,6 +90,16 @@ def resolve_folder(arch: str) -> tuple[Path, str | None]:
                         "and `huggingface-cli login` first), or point HF_HOME at a cache that has it") from e
 
 
+def saved_weights(arch: str, folder: Path | None = None) -> Path:
+    """The weights file of `arch`'s folder (model.safetensors first): `student.pretrained_weights` may be
+    local-dir:PATH or hf-hub:ORG/NAME too."""
+    folder = resolve_folder(arch)[0] if folder is None else folder
+    saved = [folder / w for w in WEIGHTS if (folder / w).is_file()]
+    if not saved:
+        raise UserError(f"backbone {arch}: {folder} has none of {', '.join(WEIGHTS)}")
+    return saved[0]
+
+
 def build_hub_backbone(arch: str, path: str | Path | None, **model_kwargs: Any) -> nn.Module:
     """The timm model of `arch` (local-dir:PATH or hf-hub:ORG/NAME) with its saved weights; `path`, where
     given, is another weights file for it. `model_kwargs` go to timm over the preset's kwargs."""
@@ -116,10 +126,7 @@ def build_hub_backbone(arch: str, path: str | Path | None, **model_kwargs: Any) 
         model = timm.create_model(architecture, pretrained=False, **kwargs)
     except (RuntimeError, TypeError) as e:
         raise UserError(f"backbone {arch}: timm cannot build {architecture!r}: {e}") from e
-    saved = [folder / w for w in WEIGHTS if (folder / w).is_file()]
-    weights_file = Path(path) if path is not None else (saved[0] if saved else None)
-    if weights_file is None:
-        raise UserError(f"backbone {arch}: {folder} has none of {', '.join(WEIGHTS)}")
+    weights_file = Path(path) if path is not None else saved_weights(arch, folder)
     state = weights.extract_state_dict(weights.read_checkpoint(weights_file), str(weights_file))[0]
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier: unused here
     try:

@@ -109,3 +109,17 @@ def test_curate_embed_with_a_model_saved_by_timm(cohort, tmp_path):
     with torch.no_grad():
         cls = saved.forward_features(x)[0, 0].numpy()
     np.testing.assert_allclose(matrix[0].astype(np.float32), cls, rtol=1e-2, atol=1e-2)
+
+
+def test_train_init_takes_hub_names(tmp_path, monkeypatch):
+    from dinov2_patho.eval.hub import saved_weights
+    from dinov2_patho.train.config import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny(tmp_path / "tiny")
+    local = load_train_config(overrides=["student.pretrained_weights=local-dir:tiny"])
+    local = local.student.pretrained_weights
+    assert local == f"local-dir:{tmp_path / 'tiny'}"  # made absolute inside the name, not before it
+    hub = load_train_config(overrides=["student.pretrained_weights=hf-hub:MahmoodLab/UNI"])
+    assert hub.student.pretrained_weights == "hf-hub:MahmoodLab/UNI"
+    assert saved_weights(local) == tmp_path / "tiny" / "model.safetensors"
