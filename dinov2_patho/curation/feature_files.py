@@ -23,7 +23,7 @@ from dinov2_patho.io import atomic_path
 
 SUFFIXES = (".h5", ".hdf5")
 FEATURES, COORDS = "features", "coords"
-BLOCK_ROWS = 1 << 16
+BLOCK_ROWS = 1 << 14  # 64 MB of float32 at D = 1,024
 # attributes of `coords` carried into an export and back (trident's names)
 COORD_ATTRS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification")
 

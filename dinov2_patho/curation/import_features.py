@@ -82,19 +82,21 @@ def run(args: argparse.Namespace) -> int:
     if not (out / INDEX / "manifest.json").is_file():
         _write_tiles(out / TILES_CSV, files, progress)
         build_index(out / TILES_CSV, out / INDEX, progress=progress)
-    rows = np.lib.format.open_memmap(out / PARTIAL, mode="r+")
+    header = np.load(out / PARTIAL, mmap_mode="r").offset
     first = sum(f.num_rows for f in files[:done])
-    with tqdm(total=n, initial=first, unit="tile", unit_scale=True, desc="curate import",
-              disable=not progress) as bar:
+    # written with plain file writes, not a memory map: mapped pages would count as the process's memory
+    with open(out / PARTIAL, "r+b") as dst, tqdm(total=n, initial=first, unit="tile", unit_scale=True,
+                                                 desc="curate import", disable=not progress) as bar:
         for i in range(done, len(files)):
             f = files[i]
             for a, x in f.feature_blocks():
-                rows[first + a:first + a + len(x)] = _float16(x, f, a)
+                dst.seek(header + (first + a) * dim * 2)
+                dst.write(_float16(x, f, a).tobytes())
                 bar.update(len(x))
             first += f.num_rows
-            rows.flush()  # before the progress mark that says these rows are on disk
+            dst.flush()
+            os.fsync(dst.fileno())  # before the progress mark that says these rows are on disk
             atomic_write_text(out / PROGRESS, json.dumps({"files": i + 1}))
-    del rows
     _finish(out, files, settings)
     print(f"curate import: {len(files)} slides, {n} tiles x {dim} -> {out / EMBEDDINGS}; tile list "
           f"{out / INDEX} (the --tiles of `curate write`)")
