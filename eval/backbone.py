@@ -18,6 +18,8 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 from dinov2_patho.registry import did_you_mean
 
+from .hub import build_hub_backbone, is_hub_name
+
 log = get_logger(__name__)
 
 
@@ -108,6 +110,8 @@ def _build(path: str | Path | None, arch: str, weights_format: str, **model_kwar
                             f"drop backbone.model ({', '.join(model_kwargs)})")
         log.info("backbone: the teacher of %s at its own architecture (backbone.arch is not used)", run)
         model = teacher_backbone(run)
+    elif is_hub_name(arch):
+        model = build_hub_backbone(arch, path, **model_kwargs)
     elif arch.startswith(TIMM_PREFIX):
         from dinov2_patho.models.weights import import_timm
 
@@ -134,7 +138,7 @@ def _build(path: str | Path | None, arch: str, weights_format: str, **model_kwar
 
         if arch not in BACKBONES:
             raise UserError(f"backbone arch {arch!r} is unknown (valid: {', '.join(BACKBONES.names())}, "
-                            f"or {TIMM_PREFIX}<model name>)")
+                            f"{TIMM_PREFIX}<model name>, local-dir:PATH or hf-hub:ORG/NAME)")
         _check_model_kwargs(arch, model_kwargs)
         model = build_backbone(arch, **model_kwargs)
         if path is not None:

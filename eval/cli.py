@@ -12,6 +12,8 @@ from dinov2_patho.config_files import load_config, save_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import setup_logging
 
+ARCH_HELP = ("our backbone name (vit_small, ...), timm/<model name>, local-dir:PATH (timm's save_for_hf "
+             "folder) or hf-hub:ORG/NAME (from the local Hugging Face cache, offline)")
 BACKBONE_HELP = ("a training run or checkpoint directory (its teacher, at its own size: no --arch needed), "
                  "or a weights file (ours, DINOv2 hub or timm); omit for a random-init baseline")
 
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 description="Extract features (cached), fit linear probe / kNN / logistic "
                                             "regression, write results.{csv,md,json,png}.")
     run_parser.add_argument("--backbone", help=BACKBONE_HELP)
-    run_parser.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
+    run_parser.add_argument("--arch", help=ARCH_HELP)
     run_parser.add_argument("--benchmarks", help="comma-separated: bach,crc,mhist,pcam,bracs,breakhis,"
                                                  "unitopatho,chaoyang,synthetic,folder,csv")
     run_parser.add_argument("--data-root", help="folder holding one folder per benchmark")
@@ -37,11 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "attention-MIL and a mean-pooling baseline, write "
                                        "results.{csv,md,json,png}.")
     slide.add_argument("--backbone", help=BACKBONE_HELP)
-    slide.add_argument("--arch", help="our backbone name (vit_small, ...) or timm/<model name>")
+    slide.add_argument("--arch", help=ARCH_HELP)
     slide.add_argument("--tasks", help="comma-separated task names (synthetic, camelyon16, panda) or labels "
                                        "CSVs slide_id,label[,split][,patient_id]")
     slide.add_argument("--slides", help="for a labels CSV: slide folder, or slide_id,path CSV")
     slide.add_argument("--tiles", help="for a labels CSV: tile index, or `curate tiles` output folder")
+    slide.add_argument("--features", help="for a labels CSV: a folder of <slide_id>.h5 feature files "
+                                          "(trident/CLAM) to read the bags from, instead of a backbone")
     slide.add_argument("--data-root", help="folder holding one folder per named task")
     slide.add_argument("--output-dir", required=True, type=Path, help="results, cached bags, config, log")
     slide.add_argument("--config-file", help="config over configs/eval/slide.yaml")
@@ -87,7 +91,8 @@ def run_slide(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     for key, value in (("backbone.path", args.backbone), ("backbone.arch", args.arch),
-                       ("slides", args.slides), ("tiles", args.tiles), ("data_root", args.data_root)):
+                       ("slides", args.slides), ("tiles", args.tiles), ("features", args.features),
+                       ("data_root", args.data_root)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.no_progress:
@@ -98,9 +103,16 @@ def run_slide(args: argparse.Namespace) -> int:
     if not cfg.tasks:
         raise UserError("eval slide: no task given (--tasks or tasks= in the config)")
     check_slide_values(cfg)  # before the backbone is built and moved to bags.device
+    spec = cfg.backbone
+    if cfg.features is not None and (spec.path is not None or args.arch is not None):
+        raise UserError("eval slide: --features gives the bags; --backbone/--arch (backbone.*) do not apply")
     setup_logging(args.output_dir)
     save_config(cfg, args.output_dir / "config.yaml")
-    spec = cfg.backbone
+    if cfg.features is not None:
+        run_slide_tasks(None, list(cfg.tasks), cfg, args.output_dir, f"features:{cfg.features}",
+                        {"features": str(Path(cfg.features).resolve())})
+        print((args.output_dir / "results.md").read_text(), end="")
+        return 0
     backbone = load_backbone(spec.path, spec.arch, spec.weights_format, spec.seed,
                              **OmegaConf.to_container(spec.model, resolve=True))
     name = f"{spec.arch}:{spec.path}" if spec.path is not None else f"{spec.arch}:random-init"

@@ -1,4 +1,5 @@
-"""Images to backbone input: 224 px, ImageNet-normalised float tensors.
+"""Images to backbone input: 224 px, normalised float tensors (ImageNet's mean / std unless the
+backbone has its own, `eval.hub.normalisation`).
 
 `target_mpp=None` is eva's `ResizeAndCrop`: shorter side to 224, centre crop, whatever
 the scan resolution. With a `target_mpp` (say 0.5, our pretraining tiles' 112 µm field)
@@ -23,6 +24,8 @@ class Preprocess:
     mpp: float | None = None  # native µm/px of the images
     target_mpp: float | None = None
     size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
@@ -36,6 +39,6 @@ class Preprocess:
         top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
         pil = pil.crop((left, top, left + self.size, top + self.size))
         x = torch.from_numpy(np.asarray(pil, np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std

@@ -22,6 +22,7 @@ from .backbone import frozen
 from .benchmarks import Benchmark, BenchmarkError, build_benchmark
 from .features import check_cache_manifest, extract_features, weights_hash
 from .heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
+from .hub import normalisation
 from .preprocess import Preprocess
 from .report import write_results
 
@@ -218,7 +219,9 @@ def run_benchmark(backbone: nn.Module, benchmark: Benchmark, cfg: DictConfig, ou
         if isinstance(folds, bool) or not isinstance(folds, int) or not 3 <= folds <= n_groups:
             raise BenchmarkError(f"benchmark {benchmark.name}: cross_validation.folds={folds!r} must be an "
                                  f"integer between 3 and its number of slides/patients ({n_groups})")
-    preprocess = Preprocess(benchmark.mpp, cfg.preprocess.target_mpp, cfg.preprocess.size)
+    # the normalisation is the backbone's (weights_sha256 in the manifest keys it)
+    preprocess = Preprocess(benchmark.mpp, cfg.preprocess.target_mpp, cfg.preprocess.size,
+                            *normalisation(backbone))
     cache = output_dir / "features" / benchmark.name
     check_cache_manifest(cache, feature_manifest(benchmark, backbone, cfg), "features")
     feats = {}

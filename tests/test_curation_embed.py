@@ -257,3 +257,27 @@ def test_the_summary_names_a_runs_teacher_not_the_arch_default(tiles_dir, cohort
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     # said "(cls, vit_small)": --arch's default, unused for a run's teacher (48-dim, 2 blocks here)
     assert f"(cls, the teacher of {run}: ViT 48-dim, 2 blocks, patch 16)" in summary, summary
+
+
+def test_export_writes_each_slide_as_a_trident_file_with_its_tiles(clean_run, tiles_dir, tmp_path, capsys):
+    import h5py
+
+    from dinov2_patho.cli import main
+
+    out = tmp_path / "h5"
+    assert main(["curate", "export", "--embeddings", str(clean_run), "--out", str(out), "--no-progress"]) == 2
+    assert "pass --tiles" in capsys.readouterr().err  # an embed directory has no tile list of its own
+    assert main(["curate", "export", "--embeddings", str(clean_run), "--tiles", str(tiles_dir), "--out",
+                 str(out), "--no-progress"]) == 0
+    matrix, rows = np.load(clean_run / "embeddings.npy"), tile_rows(tiles_dir)
+    with open(tiles_dir / "slides.csv", newline="") as f:
+        tile_px = {r["slide_id"]: int(r["tile_px"]) for r in csv.DictReader(f)}
+    with open(clean_run / "slides.csv", newline="") as f:
+        slides = list(csv.DictReader(f))
+    assert sorted(p.stem for p in out.glob("*.h5")) == sorted(r["slide_id"] for r in slides)
+    for r in slides:
+        a, b = int(r["start_row"]), int(r["end_row"])
+        with h5py.File(out / f"{r['slide_id']}.h5", "r") as f:
+            np.testing.assert_array_equal(f["features"][:], matrix[a:b].astype(np.float32))
+            assert [(r["slide_id"], x, y) for x, y in f["coords"][:].tolist()] == rows[a:b]
+            assert f["coords"].attrs["patch_size_level0"] == tile_px[r["slide_id"]]

@@ -14,6 +14,10 @@ import importlib
 ACTIONS: dict[str, tuple[str, str]] = {
     "tiles": ("dinov2_patho.curation.tissue", "tissue detection: slides -> tile list slide_id,tile_x,tile_y"),
     "embed": ("dinov2_patho.curation.embed", "frozen-backbone embeddings of every tile -> (N, D) float16"),
+    "import": ("dinov2_patho.curation.import_features", "trident/CLAM feature files (<slide_id>.h5) -> "
+                                                        "embeddings and tile list, as `curate embed` writes"),
+    "export": ("dinov2_patho.curation.export_features", "embeddings -> one trident-style <slide_id>.h5 per "
+                                                        "slide (features, coords)"),
     "kmeans": ("dinov2_patho.curation.hierarchy", "hierarchical k-means with resampling over the embeddings"),
     "write": ("dinov2_patho.curation.write", "the cluster tree as a clustering CSV and a tile index"),
     "sample": ("dinov2_patho.curation.sampling", "hierarchical balanced subset of the tree -> row ids .npy"),

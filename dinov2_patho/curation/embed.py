@@ -123,17 +123,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="EMB_DIR: embeddings.npy, slides.csv, "
                                                                 "manifest.json")
     parser.add_argument("--backbone", help="checkpoint file (ours, DINOv2 hub, timm); absent: random init")
-    parser.add_argument("--arch", default="vit_small", help="our backbone name, or timm/<model name>")
+    parser.add_argument("--arch", default="vit_small", help="our backbone name, timm/<model name>, "
+                                                            "local-dir:PATH or hf-hub:ORG/NAME (offline)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(parser)
 
 
 def _settings(args: argparse.Namespace, cfg: Any, tiles: dict[str, Any], num_rows: int, dim: int,
-              fingerprint: str) -> dict[str, Any]:
+              fingerprint: str, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from dinov2_patho.data.readers import TILE_PX, TILE_UM
-    from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     backbone = None if args.backbone is None else Path(args.backbone).resolve()
     return {
@@ -144,7 +144,7 @@ def _settings(args: argparse.Namespace, cfg: Any, tiles: dict[str, Any], num_row
                      "seed": cfg.seed if backbone is None else None, "token": cfg.token},
         "tiles": {"um": TILE_UM, "px": TILE_PX, "mpp_override": tiles.get("mpp_override"),
                   "num_rows": num_rows, "fingerprint": fingerprint,
-                  "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}},
+                  "normalisation": {"mean": list(mean), "std": list(std)}},
         "dim": dim,
     }
 
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from dinov2_patho.distributed import barrier, broadcast_object, distributed_context
     from dinov2_patho.eval.backbone import backbone_label, load_backbone
     from dinov2_patho.eval.features import feature_dim, fill_features
-    from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from dinov2_patho.eval.hub import check_token, normalisation
 
     cfg = config_from_args(args).embed
     tiles_dir, out = Path(args.tiles), Path(args.out)
@@ -174,10 +174,12 @@ def run(args: argparse.Namespace) -> int:
         # seeded: a random-init baseline has the same weights on every rank and every run
         backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, seed=int(cfg.seed),
                                  **model_kwargs).to(ctx.device)
-        on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
+        check_token(backbone, cfg.token, "embed.token")
+        mean, std = normalisation(backbone)
+        on_device = normalise_on_device(mean, std)
         dim = feature_dim(backbone, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
         fingerprint = broadcast_object(tile_list_fingerprint(tiles_dir / INDEX) if ctx.is_main else None, ctx)
-        settings = _settings(args, cfg, tiles, n, dim, fingerprint)
+        settings = _settings(args, cfg, tiles, n, dim, fingerprint, mean, std)
         if check_settings(out, settings):
             if ctx.is_main:
                 print(f"curate embed: {out} already holds these embeddings ({n} x {dim}); nothing to do")

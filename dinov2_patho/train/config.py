@@ -31,12 +31,23 @@ PATH_KEYS = ("data.index", "data.subset", "data.slides", "data.tile_store", "sam
              "student.pretrained_weights", "evaluation.config_file", "evaluation.slide_config_file")
 
 
+def absolute(path: str) -> str:
+    """`path` made absolute; a hub name's folder too (local-dir:PATH), a hub repo (hf-hub:ORG/NAME) kept."""
+    from dinov2_patho.eval.hub import HF_HUB, LOCAL_DIR
+
+    if path.startswith(HF_HUB):
+        return path
+    if path.startswith(LOCAL_DIR):
+        return LOCAL_DIR + os.path.abspath(path[len(LOCAL_DIR):])
+    return os.path.abspath(path)
+
+
 def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     cfg = load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS, moved=MOVED)
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and value:
-            OmegaConf.update(cfg, key, os.path.abspath(value))
+            OmegaConf.update(cfg, key, absolute(value))
     tasks = cfg.evaluation.slide_tasks  # registered names, or labels CSVs (told apart as open_task does)
     if OmegaConf.is_list(tasks):
         cfg.evaluation.slide_tasks = [os.path.abspath(t) if Path(str(t)).suffix.lower() == ".csv"

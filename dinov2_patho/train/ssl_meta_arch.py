@@ -122,8 +122,11 @@ class SSLMetaArch(nn.Module):
     @staticmethod
     def _build_backbone(cfg: DictConfig) -> nn.Module:
         backbone = build_student_backbone(cfg)
-        if cfg.student.get("pretrained_weights"):
-            load_pretrained(backbone, cfg.student.pretrained_weights)
+        weights = cfg.student.get("pretrained_weights")
+        if weights:
+            from dinov2_patho.eval.hub import is_hub_name, saved_weights
+
+            load_pretrained(backbone, saved_weights(weights) if is_hub_name(weights) else weights)
         return backbone
 
     # ------------------------------------------------------------------ training step

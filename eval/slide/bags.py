@@ -6,7 +6,8 @@ a cache whose manifest differs is refused naming the first difference, never reu
 bag is filled by the project's one feature engine (`eval.features.fill_features`, uint8 tiles
 normalised on the device) into `<cache>/slides/<slide_id>/`: `rows.npy` (the tile rows of the
 index, written first), `features.npy` (float32 [n, D] of the token) and `progress.json`, which
-makes an interrupted extraction resume and marks the bag complete when it reaches n.
+makes an interrupted extraction resume and marks the bag complete when it reaches n. A task over
+feature files (`eval slide --features`) has its bags on disk already: `feature_bags` reads them.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dinov2_patho.curation.embed import normalise_on_device, tile_list_fingerprint
+from dinov2_patho.curation.feature_files import feature_file_name, write_feature_file
+from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 
 from ..features import check_cache_manifest, feature_dim, fill_features, weights_hash
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..hub import normalisation
 from .tasks import SlideTask
 
 
@@ -46,7 +49,7 @@ def bag_manifest(task: SlideTask, backbone: nn.Module, backbone_name: str, token
             "tiles": {"index": str(Path(task.tiles.path).resolve()),
                       "fingerprint": tile_list_fingerprint(Path(task.tiles.path))},
             "mpp_override": task.mpp, "token": token, "max_tiles": cap, "cap_seed": seed,
-            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+            "normalisation": dict(zip(("mean", "std"), map(list, normalisation(backbone))))}
 
 
 def _bag(backbone: nn.Module, tiles: Subset, rows: np.ndarray, slide_dir: Path, token: str,
@@ -82,7 +85,7 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
     source = source if source is not None else SlideTileSource(task.registry, mpp_override=task.mpp,
                                                                       mpp_key="mpp (eval slide)")
     dataset = TileDataset(task.tiles, source)  # (uint8 [3, 224, 224] tile, row id) by global row id
-    on_device = normalise_on_device(IMAGENET_MEAN, IMAGENET_STD)
+    on_device = normalise_on_device(*normalisation(backbone))
     blank = on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0]
     dim = functools.cache(lambda: feature_dim(backbone, blank, token))  # only when a bag is missing
     bags = []
@@ -93,3 +96,26 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
         bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, cache / "slides" / slide_id, token,
                          dim, batch_size, num_workers, on_device))
     return bags
+
+
+def feature_bags(task: SlideTask, *, cap: int | None = None, seed: int = 0,
+                 progress: bool = True) -> list[np.ndarray]:
+    """The bag of every slide of a task over feature files, read from its file (at most `cap` rows,
+    drawn as `extract_bags` draws them)."""
+    assert task.features is not None, "a task over feature files"
+    bags = []
+    for slide_id in tqdm(task.slide_ids, desc=f"{task.name} bags", unit="slide", disable=not progress):
+        file = task.features[slide_id]
+        rows = capped_rows(np.arange(file.num_rows), slide_id, cap, seed)
+        bags.append(file.bag(None if len(rows) == file.num_rows else rows))
+    return bags
+
+
+def write_bags(task: SlideTask, bags: list[np.ndarray], folder: Path, *, cap: int | None = None,
+               seed: int = 0) -> None:
+    """Each bag of `extract_bags` as trident's `<slide_id>.h5` (features, level-0 coords of its tiles), the
+    layout `eval slide --features` and Patho-Bench read."""
+    for slide_id, bag in zip(task.slide_ids, bags):
+        _, x, y = task.tiles.tiles(capped_rows(task.tile_rows(slide_id), slide_id, cap, seed))
+        write_feature_file(folder / feature_file_name(slide_id, f"slide task {task.name}"), bag,
+                           np.stack([x, y], 1), {"patch_size": TILE_PX})

@@ -4,6 +4,7 @@ attention-MIL and a mean-pooling baseline, written as `eval run` writes its resu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE
 from ..backbone import frozen
 from ..heads.abmil import AbmilConfig, abmil
 from ..heads.logreg import logistic_regression
+from ..hub import check_token
 from ..report import format_score, write_results
 from ..runner import LISTS as TILE_LISTS
 from ..runner import check_eval_values, group_folds, mean_over_folds
 from .adapters import SLIDE_TASKS
-from .bags import extract_bags
-from .tasks import SlideTask, csv_task
+from .bags import extract_bags, feature_bags, write_bags
+from .tasks import SlideTask, csv_task, features_task
 
 log = get_logger(__name__)
 
@@ -52,7 +54,12 @@ def slide_config(cfg: DictConfig | dict | None = None) -> DictConfig:
 
 
 def open_task(name: str, cfg: DictConfig, cache: Path) -> SlideTask:
-    """A registered task by name, or a labels CSV with `cfg.slides` and `cfg.tiles`."""
+    """A registered task by name, or a labels CSV with `cfg.slides` and `cfg.tiles` (or `cfg.features`)."""
+    if cfg.features is not None:
+        if Path(name).suffix.lower() != ".csv" and not Path(name).is_file():
+            raise UserError(f"slide task {name}: with features (--features), a task is a labels CSV "
+                            "slide_id,label[,split][,patient_id] over the feature files")
+        return features_task(name, cfg.features)
     if name in SLIDE_TASKS:
         node = cfg.datasets.get(name)
         options = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
@@ -112,6 +119,7 @@ def evaluate_bags(bags: list[np.ndarray], labels: np.ndarray, part: dict[str, np
         cs = tuple(float(c) for c in cfg.heads.mean_pool.C)
         out["mean_pool"] = logistic_regression(xy["train"], xy["val"], xy[eval_split], classes, cs,
                                                cfg.heads.mean_pool.max_iter, task.ordinal)
+        out["mean_pool"].pop("predictions")  # slide results keep scores only
     return out
 
 
@@ -126,12 +134,18 @@ def fold_mean(per_fold: list[dict]) -> dict:
     return result
 
 
-def run_slide_task(backbone: nn.Module, task: SlideTask, cfg: DictConfig, output_dir: Path,
+def run_slide_task(backbone: nn.Module | None, task: SlideTask, cfg: DictConfig, output_dir: Path,
                    backbone_name: str) -> dict:
     b = cfg.bags
-    bags = extract_bags(task, backbone, output_dir / "bags" / task.name, backbone_name=backbone_name,
-                        token=b.token, cap=b.max_tiles, seed=b.seed, batch_size=b.batch_size,
-                        num_workers=b.num_workers, progress=cfg.progress)
+    if task.features is not None:
+        bags = feature_bags(task, cap=b.max_tiles, seed=b.seed, progress=cfg.progress)
+    else:
+        check_token(backbone, b.token, "bags.token")
+        bags = extract_bags(task, backbone, output_dir / "bags" / task.name, backbone_name=backbone_name,
+                            token=b.token, cap=b.max_tiles, seed=b.seed, batch_size=b.batch_size,
+                            num_workers=b.num_workers, progress=cfg.progress)
+        if b.write_features is not None:
+            write_bags(task, bags, Path(b.write_features) / task.name, cap=b.max_tiles, seed=b.seed)
     parts = partitions(task, cfg)
     per_part = [evaluate_bags(bags, task.labels, part, task, cfg) for part in parts]
     if len(per_part) == 1:
@@ -145,16 +159,17 @@ def run_slide_task(backbone: nn.Module, task: SlideTask, cfg: DictConfig, output
     return result
 
 
-def run_slide_tasks(backbone: nn.Module, tasks: list[str], cfg: DictConfig | dict | None,
+def run_slide_tasks(backbone: nn.Module | None, tasks: list[str], cfg: DictConfig | dict | None,
                     output_dir: str | Path, backbone_name: str = "backbone",
                     record: dict | None = None) -> dict:
     """Evaluate `backbone` (frozen here) on each slide task; write results to `output_dir`.
-    Bags are cached in `output_dir/bags/<task>`, keyed by `backbone_name` and a hash of its weights."""
+    Bags are cached in `output_dir/bags/<task>`, keyed by `backbone_name` and a hash of its weights.
+    With `cfg.features`, the bags are the feature files and `backbone` is None."""
     cfg = slide_config(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    with frozen(backbone):
+    with frozen(backbone) if backbone is not None else contextlib.nullcontext():
         for name in tasks:
             task = open_task(name, cfg, output_dir / "tiles" / Path(name).stem)
             results[task.name] = run_slide_task(backbone, task, cfg, output_dir, backbone_name)

@@ -4,8 +4,9 @@ A task is a labels CSV `slide_id,label[,split][,patient_id]` (one row per slide;
 train / val / test; `patient_id` defaults to the slide), a slide registry (a folder searched
 for `<slide_id>.<ext>`, or a `slide_id,path` CSV) and a tile source: a TileIndex of the
 tissue tiles (`dinov2-patho index build`, or the TILES_DIR that `dinov2-patho curate tiles`
-writes, whose `index/` is one). Every check that would leave a bag empty or a split
-unusable runs here, before any feature is computed.
+writes, whose `index/` is one). Or, with features extracted elsewhere, a labels CSV and a folder
+of `<slide_id>.h5` feature files (trident / CLAM), which are the bags. Every check that would
+leave a bag empty or a split unusable runs here, before any feature is computed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dinov2_patho.curation.feature_files import FeatureFile, open_feature_folder
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
@@ -33,10 +35,11 @@ class SlideTask:
     labels: np.ndarray  # [S] int64
     splits: np.ndarray | None  # [S] str (train / val / test), None: K folds by patient
     patients: np.ndarray  # [S] str
-    registry: SlideRegistry
-    tiles: TileIndex
+    registry: SlideRegistry | None  # None: bags read from `features`
+    tiles: TileIndex | None
     ordinal: bool = False
     mpp: float | None = None  # overrides the slides' own µm/px
+    features: dict[str, FeatureFile] | None = None  # slide -> its feature file, the bag (no backbone)
 
     def tile_rows(self, slide_id: str) -> np.ndarray:
         """Global row ids in `tiles` of the slide's tissue tiles (a one-slide view's own ids)."""
@@ -71,16 +74,24 @@ def read_labels(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def task_from_rows(name: str, rows: list[dict[str, str]], source: Path, registry: SlideRegistry,
-                   tiles: TileIndex, classes: tuple[str, ...] | None = None, ordinal: bool = False,
-                   mpp: float | None = None) -> SlideTask:
-    """Check every row (one-line error naming `source` and its line) and build the task.
-    `classes`: the label order (required for ordinal labels); default: sorted labels."""
-    known_tiles = set(tiles.slide_names)
+def _tile_counts(tiles: TileIndex) -> dict[str, int]:
     num_slides = len(tiles.slide_names)
-    tile_counts = sum((np.bincount(tiles.slides(chunk), minlength=num_slides) for chunk in tiles.chunks()),
-                      np.zeros(num_slides, np.int64))
-    count_of = dict(zip(tiles.slide_names, tile_counts))
+    counts = sum((np.bincount(tiles.slides(chunk), minlength=num_slides) for chunk in tiles.chunks()),
+                 np.zeros(num_slides, np.int64))
+    return dict(zip(tiles.slide_names, counts.tolist()))
+
+
+def task_from_rows(name: str, rows: list[dict[str, str]], source: Path, registry: SlideRegistry | None,
+                   tiles: TileIndex | None, classes: tuple[str, ...] | None = None, ordinal: bool = False,
+                   mpp: float | None = None, features: dict[str, FeatureFile] | None = None,
+                   features_dir: Path | None = None) -> SlideTask:
+    """Check every row (one-line error naming `source` and its line) and build the task.
+    `classes`: the label order (required for ordinal labels); default: sorted labels. With
+    `features` (the files of `features_dir`), bags come from them: no slide registry or tiles."""
+    if features is not None:
+        count_of, no_bag = {s: f.num_rows for s, f in features.items()}, f"no feature file in {features_dir}"
+    else:
+        count_of, no_bag = _tile_counts(tiles), f"no tissue tiles in {tiles.path}"
     has_split = any((r.get("split") or "").strip() for r in rows)
     seen: set[str] = set()
     for row in rows:
@@ -91,10 +102,10 @@ def task_from_rows(name: str, rows: list[dict[str, str]], source: Path, registry
         if sid in seen:
             raise UserError(f"{where}: slide {sid!r} listed twice")
         seen.add(sid)
-        if sid not in registry:
+        if registry is not None and sid not in registry:
             raise UserError(f"{where}: unknown slide {sid!r} (not in the slides {registry.source})")
-        if sid not in known_tiles or count_of[sid] == 0:
-            raise UserError(f"{where}: slide {sid!r} has no tissue tiles in {tiles.path}")
+        if not count_of.get(sid):
+            raise UserError(f"{where}: slide {sid!r} has {no_bag}")
         if classes is not None and label not in classes:
             raise UserError(f"{where}: label {label!r} is not one of {list(classes)}")
         split = (row.get("split") or "").strip()
@@ -116,7 +127,8 @@ def task_from_rows(name: str, rows: list[dict[str, str]], source: Path, registry
     slide_ids = tuple(r["slide_id"].strip() for r in rows)
     patients = np.array([(r.get("patient_id") or "").strip() or sid for r, sid in zip(rows, slide_ids)])
     labels = np.array([classes.index(r["label"].strip()) for r in rows], np.int64)
-    return SlideTask(name, classes, slide_ids, labels, splits, patients, registry, tiles, ordinal, mpp)
+    return SlideTask(name, classes, slide_ids, labels, splits, patients, registry, tiles, ordinal, mpp,
+                     features)
 
 
 def csv_task(labels_csv: str | Path, slides: str | Path, tiles: str | Path, name: str | None = None,
@@ -126,3 +138,11 @@ def csv_task(labels_csv: str | Path, slides: str | Path, tiles: str | Path, name
     labels_csv = Path(labels_csv)
     return task_from_rows(name or labels_csv.stem, read_labels(labels_csv), labels_csv,
                           SlideRegistry.from_spec(slides), open_tiles(tiles), classes, ordinal, mpp)
+
+
+def features_task(labels_csv: str | Path, features: str | Path, name: str | None = None) -> SlideTask:
+    """A labels CSV over a folder of `<slide_id>.h5` feature files (trident / CLAM), each slide's bag."""
+    labels_csv, features = Path(labels_csv), Path(features)
+    files = {f.slide_id: f for f in open_feature_folder(features)}
+    return task_from_rows(name or labels_csv.stem, read_labels(labels_csv), labels_csv, None, None,
+                          features=files, features_dir=features)
