@@ -1,18 +1,24 @@
-"""The paper's experiment in miniature (Chen et al. 2025, T1-BS vs uniform): one curated pool, trained
-three ways with everything else equal, over cohort seeds.
+"""The paper's experiment in miniature (Chen et al. 2025, T1-BS vs uniform vs a curated subset), on the
+second round of the method's own loop, over cohort seeds.
 
-Per seed: the demo's long-tailed synthetic cohort -> curation with the demo's frozen random-init ViT-Ti
-(tiles, embeddings, cpu_smoke tree) -> cpu_smoke training (300 iterations, batch 16) with
-  uniform   uniform batches over every curated tile,
-  subset    uniform batches over the `curate sample` balanced subset (SUBSET_SHARE of the tiles),
-  stratified  batches stratified over the tree's top level (the paper's T1-BS analogue),
--> each teacher and the random initialisation on the tile probe (balanced accuracy overall and on the
-rare types, linear and kNN; 4-fold CV by slide) and the slide task (attention-MIL AUROC, 4-fold CV).
+Per seed, the demo's cohort and recipe (`dinov2-patho demo`):
+  round 1   curation with a frozen random-init ViT-Ti -> the demo's training (stratified over that tree's
+            top level) -> re-curation of the same tiles with its teacher (a competent embedder);
+  round 2   training from scratch on the re-curated tree, three ways with everything else equal:
+              uniform     uniform batches over every curated tile,
+              subset      uniform batches over the `curate sample` balanced subset (SUBSET_SHARE of
+                          the tiles),
+              stratified  batches stratified over the re-curated tree's top level (the paper's T1-BS);
+-> each teacher (both rounds) and the random initialisation on the tile probe: balanced accuracy of the
+out-of-fold predictions (4-fold CV by slide) of the linear probe and kNN, and the linear probe's recall of
+the rare types. Then, over seeds: mean ± std per arm, and for each comparison the paired per-seed
+differences (mean, t interval, min / max, minimum detectable effect at this many seeds) and the paired
+slide-bootstrap interval of each seed.
 
-    python benchmarks/paper_small.py --seeds 0 1 2 3 --out runs/paper_small
+    python benchmarks/paper_small.py --seeds 0 1 2 3 4 5 --out runs/paper_small
 
 Seeds already done under --out are reused (run two processes with different --seeds to use both
-cores); the table covers every seed found. Prints mean ± std per arm and the paired differences.
+cores); the tables cover every seed found.
 """
 
 from __future__ import annotations
@@ -23,21 +29,25 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.curation.pipeline import run_command
+from dinov2_patho.curation.pipeline import run_command, tree_agreement
 from dinov2_patho.demo import (
+    DEMO_SLIDES,
     class_groups,
     curate_cohort,
-    evaluate,
-    group_recall,
     make_demo_cohort,
-    probe_scores,
+    tile_probe,
     train_config,
 )
+from dinov2_patho.eval.power import paired_bootstrap_difference, paired_seed_differences
 from dinov2_patho.io import atomic_write_text
 
 ARMS = ("uniform", "subset", "stratified")
+BACKBONES = (*ARMS, "round_1", "random_init")
 SUBSET_SHARE = 0.4
-METRICS = ("tile linear", "tile kNN", "rare recall", "slide MIL AUROC")
+HEADS = {"linear": "linear", "kNN": "knn_20"}  # metric name -> prediction key
+METRICS = (*HEADS, "rare recall")
+COMPARISONS = (("stratified", "uniform"), ("stratified", "subset"), ("subset", "uniform"),
+               ("uniform", "random_init"), ("stratified", "random_init"), ("round_1", "random_init"))
 
 
 def arm_overrides(arm: str, subset: Path) -> list[str]:
@@ -47,15 +57,9 @@ def arm_overrides(arm: str, subset: Path) -> list[str]:
     return ["sampler.name=uniform", "sampler.level=null", *extra]
 
 
-def scores(result: dict, rare: list[str]) -> dict[str, float]:
-    tiles = probe_scores(result["tiles"])
-    return {"tile linear": tiles["linear"], "tile kNN": tiles["knn"],
-            "rare recall": group_recall(result["tiles"], rare),
-            "slide MIL AUROC": result["slides"]["abmil"]["auroc"]}
-
-
-def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str]) -> dict:
-    """One seed's three trainings and evaluations under `out` (reused when results.json is there)."""
+def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds: int = 2) -> dict:
+    """One seed's rounds and evaluations under `out`; results.json is reused when it holds `rounds`.
+    With rounds=1: the demo's training (round_1) and the random initialisation only."""
     import torch
 
     from dinov2_patho.data.index import TileIndex
@@ -64,108 +68,121 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str]) -> dic
     from dinov2_patho.train.trainer import run_training
 
     done = out / "results.json"
-    if done.is_file():
+    if done.is_file() and json.loads(done.read_text())["rounds"] >= rounds:
         return json.loads(done.read_text())
     cohort = make_demo_cohort(out / "cohort", num_slides, seed)
-    curation = curate_cohort(cohort, out / "curation", progress=False)
-    num_tiles = len(TileIndex.open(curation.index))
+    first = curate_cohort(cohort, out / "curation", progress=False)
+    cfg = train_config(first.index, cohort.slides_dir, seed, overrides)
+    round_1 = run_training(cfg, out / "round_1", progress=False)
+    backbones = {"round_1": teacher_backbone(round_1["checkpoint"])}
+    second = curate_cohort(cohort, out / "recuration", progress=False, backbone=out / "round_1",
+                           tiles=first.tiles)
+    num_tiles = len(TileIndex.open(second.index))
     subset = out / "subset.npy"
-    if not subset.is_file():
-        run_command("curate", "sample", "--tree", str(curation.tree), "--target",
+    if rounds == 2 and not subset.is_file():
+        run_command("curate", "sample", "--tree", str(second.tree), "--target",
                     str(round(SUBSET_SHARE * num_tiles)), "--seed", str(seed), "--out", str(subset))
-    backbones = {}
-    for arm in ARMS:
-        cfg = train_config(curation.index, cohort.slides_dir, seed, [*arm_overrides(arm, subset), *overrides])
-        backbones[arm] = teacher_backbone(run_training(cfg, out / arm)["checkpoint"])
-    torch.manual_seed(seed)
+    for arm in ARMS if rounds == 2 else ():
+        arm_cfg = train_config(second.index, cohort.slides_dir, seed,
+                               [*arm_overrides(arm, subset), *overrides])
+        backbones[arm] = teacher_backbone(run_training(arm_cfg, out / arm, progress=False)["checkpoint"])
+    torch.manual_seed(seed)  # the demo's random initialisation of this seed
     backbones["random_init"] = build_student_backbone(cfg).eval()
-    results = evaluate(backbones, cohort, cfg.crops.global_crops_size, out / "eval")
     rare = class_groups(cohort.labels_csv)["rare"]
-    record = {"seed": seed, "tiles": num_tiles, "subset": round(SUBSET_SHARE * num_tiles), "rare": rare,
-              "scores": {name: scores(result, rare) for name, result in results.items()}}
+    results = {name: tile_probe(bb, cohort, cfg.crops.global_crops_size, out / "eval" / name, progress=False)
+               for name, bb in backbones.items()}
+    preds = {name: r["predictions"] for name, r in results.items()}
+    y, groups = preds["random_init"]["y"], preds["random_init"]["groups"]
+    classes = results["random_init"]["classes"]
+    per_fold = {c: int((y == classes.index(c)).sum() / 4) for c in classes}
+    record = {"seed": seed, "rounds": rounds, "tiles": num_tiles, "subset": round(SUBSET_SHARE * num_tiles),
+              "rare": rare, "test_tiles_per_fold": per_fold,
+              "scores": {name: scores(result, rare) for name, result in results.items()},
+              "paired": {f"{a} - {b}": {metric: paired_bootstrap_difference(
+                  y, preds[a][key], preds[b][key], groups, len(classes)).as_dict()
+                  for metric, key in HEADS.items()} for a, b in COMPARISONS if a in preds and b in preds},
+              "ari": {name: [r["ari"] for r in tree_agreement(c.index, cohort.labels_csv)]
+                      for name, c in (("random-init ViT-Ti", first), ("round-1 teacher", second))}}
     atomic_write_text(done, json.dumps(record, indent=1))
     return record
 
 
-def agreement(seed: int, out: Path, num_slides: int) -> dict:
-    """Level-wise ARI of the random-init tree and of re-curations of the same tiles with each arm's
-    teacher, against the planted tissue types (reused when agreement.json is there)."""
-    from dinov2_patho.curation.pipeline import tree_agreement
+def scores(result: dict, rare: list[str]) -> dict[str, float]:
+    from dinov2_patho.demo import group_recall, pooled_scores
 
-    done = out / "agreement.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    cohort = make_demo_cohort(out / "cohort", num_slides, seed)
-    curation = curate_cohort(cohort, out / "curation", progress=False)
-    rows = {"random-init ViT-Ti": tree_agreement(curation.index, cohort.labels_csv)}
-    for arm in ARMS:
-        again = curate_cohort(cohort, out / f"recuration_{arm}", progress=False, backbone=out / arm,
-                              tiles=curation.tiles)
-        rows[f"{arm} teacher"] = tree_agreement(again.index, cohort.labels_csv)
-    record = {name: [r["ari"] for r in levels] for name, levels in rows.items()}
-    atomic_write_text(done, json.dumps(record, indent=1))
-    return record
-
-
-def agreement_table(records: dict[int, dict]) -> str:
-    """ARI per level, mean ± std over seeds, per curation embedding."""
-    names = next(iter(records.values())).keys()
-    levels = len(next(iter(next(iter(records.values())).values())))
-    lines = ["Tree agreement with the planted tissue types: adjusted Rand index per level, mean ± std "
-             "over seeds (min–max)", "", "| embedding | " + " | ".join(f"level {k}" for k in
-                                                                   range(1, levels + 1)) + " |",
-             "|---|" + "---|" * levels]
-    for name in names:
-        cells = []
-        for k in range(levels):
-            v = np.array([r[name][k] for r in records.values()])
-            cells.append(f"{v.mean():.2f} ± {v.std():.2f} ({v.min():.2f}–{v.max():.2f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    pooled = pooled_scores(result)
+    return {"linear": pooled["linear"], "kNN": pooled["knn"], "rare recall": group_recall(result, rare)}
 
 
 def summary_table(records: list[dict]) -> str:
-    """Mean ± std over seeds per arm, then paired differences (min / mean / max over seeds)."""
-    names = (*ARMS, "random_init")
-    lines = [f"{len(records)} seeds ({', '.join(str(r['seed']) for r in records)}); scores in %", "",
-             "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for name in names:
-        cells = []
+    """Mean ± std over seeds per backbone, then the paired comparisons."""
+    seeds = ", ".join(str(r["seed"]) for r in records)
+    lines = [f"{len(records)} seeds ({seeds}); balanced accuracy of out-of-fold predictions, %; "
+             "mean ± std over seeds (min–max)", "",
+             "| backbone | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name in BACKBONES:
+        cells, have = [], [r for r in records if name in r["scores"]]
+        if not have:
+            continue
         for metric in METRICS:
-            values = 100 * np.array([r["scores"][name][metric] for r in records])
-            cells.append(f"{np.nanmean(values):.1f} ± {np.nanstd(values):.1f}")
+            v = 100 * np.array([r["scores"][name][metric] for r in have])
+            cells.append(f"{np.nanmean(v):.1f} ± {np.nanstd(v, ddof=1):.1f} "
+                         f"({np.nanmin(v):.1f}–{np.nanmax(v):.1f})")
+        lines.append(f"| {name} ({len(have)} seeds) | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences over seeds (points): mean [95 % t interval], min / max, and the "
+              "minimum detectable effect at this many seeds (80 % power, 5 % two-sided); `all >0` / `all <0` "
+              "when every seed agrees; `seeds CI>0` counts the seeds whose own slide-bootstrap interval "
+              "excludes 0.",
+              "", "| comparison | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for a, b in COMPARISONS:
+        cells, have = [], [r for r in records if f"{a} - {b}" in r["paired"]]
+        if len(have) < 2:
+            continue
+        for metric in METRICS:
+            d = paired_seed_differences([100 * r["scores"][a][metric] for r in have],
+                                        [100 * r["scores"][b][metric] for r in have])
+            sign = " all >0" if d["all_positive"] else " all <0" if d["all_negative"] else ""
+            cell = (f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}], "
+                    f"{d['min']:+.1f} / {d['max']:+.1f}, MDE {d['mde']:.1f}{sign}")
+            if metric in HEADS:
+                above = sum(r["paired"][f"{a} - {b}"][metric]["low"] > 0 for r in have)
+                below = sum(r["paired"][f"{a} - {b}"][metric]["high"] < 0 for r in have)
+                cell += f"; seeds CI>0 {above}, CI<0 {below}"
+            cells.append(cell)
+        lines.append(f"| {a} − {b} ({len(have)} seeds) | " + " | ".join(cells) + " |")
+    levels = len(records[0]["ari"]["random-init ViT-Ti"])
+    lines += ["", "Tree agreement with the planted tissue types: ARI per level, mean (min–max) over seeds",
+              "",
+              "| embedding | " + " | ".join(f"level {k}" for k in range(1, levels + 1)) + " |",
+              "|---|" + "---|" * levels]
+    for name in records[0]["ari"]:
+        cells = [f"{np.mean(v):.2f} ({np.min(v):.2f}–{np.max(v):.2f})"
+                 for v in (np.array([r["ari"][name][k] for r in records]) for k in range(levels))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences (points): min / mean / max over seeds; `all >0` or `all <0` when "
-              "every seed agrees.", "", "| comparison | " + " | ".join(METRICS) + " |",
-              "|---|" + "---|" * len(METRICS)]
-    for a, b in (("stratified", "uniform"), ("stratified", "subset"), ("subset", "uniform"),
-                 ("stratified", "random_init")):
-        cells = []
-        for metric in METRICS:
-            d = 100 * np.array([r["scores"][a][metric] - r["scores"][b][metric] for r in records])
-            sign = " all >0" if (d > 0).all() else " all <0" if (d < 0).all() else ""
-            cells.append(f"{d.min():+.1f} / {d.mean():+.1f} / {d.max():+.1f}{sign}")
-        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    classes = records[0]["test_tiles_per_fold"]
+    per_fold = {c: min(r["test_tiles_per_fold"][c] for r in records) for c in classes}
+    lines += ["", "Fewest test tiles per fold of each type, over seeds: "
+              + ", ".join(f"{c} {n}" for c, n in per_fold.items())]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--out", type=Path, default=Path("runs/paper_small"))
-    parser.add_argument("--num-slides", type=int, default=16)
+    parser.add_argument("--num-slides", type=int, default=DEMO_SLIDES)
+    parser.add_argument("--rounds", type=int, choices=(1, 2), default=2,
+                        help="1: the demo's training and its random init only; 2: also the three arms")
     parser.add_argument("overrides", nargs="*",
-                        help="train overrides for every arm (e.g. train.iterations=100)")
+                        help="train overrides for every training (e.g. train.iterations=100)")
     args = parser.parse_args()
     for seed in args.seeds:
-        record = run_seed(seed, args.out / f"seed_{seed}", args.num_slides, args.overrides)
+        record = run_seed(seed, args.out / f"seed_{seed}", args.num_slides, args.overrides, args.rounds)
         print(f"seed {seed}: " + json.dumps(record["scores"]))
     records = sorted((json.loads(p.read_text()) for p in args.out.glob("seed_*/results.json")),
                      key=lambda r: r["seed"])
-    trees = {r["seed"]: agreement(r["seed"], args.out / f"seed_{r['seed']}", args.num_slides)
-             for r in records}
-    table = summary_table(records) + "\n" + agreement_table(trees)
+    table = summary_table(records)
     atomic_write_text(args.out / "summary.md", table)
     print(table)
 

@@ -23,6 +23,7 @@ import torch
 
 from dinov2_patho.config_files import packaged_config
 from dinov2_patho.errors import UserError
+from dinov2_patho.eval.report import format_score
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger, setup_logging
 
@@ -36,9 +37,13 @@ POSITIVE_FRACTION = 0.5
 EMBED_ARCH = "timm/vit_tiny_patch16_224"
 EMBED_OVERRIDES = ("embed.token=patch_mean",)
 SAMPLER_LEVEL = 3  # the top of the cpu_smoke tree (4 clusters): 4 tiles per cluster in a batch of 16
+DEMO_SLIDES = 16
 FOLDS = 4
+CURVE_EVERY = 100  # iterations between two points of the learning curve
+CURVE_TILES = 300  # tiles of each split the learning curve's kNN uses
 RARE_SHARE = 0.05  # tile-probe classes under this share of the tiles are reported as rare
 HEADS = ("linear", "knn", "logreg")
+_PREDICTION = {"linear": "linear", "knn": "knn_20", "logreg": "logreg"}  # head -> its predictions' key
 BACKBONES = ("trained", "random_init")
 COMPARISON_FILE = "comparison.md"
 
@@ -47,19 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/demo", metavar="DIR",
                         help="cohort, curation, training run, evaluations, comparison.md and report.html "
                              "(default runs/demo); stages already there are reused")
-    parser.add_argument("--num-slides", type=int, default=16,
-                        help="slides in the synthetic cohort (default 16)")
+    parser.add_argument("--num-slides", type=int, default=DEMO_SLIDES,
+                        help=f"slides in the synthetic cohort (default {DEMO_SLIDES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cohort and of training (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="overrides of configs/train/cpu_smoke.yaml (e.g. sampler.level=2)")
-
-
-def probe_scores(result: dict) -> dict[str, float]:
-    """Test balanced accuracy per head of one tile benchmark result (kNN at k=20)."""
-    return {"linear": result["linear"]["balanced_accuracy"],
-            "knn": result["knn"][20]["balanced_accuracy"],
-            "logreg": result["logreg"]["balanced_accuracy"]}
 
 
 def class_groups(labels_csv: Path) -> dict[str, list[str]]:
@@ -100,33 +98,68 @@ def curate_cohort(cohort, out: Path, *, progress: bool = True, backbone: Path | 
                   tiles=tiles, progress=progress)
 
 
-def train_config(index: Path, slides: Path, seed: int, overrides: list[str] | tuple[str, ...] = ()):
-    """cpu_smoke on the curated index, stratified over its top level, then the user's overrides."""
+def train_config(index: Path, slides: Path, seed: int, overrides: list[str] | tuple[str, ...] = (),
+                 learning_curve: Path | None = None):
+    """cpu_smoke on the curated index, stratified over its top level, then the user's overrides;
+    with `learning_curve` (an eval config, see write_learning_curve_config), the teacher's kNN on
+    held-out slides every CURVE_EVERY iterations."""
     from dinov2_patho.train.config import load_train_config
 
+    curve = [] if learning_curve is None else [
+        "evaluation.benchmarks=[synthetic]", f"evaluation.config_file={learning_curve}",
+        f"evaluation.every_n_iterations={CURVE_EVERY}"]
     return load_train_config(packaged_config("train/cpu_smoke.yaml"), [
         f"data.index={index}", f"data.slides={slides}", f"train.seed={seed}",
-        f"sampler.level={SAMPLER_LEVEL}", *overrides])
+        f"sampler.level={SAMPLER_LEVEL}", *curve, *overrides])
+
+
+def write_learning_curve_config(path: Path, cohort_root: Path, crop_size: int) -> Path:
+    """The eval config of the learning curve: kNN (k=20) alone, on CURVE_TILES tiles of each split of
+    the cohort's tissue-type probe, 4-fold cross-validation by slide: seconds per point."""
+    from omegaconf import OmegaConf
+
+    cfg = {"datasets": {"synthetic": {"root": str(cohort_root), "max_tiles_per_split": CURVE_TILES}},
+           "heads": {"linear": {"enabled": False}, "logreg": {"enabled": False}, "knn": {"k": [20]}},
+           "preprocess": {"size": crop_size}, "cross_validation": {"folds": FOLDS}, "plot": False,
+           "progress": False}
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    return path
+
+
+def tile_probe(backbone, cohort, crop_size: int, out: Path, progress: bool = True) -> dict:
+    """The tissue-type probe of `backbone` (linear, kNN, logreg; FOLDS-fold CV by slide) under `out`,
+    with its out-of-fold predictions ("predictions", see eval.runner.run_benchmarks)."""
+    from dinov2_patho.eval.runner import run_benchmarks
+
+    cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "heads": {"linear": {"n_runs": 3}},
+           "preprocess": {"size": crop_size}, "cross_validation": {"folds": FOLDS}, "progress": progress}
+    return run_benchmarks(backbone, ["synthetic"], cfg, out)["synthetic"]
+
+
+def pooled_scores(result: dict) -> dict[str, float]:
+    """Balanced accuracy of the out-of-fold predictions of each head of a tile_probe result."""
+    from dinov2_patho.eval.metrics import balanced_accuracy
+
+    preds = result["predictions"]
+    return {head: balanced_accuracy(preds["y"], preds[key], len(result["classes"]))
+            for head, key in _PREDICTION.items()}
 
 
 def evaluate(backbones: dict, cohort, crop_size: int, out: Path, progress: bool = True) -> dict:
     """Tile probe (CV by slide) and slide task (attention-MIL) of each backbone, results under `out`."""
-    from dinov2_patho.eval.runner import run_benchmarks
     from dinov2_patho.eval.slide.runner import run_slide_tasks
 
-    tile_cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "heads": {"linear": {"n_runs": 3}},
-                "preprocess": {"size": crop_size}, "cross_validation": {"folds": FOLDS}, "progress": progress}
     slide_cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "heads": {"abmil": {"n_runs": 3}},
                  "cross_validation": {"folds": FOLDS}, "progress": progress}
     results = {}
     for name, backbone in backbones.items():
-        tiles = run_benchmarks(backbone, ["synthetic"], tile_cfg, out / name)["synthetic"]
+        tiles = tile_probe(backbone, cohort, crop_size, out / name, progress)
         slides = run_slide_tasks(backbone, ["synthetic"], slide_cfg, out / name / "slide", name)["synthetic"]
         results[name] = {"tiles": tiles, "slides": slides}
     return results
 
 
-def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
+def run_demo(output_dir: str | Path, *, num_slides: int = DEMO_SLIDES, seed: int = 0,
              overrides: list[str] | tuple[str, ...] = (), progress: bool = True, report: bool = True) -> dict:
     """Run the whole method in `output_dir`. Returns {"summary": the training summary, "agreement":
     {embedding: tree_agreement rows}, "groups": common/rare classes, "trained" / "random_init":
@@ -140,12 +173,14 @@ def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
     out = Path(output_dir)
     setup_logging(out)
     # the training config is checked (a misspelt override) before the slow stages make its paths
+    curve = out / "learning_curve.yaml"
     cfg = train_config(Curation(out / "curation").index, Cohort.at(out / "cohort").slides_dir, seed,
-                       overrides)
+                       overrides, learning_curve=curve)
     if num_slides < FOLDS:  # else the evaluations stop only after curation and training
         raise UserError(f"--num-slides {num_slides}: the demo's {FOLDS}-fold cross-validation by slide needs "
                         f"at least {FOLDS} slides")
     cohort = make_demo_cohort(out / "cohort", num_slides, seed)
+    write_learning_curve_config(curve, cohort.root, cfg.crops.global_crops_size)
     curation = curate_cohort(cohort, out / "curation", progress=progress)
     summary = run_training(cfg, out / "train", progress=progress)
     recuration = curate_cohort(cohort, out / "recuration", progress=progress, backbone=out / "train",
@@ -169,9 +204,51 @@ def run_demo(output_dir: str | Path, *, num_slides: int = 16, seed: int = 0,
     return results
 
 
+def probe_intervals(results: dict, n_boot: int = 2000) -> dict:
+    """Out-of-fold balanced accuracy per backbone and head with 95 % intervals over slides, and the
+    paired difference trained - random_init (eval.power)."""
+    from dinov2_patho.eval.power import bootstrap_balanced_accuracy, paired_bootstrap_difference
+
+    preds = {name: results[name]["tiles"]["predictions"] for name in BACKBONES}
+    y, groups = preds["trained"]["y"], preds["trained"]["groups"]
+    num_classes = len(results["trained"]["tiles"]["classes"])
+    out: dict = {"tiles": len(y), "slides": len(np.unique(groups))}
+    for name in BACKBONES:
+        out[name] = {head: bootstrap_balanced_accuracy(y, preds[name][_PREDICTION[head]], groups, num_classes,
+                                                       n_boot) for head in HEADS}
+    trained, random_init = preds["trained"], preds["random_init"]
+    out["trained - random_init"] = {
+        head: paired_bootstrap_difference(y, trained[_PREDICTION[head]], random_init[_PREDICTION[head]],
+                                          groups, num_classes, n_boot) for head in HEADS}
+    return out
+
+
+def learning_curve(metrics_file: str | Path) -> list[tuple[int, float]]:
+    """(iteration, kNN balanced accuracy) of the training run's periodic evaluations."""
+    from dinov2_patho.train.metrics_log import read_metrics
+
+    return [(r["eval_iteration"], r["eval/synthetic/knn_20"]) for r in read_metrics(metrics_file)
+            if "eval/synthetic/knn_20" in r]
+
+
+def _fold_range(result: dict, head: str, metric: str) -> str:
+    """`mean (min–max)` over the folds of a slide result, in %; why there is none for an undefined AUROC."""
+    values = np.array([f[head][metric] for f in result.get("folds", [result])], np.float64)
+    if np.isnan(values).all():
+        return format_score(float("nan"), metric, 1)
+    return (f"{format_score(result[head][metric], metric, 1)} ({100 * np.nanmin(values):.1f}–"
+            f"{100 * np.nanmax(values):.1f})")
+
+
+def _with_interval(interval, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return (f"{100 * interval.value:{sign}.1f} [{100 * interval.low:{sign}.1f}, "
+            f"{100 * interval.high:{sign}.1f}]")
+
+
 def comparison_table(results: dict) -> str:
     """What the demo measured, as markdown: tree agreement, tile probe, slide task."""
-    from dinov2_patho.eval.report import format_score
+    from dinov2_patho.eval.power import minimum_detectable_effect
 
     groups = results["groups"]
     lines = ["Curated trees against the planted tissue types (never used to curate or train):", "",
@@ -179,27 +256,41 @@ def comparison_table(results: dict) -> str:
     for name, rows in results["agreement"].items():
         lines += [f"| {name} | {r['level']} | {r['clusters']} | {r['ari']:.2f} | {r['nmi']:.2f} |"
                   for r in rows]
-    lines += ["", f"Tile-level tissue-type probe: balanced accuracy (%) on held-out slides, mean over "
-              f"{FOLDS} cross-validation folds by slide (linear: ± its spread over the folds); linear-probe "
-              f"recall of the common ({', '.join(groups['common'])}) and rare ({', '.join(groups['rare'])}) "
-              "types.", "",
+    intervals = probe_intervals(results)
+    lines += ["", f"Tile-level tissue-type probe: balanced accuracy (%) of the out-of-fold predictions on "
+              f"held-out slides ({FOLDS} cross-validation folds by slide; {intervals['tiles']} tiles, "
+              f"{intervals['slides']} slides), [95 % interval, slides resampled]; linear-probe recall of "
+              f"the common ({', '.join(groups['common'])}) and rare ({', '.join(groups['rare'])}) types "
+              "(mean over folds).", "",
               "| backbone | linear | kNN (k=20) | logreg | common | rare |", "|---|---|---|---|---|---|"]
     for name in BACKBONES:
         tiles = results[name]["tiles"]
-        score = probe_scores(tiles)
-        spread = 100 * tiles["linear"]["balanced_accuracy_std"]
-        lines.append(f"| {name} | {100 * score['linear']:.1f} ± {spread:.1f} | {100 * score['knn']:.1f} | "
-                     f"{100 * score['logreg']:.1f} | "
-                     f"{100 * group_recall(tiles, groups['common']):.1f} | "
+        cells = [_with_interval(intervals[name][head]) for head in HEADS]
+        lines.append(f"| {name} | {' | '.join(cells)} | {100 * group_recall(tiles, groups['common']):.1f} | "
                      f"{100 * group_recall(tiles, groups['rare']):.1f} |")
-    lines += ["", f"Slide task (lesion present or not): attention-MIL and mean-pool logistic regression (%), "
-              f"mean over {FOLDS} cross-validation folds by patient.", "",
+    diff = intervals["trained - random_init"]
+    cells = " | ".join(_with_interval(diff[head], signed=True) for head in HEADS)
+    lines.append(f"| trained − random_init | {cells} | | |")
+    detectable = ", ".join(f"{head} {100 * minimum_detectable_effect(diff[head].se):.1f}" for head in HEADS)
+    lines += ["", "Difference paired over the same tiles and resampled slides; smallest difference this "
+              f"probe detects (80 % power, 5 % two-sided): {detectable} points."]
+    curve = learning_curve(results["summary"]["metrics"])
+    if curve:
+        lines += ["", "Learning curve, the teacher's kNN (k=20) balanced accuracy on held-out slides during "
+                  f"training ({CURVE_TILES} tiles of each split): "
+                  + ", ".join(f"iteration {it}: {100 * v:.1f}" for it, v in curve)]
+    slides = results["trained"]["slides"]
+    lines += ["", f"Slide task (lesion present or not), not a headline: {slides['sizes']['test']} test "
+              "slides per fold cannot rank two backbones (an AUROC over so few slides moves by tens of "
+              "points from fold to fold; benchmarks/RESULTS.md). Attention-MIL and mean-pool logistic "
+              f"regression (%), mean (min–max) over {FOLDS} cross-validation folds by patient, stratified "
+              "by label.", "",
               "| backbone | MIL AUROC | MIL balanced acc. | mean-pool AUROC |", "|---|---|---|---|"]
     for name in BACKBONES:
         slides = results[name]["slides"]
-        lines.append(f"| {name} | {format_score(slides['abmil']['auroc'], 'auroc', 1)} | "
-                     f"{100 * slides['abmil']['balanced_accuracy']:.1f} | "
-                     f"{format_score(slides['mean_pool']['auroc'], 'auroc', 1)} |")
+        lines.append(f"| {name} | {_fold_range(slides, 'abmil', 'auroc')} | "
+                     f"{_fold_range(slides, 'abmil', 'balanced_accuracy')} | "
+                     f"{_fold_range(slides, 'mean_pool', 'auroc')} |")
     return "\n".join(lines) + "\n"
 
 

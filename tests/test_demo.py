@@ -21,7 +21,10 @@ def test_demo_runs_the_whole_method_and_reports_it(tmp_path, capsys):
     for embedding in ("random-init ViT-Ti", "trained teacher"):
         assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith(f"| {embedding} |")] \
             == ["1", "2", "3"]
-    assert "mean over 4 cross-validation folds by slide" in table and "rare (mucus, necrosis)" in table
+    assert "4 cross-validation folds by slide" in table and "rare (mucus, necrosis)" in table
+    # the headline probe carries its intervals, the paired difference and the detectable effect
+    trained = next(line for line in table.splitlines() if line.startswith("| trained |"))
+    assert trained.count("[") == 3 and "| trained − random_init | " in table and "80 % power" in table
     for name in ("trained", "random_init"):
         tiles = json.loads((out / "eval" / name / "results.json").read_text())["synthetic"]
         assert 0.0 <= tiles["linear"]["balanced_accuracy"] <= 1.0
@@ -31,7 +34,11 @@ def test_demo_runs_the_whole_method_and_reports_it(tmp_path, capsys):
     # trained on the tree it curated: the training index is the curation's
     config = (out / "train" / "config.yaml").read_text()
     assert str(out / "curation" / "clusters" / "index") in config and "cluster_stratified" in config
-    assert (out / "train" / "metrics.jsonl").read_text().count("\n") == 4
+    records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "eval_iteration" not in r] == [0, 1, 2, 3]
+    # the learning curve's first point, the initialisation's kNN on held-out slides
+    curve = [r for r in records if "eval_iteration" in r]
+    assert [r["eval_iteration"] for r in curve] == [0] and 0 < curve[0]["eval/synthetic/knn_20"] <= 1
     assert (out / "recuration" / "tree" / "manifest.json").is_file()
     assert "<html" in (out / "report.html").read_text()[:200].lower()
     # a second run reuses every stage and prints the same table
