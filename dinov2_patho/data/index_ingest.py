@@ -39,6 +39,7 @@ from dinov2_patho.data.index_format import (
 from dinov2_patho.data.index_source import Batch, is_parquet, iter_batches
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir
+from dinov2_patho.slide_files import check_distinct_case
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -238,6 +239,7 @@ def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
     finally:
         scratch.close()
         bar.close()
+    check_distinct_case(slide_ids, str(src))
     csv_lines = not is_parquet(src)
     dropped, num_dropped = find_duplicates(
         src, scratch, num_rows, list(slide_ids), dedupe=dedupe, csv_lines=csv_lines

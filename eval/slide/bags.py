@@ -28,6 +28,7 @@ from dinov2_patho.curation.feature_files import feature_file_name, write_feature
 from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
+from dinov2_patho.slide_files import slide_path
 
 from ..features import check_cache_manifest, feature_dim, fill_features, weights_hash
 from ..hub import normalisation
@@ -93,7 +94,7 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
         rows = capped_rows(task.tile_rows(slide_id), slide_id, cap, seed)
         if len(rows) == 0:  # task_from_rows refuses such slides before any bag
             raise UserError(f"slide task {task.name}: slide {slide_id!r} has no tiles to make a bag of")
-        bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, cache / "slides" / slide_id, token,
+        bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, slide_path(cache / "slides", slide_id), token,
                          dim, batch_size, num_workers, on_device))
     return bags
 
