@@ -135,15 +135,20 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def config_changes(saved: dict[str, Any], cfg: DictConfig) -> tuple[list[str], str]:
+    """The keys changed from `saved` to `cfg` outside RESUME_SAFE, and every change listed ("" if none)."""
+    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+    return ([k for k in changed if not k.startswith(RESUME_SAFE)],
+            ", ".join(f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed))
+
+
 def check_resume_config(saved: dict[str, Any], cfg: DictConfig, source: str, *, force: bool) -> None:
     """Compare the config a checkpoint was written under with this run's: a changed key is
     named in a warning; a changed key outside RESUME_SAFE is refused unless `force`."""
-    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
-    if not changed:
+    unsafe, listed = config_changes(saved, cfg)
+    if not listed:
         return
-    unsafe = [k for k in changed if not k.startswith(RESUME_SAFE)]
-    listed = ", ".join(f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed)
     if unsafe and not force:
         raise ConfigError(f"resuming {source} with a changed config: {', '.join(unsafe)} would break exact "
                           f"resume (changed: {listed}); use the run's config, another --output-dir, or "
