@@ -52,7 +52,7 @@ def dry_run(cfg, progress: bool = True) -> int:
     from dinov2_patho.data.dataset import build_tile_source
     from dinov2_patho.data.preflight import PreflightError
     from dinov2_patho.data.readers import TILE_PX, SlideTileSource
-    from dinov2_patho.samplers.telemetry import telemetry_table
+    from dinov2_patho.samplers.telemetry import NO_LEVELS, telemetry_table
     from dinov2_patho.train.config import global_batch_size, validate_config
     from dinov2_patho.train.trainer import open_training_data, slide_preflight
 
@@ -63,7 +63,7 @@ def dry_run(cfg, progress: bool = True) -> int:
     print("# resolved config")
     print(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"# first batch: {len(batch)} tiles over {world_size} rank(s), sampler {sampler.name}")
-    print(telemetry_table(sampler.telemetry(batch, 0)))
+    print(telemetry_table({"clusters": NO_LEVELS, **sampler.telemetry(batch, 0)}))  # a tree's count replaces it
     print(f"\n# data: {index!r}")
     source = build_tile_source(cfg.data)
     try:
