@@ -84,3 +84,19 @@ def test_uniform_trains_on_a_tile_list_without_a_tree(cohort, cohort_index, tmp_
     assert main(args) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[0]["sampler/slides"] >= 1 and "sampler/clusters" not in records[0]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("student.embed_dim=97", "student.embed_dim=97 is not divisible by student.num_heads=3"),
+    ("train.device=cuda", "train.device=cuda but no CUDA device is visible"),
+])
+def test_dry_run_makes_the_checks_of_the_run(cohort, cohort_index, tmp_path, capsys, monkeypatch, override,
+                                             message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = ["train", "--config-file", str(SMOKE), "--output-dir", str(tmp_path / "run"), *_data(cohort, cohort_index),
+            *TINY, "train.num_workers=0", "student.num_heads=3", override]
+    for extra in (["--dry-run"], []):  # the dry run stops where the run would, before any step
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].endswith(message) and "Traceback" not in "\n".join(err), err
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -118,6 +118,9 @@ def check_values(cfg: DictConfig) -> None:
     if sizes and cfg.student.arch is not None:
         raise ConfigError(f"student.arch={cfg.student.arch} and student.{sizes[0]} are both set: explicit "
                           f"sizes build their own ViT, so set student.arch=null for them, or drop the sizes")
+    dim, heads = cfg.student.embed_dim, cfg.student.num_heads
+    if dim is not None and heads and dim % heads:  # attention splits embed_dim over the heads
+        raise ConfigError(f"student.embed_dim={dim} is not divisible by student.num_heads={heads}")
     AugmentConfig.from_config(cfg)  # crops and augmentation
 
 
