@@ -39,8 +39,8 @@ def _check_npy_size(path: Path) -> None:
     """ValueError unless the .npy file `path` holds all the bytes its header says."""
     with open(path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
+        fmt = np.lib.format
+        shape, _, dtype = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(f)
         if dtype.hasobject:
             raise ValueError("an object array (pickled Python objects)")
         expected = f.tell() + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -77,7 +77,8 @@ def load_npy(path: str | Path, what: str, fix: str, *, kinds: str = "biuf", ndim
     return array
 
 
-def load_state(path: str | Path, what: str, fix: str, *, keys: tuple[str, ...] = (), mmap: bool = False) -> Any:
+def load_state(path: str | Path, what: str, fix: str, *, keys: tuple[str, ...] = (),
+               mmap: bool = False) -> Any:
     """The object `torch.load(weights_only=True)` reads from `path`, a `what` ("training checkpoint"),
     a dict holding `keys` where given; a DamagedFileError `<path>: <what> ...; <fix>` otherwise."""
     import torch

@@ -212,8 +212,8 @@ def _resumable(split_dir: Path, n: int) -> Features | dict[str, np.ndarray] | No
         if (split_dir / "meta.json").is_file():
             features = load_features(split_dir)
             if len(features.labels) != n:
-                raise DamagedFileError(f"{split_dir}: cached split of {len(features.labels)} rows, the dataset "
-                                       f"has {n}")
+                raise DamagedFileError(f"{split_dir}: cached split of {len(features.labels)} rows, the "
+                                       f"dataset has {n}")
             return features
         if (split_dir / "progress.json").is_file():
             rows_done(split_dir / "progress.json", n)

@@ -70,7 +70,8 @@ def map_data(text: str) -> dict:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(alphabet=st.sampled_from("<!-/>scriptSCRIPT\\ u"), max_size=20), min_size=1, max_size=4))
+@given(st.lists(st.text(alphabet=st.sampled_from("<!-/>scriptSCRIPT\\ u"), max_size=20), min_size=1,
+                max_size=4))
 def test_map_data_holds_no_markup_whatever_its_strings(values):
     # a slide id `<!--<script>` once made the parser swallow the page's own script after the map
     panel = Panel("embedding")

@@ -171,7 +171,8 @@ def test_dump_onto_a_directory_names_it(tiny_index, tmp_path, capsys):
 
 
 def test_uniform_draws_from_a_tile_list_without_levels(tmp_path, capsys):
-    (tmp_path / "tiles.csv").write_text("slide_id,tile_x,tile_y\n" + "".join(f"s{i % 3},{i},0\n" for i in range(30)))
+    rows = "".join(f"s{i % 3},{i},0\n" for i in range(30))
+    (tmp_path / "tiles.csv").write_text("slide_id,tile_x,tile_y\n" + rows)
     index = index_mod.build_index(tmp_path / "tiles.csv", tmp_path / "index", progress=False)
     assert main(["sampler", "dump", "--index", str(index.path), "--batch-size", "10", "--steps", "3", "--out",
                  str(tmp_path / "b.npy"), "--json", "sampler.name=uniform"]) == 0

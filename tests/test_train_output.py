@@ -76,9 +76,9 @@ def test_uniform_trains_on_a_tile_list_without_a_tree(cohort, cohort_index, tmp_
     (tmp_path / "tiles.csv").write_text("".join(",".join(line.split(",")[:3]) + "\n" for line in lines))
     index = build_index(tmp_path / "tiles.csv", tmp_path / "index", progress=False)
     assert index.num_levels == 0
-    args = ["train", "--config-file", str(SMOKE), "--output-dir", str(tmp_path / "run"), f"data.index={index.path}",
-            f"data.slides={cohort.slides_dir}", *TINY, "train.iterations=2", "train.num_workers=0",
-            "sampler.name=uniform", "sampler.level=null"]
+    args = ["train", "--config-file", str(SMOKE), "--output-dir", str(tmp_path / "run"),
+            f"data.index={index.path}", f"data.slides={cohort.slides_dir}", *TINY, "train.iterations=2",
+            "train.num_workers=0", "sampler.name=uniform", "sampler.level=null"]
     assert main([*args, "--dry-run"]) == 0
     assert re.search(r"\nclusters +none: the index has no tree levels\n", capsys.readouterr().out)
     assert main(args) == 0
@@ -93,8 +93,8 @@ def test_uniform_trains_on_a_tile_list_without_a_tree(cohort, cohort_index, tmp_
 def test_dry_run_makes_the_checks_of_the_run(cohort, cohort_index, tmp_path, capsys, monkeypatch, override,
                                              message):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    args = ["train", "--config-file", str(SMOKE), "--output-dir", str(tmp_path / "run"), *_data(cohort, cohort_index),
-            *TINY, "train.num_workers=0", "student.num_heads=3", override]
+    args = ["train", "--config-file", str(SMOKE), "--output-dir", str(tmp_path / "run"),
+            *_data(cohort, cohort_index), *TINY, "train.num_workers=0", "student.num_heads=3", override]
     for extra in (["--dry-run"], []):  # the dry run stops where the run would, before any step
         assert main([*args, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -193,7 +193,8 @@ def check_finite(array: np.ndarray, source: Path, chunk_rows: int, progress: boo
 class LevelBuilder:
     """Runs one level (resampled or split), checkpointing finished resampling steps."""
 
-    def __init__(self, level: int, spec: LevelSpec, cfg: Any, out: Path, progress: bool, record: dict[str, Any]):
+    def __init__(self, level: int, spec: LevelSpec, cfg: Any, out: Path, progress: bool,
+                 record: dict[str, Any]):
         self.level, self.spec, self.cfg, self.progress, self.record = level, spec, cfg, progress, record
         self.steps_dir = tree.level_dir(out, level) / STEPS_DIR
         self.options = lloyd_options(spec, cfg)

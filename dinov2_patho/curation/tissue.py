@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     registry = SlideRegistry.from_spec(args.slides)
     if len(registry) == 0:
         raise UserError(f"{args.slides}: no slides found")
-    check_distinct_case(registry.slide_ids(), str(args.slides))  # before any slide is read, not at index build
+    check_distinct_case(registry.slide_ids(), str(args.slides))  # before any slide is read, not at the end
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     reports = write_tiles(out / TILES_CSV, detect_all(registry, tiles_cfg, not args.no_progress))

@@ -230,8 +230,8 @@ def _check_replaceable(out: Path) -> None:
         why = f"its {MANIFEST} is another command's"
     except UserError:
         why = f"no {MANIFEST}"
-    raise UserError(f"{out}: exists and is not a tile index; refusing to replace it ({why}): give a new --out "
-                    "or remove it")
+    raise UserError(f"{out}: exists and is not a tile index; refusing to replace it ({why}): give a new "
+                    "--out or remove it")
 
 
 def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:

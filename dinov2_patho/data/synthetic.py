@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from dinov2_patho.data.augment import hed_jitter
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir
-from dinov2_patho.slide_files import slide_path
 from dinov2_patho.logging import get_logger
+from dinov2_patho.slide_files import slide_path
 
 log = get_logger(__name__)
 

@@ -65,7 +65,7 @@ def dry_run(cfg, progress: bool = True) -> int:
     print("# resolved config")
     print(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"# first batch: {len(batch)} tiles over {world_size} rank(s), sampler {sampler.name}")
-    print(telemetry_table({"clusters": NO_LEVELS, **sampler.telemetry(batch, 0)}))  # a tree's count replaces it
+    print(telemetry_table({"clusters": NO_LEVELS, **sampler.telemetry(batch, 0)}))  # a tree's count wins
     print(f"\n# data: {index!r}")
     source = build_tile_source(cfg.data)
     try:

@@ -54,12 +54,13 @@ def teacher_backbone(checkpoint: str | Path) -> torch.nn.Module:
         cfg = OmegaConf.create(state["config"])
         cfg.student.drop_path_rate = 0.0
         cfg.student.pretrained_weights = None
-        weights = {k[len(TEACHER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(TEACHER_PREFIX)}
+        weights = {k[len(TEACHER_PREFIX):]: v for k, v in state["model"].items()
+                   if k.startswith(TEACHER_PREFIX)}
         vit = build_student_backbone(cfg) if weights else None
     except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as e:
         why = (str(e).splitlines() or [""])[0]  # omegaconf's messages run over several lines
-        raise ckpt.CheckpointError(f"{path / ckpt.SHARED_FILE}: not a training checkpoint of ours (its config "
-                                   f"or model does not build: {type(e).__name__}: {why})") from None
+        raise ckpt.CheckpointError(f"{path / ckpt.SHARED_FILE}: not a training checkpoint of ours (its "
+                                   f"config or model does not build: {type(e).__name__}: {why})") from None
     if vit is None:
         raise ckpt.CheckpointError(f"{path / ckpt.SHARED_FILE} holds no {TEACHER_PREFIX}* weights")
     load_pretrained(vit, weights, format="ours")

@@ -109,8 +109,9 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
         rows = capped_rows(task.tile_rows(slide_id), slide_id, cap, seed)
         if len(rows) == 0:  # task_from_rows refuses such slides before any bag
             raise UserError(f"slide task {task.name}: slide {slide_id!r} has no tiles to make a bag of")
-        bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, slide_path(cache / "slides", slide_id), token,
-                         dim, batch_size, num_workers, on_device))
+        slide_dir = slide_path(cache / "slides", slide_id)
+        bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, slide_dir, token, dim, batch_size,
+                         num_workers, on_device))
     return bags
 
 
