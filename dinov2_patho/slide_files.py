@@ -36,10 +36,11 @@ _REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 
 
 def shown(slide_id: str, limit: int = 60) -> str:
-    """`slide_id` quoted for an error line: escapes visible, a long one cut with its length said."""
+    """`slide_id` quoted for an error line, what does not print escaped (repr), a long one cut with its
+    length said."""
     if len(slide_id) <= limit:
-        return ascii(slide_id)
-    return f"{ascii(slide_id[:limit])}... ({len(slide_id)} characters)"
+        return repr(slide_id)
+    return f"{slide_id[:limit]!r}... ({len(slide_id)} characters)"
 
 
 def slide_id_problem(slide_id: str) -> str | None:
@@ -57,7 +58,7 @@ def slide_id_problem(slide_id: str) -> str | None:
         return "starts or ends with white space (CSV readers strip it)"
     for ch in slide_id:
         if unicodedata.category(ch) in _REFUSED_CATEGORIES:
-            return f"holds the control or invisible character {ascii(ch)}"
+            return f"holds the control or invisible character {ch!r}"
     size = len(slide_id.encode("utf-8"))
     if size > MAX_ID_BYTES:
         return f"is {size} bytes long, more than the {MAX_ID_BYTES} a file name allows"
