@@ -61,7 +61,7 @@ def test_a_file_of_other_values_or_shape_is_not_ours(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "t.pt")
     with pytest.raises(DamagedFileError, match=r"t.pt: not a checkpoint: it holds a Tensor, without model"):
         load_state(tmp_path / "t.pt", "checkpoint", "", keys=("model",))
-    (tmp_path / "p.pt").write_bytes(pickle.dumps({"model": 1}))  # a pickle is refused, never run
+    (tmp_path / "p.pt").write_bytes(pickle.dumps({"model": 1}, protocol=2))  # refused, never run
     with pytest.raises(DamagedFileError, match="p.pt: not a readable checkpoint"):
         load_state(tmp_path / "p.pt", "checkpoint", "")
 
