@@ -67,6 +67,19 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from e
 
 
+def uses_cuda(device: str, key: str = "train.device") -> bool:
+    """Whether `device` (one of DEVICES, from config key `key`) means CUDA here; a UserError for a
+    device that is not one of them, or cuda where no CUDA device is visible (also for --dry-run)."""
+    import torch
+
+    if device not in DEVICES:
+        raise UserError(f"{key}: {device!r} is not one of {', '.join(DEVICES)}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError(f"{key}=cuda but no CUDA device is visible")
+    return use_cuda
+
+
 @contextlib.contextmanager
 def distributed_context(device: str = "auto", key: str = "train.device") -> Iterator[DistContext]:
     """Join the process group named by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT when
@@ -75,11 +88,7 @@ def distributed_context(device: str = "auto", key: str = "train.device") -> Iter
     import torch
     import torch.distributed as dist
 
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device not in DEVICES:
-        raise UserError(f"{key}: {device!r} is not one of {', '.join(DEVICES)}")
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError(f"{key}=cuda but no CUDA device is visible")
+    use_cuda = uses_cuda(device, key)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     owned = False

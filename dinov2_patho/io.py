@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -34,6 +35,8 @@ def fresh_path(parent: Path, prefix: str, suffix: str, *, directory: bool = Fals
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
     path = Path(path)
+    if path.is_dir():  # the rename would fail naming the temporary file, after the work
+        raise IsADirectoryError(errno.EISDIR, "Is a directory, not a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_path(path.parent, f".{path.name}.", ".tmp")
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.jsonfile import JsonFileError, first_difference, read_json
 from dinov2_patho.logging import get_logger
+from dinov2_patho.readback import DamagedFileError, load_npy, rebuilding
 
 log = get_logger(__name__)
 
@@ -102,7 +104,18 @@ def load_features(split_dir: str | Path) -> Features:
     split_dir = Path(split_dir)
     if not (split_dir / "meta.json").is_file():
         raise UserError(f"{split_dir}: no meta.json, the feature extraction of this split is incomplete")
-    return Features(*(np.load(split_dir / f"{name}.npy", mmap_mode="r") for name in (*TOKENS, "labels")))
+    return Features(*_cached_arrays(split_dir, "r"))
+
+
+def _cached_arrays(split_dir: Path, mode: str, rows: int | None = None) -> list[np.ndarray]:
+    """The split's token arrays then labels, memory-mapped, as many rows each (`rows` where given);
+    a DamagedFileError otherwise (the cache rebuilds)."""
+    arrays: list[np.ndarray] = []
+    for name in (*TOKENS, "labels"):
+        arrays.append(load_npy(split_dir / f"{name}.npy", "cached feature array", "", mmap_mode=mode,
+                               kinds="i" if name == "labels" else "f", ndim=1 if name == "labels" else 2,
+                               rows=rows if not arrays else len(arrays[0])))
+    return arrays
 
 
 def select_token(out: dict[str, torch.Tensor], which: str) -> torch.Tensor:
@@ -192,30 +205,45 @@ def rows_done(progress_file: Path, n: int) -> int:
     return rows
 
 
+def _resumable(split_dir: Path, n: int) -> Features | dict[str, np.ndarray] | None:
+    """A complete cached split, the arrays of a partial one to resume, or None (nothing cached); a
+    damaged cache (a file cut short or replaced, a progress record unreadable) is dropped, saying so."""
+    try:
+        if (split_dir / "meta.json").is_file():
+            features = load_features(split_dir)
+            if len(features.labels) != n:
+                raise DamagedFileError(f"{split_dir}: cached split of {len(features.labels)} rows, the "
+                                       f"dataset has {n}")
+            return features
+        if (split_dir / "progress.json").is_file():
+            rows_done(split_dir / "progress.json", n)
+            return dict(zip((*TOKENS, "labels"), _cached_arrays(split_dir, "r+", n)))
+    except (DamagedFileError, JsonFileError) as e:
+        rebuilding(e, "feature cache")
+        shutil.rmtree(split_dir)
+    return None
+
+
 def extract_features(backbone: nn.Module, dataset: Dataset, split_dir: str | Path, *, batch_size: int = 64,
                      num_workers: int = 0, progress: bool = True, desc: str = "features") -> Features:
     """Embed every item (image tensor, label) of `dataset` with the frozen `backbone`
     into `split_dir`, resuming a partial run, returning the cached features. Images go to
     the backbone's device; the backbone is left where it is (the trainer's teacher)."""
     split_dir = Path(split_dir)
-    if (split_dir / "meta.json").is_file():
-        return load_features(split_dir)
     n = len(dataset)
+    arrays = _resumable(split_dir, n)
+    if isinstance(arrays, Features):
+        return arrays
     if n == 0:
         raise UserError(f"{desc}: the dataset is empty, nothing to extract into {split_dir}")
     split_dir.mkdir(parents=True, exist_ok=True)
     progress_file = split_dir / "progress.json"
-    if not progress_file.is_file():
+    if arrays is None:
         backbone.eval()
         dim = feature_dim(backbone, dataset[0][0])
         arrays = {name: np.lib.format.open_memmap(split_dir / f"{name}.npy", "w+", np.float32, (n, dim))
                   for name in TOKENS}
         arrays["labels"] = np.lib.format.open_memmap(split_dir / "labels.npy", "w+", np.int64, (n,))
-    else:
-        arrays = {name: np.load(split_dir / f"{name}.npy", mmap_mode="r+") for name in (*TOKENS, "labels")}
-        if arrays["labels"].shape[0] != n:
-            raise UserError(f"{split_dir}: cached split has {arrays['labels'].shape[0]} rows but the dataset "
-                            f"has {n}; delete the directory to re-extract")
     outputs = {name: (arrays[name], name) for name in TOKENS}
     outputs["labels"] = (arrays["labels"], "label")
     fill_features(backbone, dataset, outputs, progress_file, batch_size=batch_size, num_workers=num_workers,

@@ -21,14 +21,20 @@ class Columns:
         return self._levels[k]
 
 
-def batch_stats(columns: Columns, positions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+NO_LEVELS = "none: the index has no tree levels"
+
+
+def batch_stats(columns: Columns, positions: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
     """Distinct clusters at each tree level and slides, and the min / max number of tiles
-    per stratification cluster, for one batch given as view positions."""
+    per stratification cluster (`labels`; None for an index without levels), for one batch given as
+    view positions."""
     positions = np.sort(positions)  # sorted reads of memory-mapped columns
     stats: dict[str, Any] = {}
     for k in range(1, columns.index.num_levels + 1):
         stats[f"clusters_level_{k}"] = int(len(np.unique(columns.level(k)[positions])))
     stats["slides"] = int(len(np.unique(columns.index.slides(positions))))
+    if labels is None:
+        return stats
     _, counts = np.unique(np.asarray(labels[positions]), return_counts=True)
     stats["clusters"] = int(len(counts))
     stats["per_cluster_min"] = int(counts.min())
@@ -45,7 +51,9 @@ class TelemetrySummary:
         self.sampler, self.columns, self.labels = sampler, sampler.columns, sampler.labels
         self.eligible = sampler.eligible
         self.counts = np.zeros(sampler.num_labels, dtype=np.int64)
-        self.nonempty = int(np.count_nonzero(_label_sizes(self.labels, sampler.num_labels)))
+        self.nonempty = 0 if self.labels is None else int(np.count_nonzero(_label_sizes(self.labels,
+                                                                                        sampler.num_labels)))
+        self.samples = 0
         self.seen: list[np.ndarray] = []
         self.per_batch: list[dict[str, Any]] = []
 
@@ -53,9 +61,11 @@ class TelemetrySummary:
         """Add one global batch (row ids); returns its per-batch statistics."""
         positions = self.sampler.rows.to_positions(batch)
         stats = batch_stats(self.columns, positions, self.labels)
-        lab = np.asarray(self.labels[np.sort(positions)]).astype(np.int64)
-        uniq, cnt = np.unique(lab, return_counts=True)
-        self.counts[uniq] += cnt
+        self.samples += len(positions)
+        if self.labels is not None:
+            lab = np.asarray(self.labels[np.sort(positions)]).astype(np.int64)
+            uniq, cnt = np.unique(lab, return_counts=True)
+            self.counts[uniq] += cnt
         self.seen.append(positions)
         self.per_batch.append(stats)
         return stats
@@ -64,18 +74,21 @@ class TelemetrySummary:
         if not self.per_batch:
             return {"batches": 0}
         tiles = np.unique(np.concatenate(self.seen))
-        p = self.counts[self.counts > 0] / self.counts.sum()
-        entropy = float(-(p * np.log(p)).sum())
         out: dict[str, Any] = {
             "batches": len(self.per_batch),
-            "samples": int(self.counts.sum()),
-            "cluster_coverage": int(np.count_nonzero(self.counts)) / max(self.nonempty, 1),
+            "samples": self.samples,
             "tile_coverage": len(tiles) / max(self.eligible, 1),
             "distinct_tiles": int(len(tiles)),
             "distinct_slides": int(len(np.unique(self.columns.index.slides(tiles)))),
-            # 1.0 = every non-empty cluster drawn equally often
-            "balance_entropy": entropy / np.log(self.nonempty) if self.nonempty > 1 else 1.0,
         }
+        if self.labels is None:
+            out["clusters"] = NO_LEVELS
+        else:
+            p = self.counts[self.counts > 0] / self.counts.sum()
+            entropy = float(-(p * np.log(p)).sum())
+            out["cluster_coverage"] = int(np.count_nonzero(self.counts)) / max(self.nonempty, 1)
+            # 1.0 = every non-empty cluster drawn equally often
+            out["balance_entropy"] = entropy / np.log(self.nonempty) if self.nonempty > 1 else 1.0
         for key in self.per_batch[0]:
             values = np.array([s[key] for s in self.per_batch])
             out[f"{key}_mean"] = float(values.mean())

@@ -34,9 +34,11 @@ class UniformSampler(GlobalBatchSampler):
         self.num_rows = len(index) if positions is None else len(positions)
         if self.num_rows == 0:
             raise SamplerError("uniform sampler: nothing to draw from (empty index view or subset)")
-        # telemetry counts clusters of the coarsest tree level
-        self.labels = index.level(index.num_levels)
-        self.num_labels = index.num_clusters(index.num_levels)
+        # telemetry counts clusters of the coarsest tree level; a tile list without a tree (`curate tiles`)
+        # trains all the same, its telemetry without clusters
+        levels = index.num_levels
+        self.labels = index.level(levels) if levels else None
+        self.num_labels = index.num_clusters(levels) if levels else 0
         self.eligible = self.num_rows
 
     def fingerprint(self) -> dict[str, Any]:

@@ -169,6 +169,44 @@ def test_resume_refuses_a_level_built_with_another_config(tmp_path, capsys):
     assert "level_1: built with another config" in capsys.readouterr().err
 
 
+def test_a_tree_of_other_embeddings_is_refused_and_their_steps_never_resumed(tmp_path, capsys, monkeypatch):
+    x, _, _ = planted_blobs(seed=6)
+    other, _, _ = planted_blobs(seed=7)  # a new backbone: same rows and dim, other values
+    levels = [{"clusters": 24, "resampling_steps": 3, "sample_per_cluster": 8}, {"clusters": 6}]
+    for name, array in (("x", x), ("other", other), ("wider", np.hstack([x, x]))):
+        np.save(tmp_path / f"{name}.npy", array)
+    build(x, tmp_path / "tree", kmeans_cfg(levels))
+    assert ClusterTree.open(tmp_path / "tree").manifest["embeddings_fingerprint"]["rows"] == len(x)
+    config = tmp_path / "c.yaml"
+    config.write_text(OmegaConf.to_yaml({"kmeans": kmeans_cfg(levels)}))
+    for name in ("other", "wider"):
+        assert main(["curate", "kmeans", "--embeddings", str(tmp_path / f"{name}.npy"), "--out",
+                     str(tmp_path / "tree"), "--config-file", str(config), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "level_1: built with other embeddings (embeddings." in err
+
+    # killed in level 1's step 2 over x: its steps 0 and 1 are not resumed over the other embeddings
+    real_kmeans, calls, kill = hierarchy.LevelBuilder.kmeans, [], ["level 1 step 2"]
+
+    def kmeans_killed(self, points, k, seed, desc, centroids=None):
+        calls.append(desc)
+        if desc in kill:
+            raise Killed
+        return real_kmeans(self, points, k, seed, desc, centroids)
+
+    monkeypatch.setattr(hierarchy.LevelBuilder, "kmeans", kmeans_killed)
+    with pytest.raises(Killed):
+        build(x, tmp_path / "killed", kmeans_cfg(levels))
+    assert sorted(p.name for p in (level_dir(tmp_path / "killed", 1) / hierarchy.STEPS_DIR).iterdir()) == [
+        "inputs.json", "step_0.npy", "step_1.npy"]
+    calls.clear(), kill.clear()
+    resumed = tree_arrays(build(other, tmp_path / "killed", kmeans_cfg(levels)).root)
+    assert calls[0] == "level 1 step 0"
+    reference = tree_arrays(build(other, tmp_path / "reference", kmeans_cfg(levels)).root)
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
 # --- two gloo ranks ------------------------------------------------------------------------
 
 # Every level is sharded over the ranks: level 2 clusters 12 centroids, level 3 four.

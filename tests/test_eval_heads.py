@@ -3,6 +3,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_damaged_files import DAMAGES, damage
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -170,3 +171,21 @@ def test_summarized_runs_keep_each_class_recall_as_its_mean_over_runs():
     out = summarize_runs(runs)
     assert out["balanced_accuracy"] == pytest.approx(0.6)
     assert out["per_class_recall"] == {"a": 0.75, "b": 0.0}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("name", ["cls.npy", "labels.npy", "progress.json"])
+def test_a_damaged_feature_cache_is_rebuilt_saying_so(tmp_path, caplog, how, name):
+    model, split = Pool(), tmp_path / "split"
+    if name == "progress.json":  # a partial extraction: its progress record is damaged
+        with pytest.raises(RuntimeError, match="interrupted"):
+            extract_features(model, Toy(fail_at=7), split, batch_size=2, progress=False)
+    else:
+        extract_features(model, Toy(), split, batch_size=2, progress=False)
+    damage(split / name, how)
+    feats = extract_features(model, Toy(), split, batch_size=2, progress=False)
+    expected = extract_features(model, Toy(), tmp_path / "fresh", batch_size=2, progress=False)
+    np.testing.assert_array_equal(feats.cls, expected.cls)
+    np.testing.assert_array_equal(feats.labels, expected.labels)
+    assert [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()][0].startswith(
+        str(split / name))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_damaged_files import DAMAGES, damage
 
 from dinov2_patho.cli import main
 from dinov2_patho.data.index import build_index
@@ -257,6 +258,22 @@ def test_padding_changes_nothing_and_attention_sums_to_one(sizes, seed):
 def test_an_empty_bag_never_reaches_the_head():
     with pytest.raises(ValueError, match="empty bag"):
         pad_bags([np.zeros((3, 4), np.float32), np.zeros((0, 4), np.float32)])
+
+
+@pytest.mark.parametrize("name", ["features.npy", "rows.npy", "progress.json"])
+def test_a_damaged_bag_is_rebuilt_saying_so(cohort, cohort_index, tmp_path, one_thread, caplog, name):
+    task = csv_task(_labels(tmp_path, _good_lines(cohort)[:6]), cohort.slides_dir, cohort_index.path)
+    bags = extract_bags(task, ColourTexture(), tmp_path / "bags", backbone_name="hand", cap=8, progress=False)
+    slide_dir = tmp_path / "bags" / "slides" / task.slide_ids[1]
+    for how in DAMAGES:
+        damage(slide_dir / name, how)
+        caplog.clear()
+        again = extract_bags(task, ColourTexture(), tmp_path / "bags", backbone_name="hand", cap=8,
+                             progress=False)
+        assert all(np.array_equal(a, b) for a, b in zip(bags, again)), how
+        lines = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(f"{slide_dir / name}: "), how
+        assert "bag cache: rebuilding it" in lines[0], how
 
 
 def test_attention_finds_the_key_instance_in_gaussian_bags(one_thread):

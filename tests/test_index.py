@@ -215,6 +215,21 @@ def test_rebuild_replaces_an_index_but_never_other_directories(tmp_path):
     assert (tmp_path / "other" / "keep.txt").exists()
 
 
+def test_rebuild_keeps_another_commands_directory_with_a_manifest(tmp_path):
+    from dinov2_patho.curation.tree import write_manifest
+
+    src = write_csv(tmp_path / "c.csv", [("a", 0, 0, 1)], 1)
+    tree = tmp_path / "tree"  # a k-means tree (or a `curate embed` output): it has a manifest.json too
+    write_manifest(tree, 1, [1])
+    (tree / "level_1").mkdir()
+    with pytest.raises(UserError, match=r"tree: exists and is not a tile index; refusing .*another command"):
+        build_index(src, tree, progress=False)
+    assert sorted(p.name for p in tree.iterdir()) == ["level_1", "manifest.json"]
+    build_index(src, tmp_path / "idx", progress=False)
+    (tmp_path / "idx" / "manifest.json").write_text('{"num_ro')  # a damaged index is rebuilt
+    assert len(build_index(src, tmp_path / "idx", progress=False)) == 1
+
+
 def test_open_rejects_missing_and_unknown_formats(tmp_path):
     with pytest.raises(UserError, match="not a tile index"):
         TileIndex.open(tmp_path)

@@ -159,3 +159,23 @@ def test_resume_from_a_file_that_is_no_sampler_state_is_one_line(tiny_index, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--resume-from {state}: not a sampler state" in err[0], err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_dump_onto_a_directory_names_it(tiny_index, tmp_path, capsys):
+    root, _ = tiny_index
+    (tmp_path / "batches").mkdir()
+    assert dump(root, tmp_path / "batches", "--steps", "1", "sampler.name=uniform") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"error: {tmp_path / 'batches'}: is a directory, not a file name"), err
+    assert list(tmp_path.iterdir()) == [tmp_path / "batches"] and not list((tmp_path / "batches").iterdir())
+
+
+def test_uniform_draws_from_a_tile_list_without_levels(tmp_path, capsys):
+    rows = "".join(f"s{i % 3},{i},0\n" for i in range(30))
+    (tmp_path / "tiles.csv").write_text("slide_id,tile_x,tile_y\n" + rows)
+    index = index_mod.build_index(tmp_path / "tiles.csv", tmp_path / "index", progress=False)
+    assert main(["sampler", "dump", "--index", str(index.path), "--batch-size", "10", "--steps", "3", "--out",
+                 str(tmp_path / "b.npy"), "--json", "sampler.name=uniform"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["clusters"] == "none: the index has no tree levels" and report["distinct_tiles"] == 30
+    assert sorted(np.load(tmp_path / "b.npy").ravel().tolist()) == list(range(30))

@@ -83,7 +83,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_a_corrupted_latest_falls_back
     result = trainer_mod.run_training(cfg, tmp_path)
     assert result["start_iteration"] == 2 and result["iteration"] == 3
     warnings = [line for line in capsys.readouterr().err.splitlines() if " WARNING " in line]
-    assert len(warnings) == 1 and f"cannot read checkpoint file {bad}" in warnings[0]
+    assert len(warnings) == 1 and f"{bad}: not a readable checkpoint file" in warnings[0]
     assert iteration_of(find_latest(root)) == 3
 
 

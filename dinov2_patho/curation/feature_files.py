@@ -20,6 +20,7 @@ import numpy as np
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
+from dinov2_patho.slide_files import check_distinct_case, check_slide_id
 
 SUFFIXES = (".h5", ".hdf5")
 FEATURES, COORDS = "features", "coords"
@@ -29,13 +30,9 @@ COORD_ATTRS = ("patch_size", "patch_size_level0", "level0_magnification", "targe
 
 
 def feature_file_name(slide_id: str, where: str) -> str:
-    """`<slide_id>.h5`, refusing an id that would name a file outside its folder.
-
-    Interim rule, to be folded into the project's one slide id -> file name rule (issue 27)."""
-    if slide_id in ("", ".", "..") or any(c in slide_id for c in ("/", "\\", "\0")):
-        raise UserError(f"{where}: slide id {slide_id!r} cannot be a file name (empty, '.', '..', or holds "
-                        "'/', '\\' or NUL)")
-    return f"{slide_id}{SUFFIXES[0]}"
+    """`<slide_id>.h5`, by the project's one rule for a file named after a slide (slide_files): an id
+    that is not one plain file name is refused, naming `where`."""
+    return f"{check_slide_id(slide_id, where)}{SUFFIXES[0]}"
 
 
 @dataclass(frozen=True)
@@ -143,6 +140,7 @@ def open_feature_folder(folder: str | Path) -> list[FeatureFile]:
         nested = sorted({p.parent.name for p in folder.glob(f"*/*{SUFFIXES[0]}")})
         hint = f"; subfolders {nested} hold some: pass one of them" if nested else ""
         raise UserError(f"features {folder}: no {'/'.join(SUFFIXES)} file{hint}")
+    check_distinct_case((p.stem for p in paths), f"features {folder}")
     files: list[FeatureFile] = []
     seen: dict[str, Path] = {}
     for path in tqdm(paths, desc="feature files", unit="file", disable=len(paths) < 1000):

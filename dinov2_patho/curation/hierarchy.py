@@ -19,6 +19,7 @@ one GPU, ~20 s on 128); rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -35,11 +36,16 @@ from dinov2_patho.curation.config import add_config_arguments, config_from_args
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key, uniform01
 from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.jsonfile import first_difference
+from dinov2_patho.logging import get_logger
 from dinov2_patho.textfile import open_text
 
 LEVEL_KEYS = {"clusters", "split", "iterations", "init", "resampling_steps", "sample_per_cluster", "strategy",
               "min_mean_cluster_size"}
+logger = get_logger(__name__)  # `log` is build_tree's printer
+
 STEPS_DIR = "steps"  # per-level checkpoints of finished resampling steps, removed once the level is done
+STEPS_INPUTS = "inputs.json"  # in STEPS_DIR: the level record (config, embeddings) the steps are of
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,16 @@ def open_embeddings(path: str | Path, tiles: str | Path | None = None) -> tuple[
     return array, npy
 
 
+def embeddings_fingerprint(embeddings: np.ndarray, samples: int = 256) -> dict[str, Any]:
+    """What a tree is of: rows, dim, dtype and a sha256 of `samples` evenly spaced rows (first and
+    last included). Sampled, not whole: 670 GB at the paper's scale; another backbone, tile list or
+    model changes every row, and a copy of the same file (new mtime) keeps its fingerprint."""
+    rows = np.unique(np.linspace(0, len(embeddings) - 1, min(samples, len(embeddings))).astype(np.int64))
+    sample = np.ascontiguousarray(embeddings[rows])
+    return {"rows": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]), "dtype": str(embeddings.dtype),
+            "sampled_rows_sha256": hashlib.sha256(sample.tobytes()).hexdigest()}
+
+
 def _csv_rows(path: Path) -> int:
     if not path.is_file():
         raise UserError(f"{path}: tile list not found")
@@ -177,8 +193,9 @@ def check_finite(array: np.ndarray, source: Path, chunk_rows: int, progress: boo
 class LevelBuilder:
     """Runs one level (resampled or split), checkpointing finished resampling steps."""
 
-    def __init__(self, level: int, spec: LevelSpec, cfg: Any, out: Path, progress: bool):
-        self.level, self.spec, self.cfg, self.progress = level, spec, cfg, progress
+    def __init__(self, level: int, spec: LevelSpec, cfg: Any, out: Path, progress: bool,
+                 record: dict[str, Any]):
+        self.level, self.spec, self.cfg, self.progress, self.record = level, spec, cfg, progress, record
         self.steps_dir = tree.level_dir(out, level) / STEPS_DIR
         self.options = lloyd_options(spec, cfg)
 
@@ -221,6 +238,16 @@ class LevelBuilder:
         """(first step to run, result of the last finished step) from the step checkpoints."""
         from dinov2_patho.curation.kmeans import KMeansResult, assign, mean_distance
 
+        inputs = self.steps_dir / STEPS_INPUTS
+        if not self._steps_are_of(inputs):  # checkpoints of other embeddings or config: never resumed
+            if points.start == 0 and self.spec.resampling_steps > 1:
+                if self.steps_dir.is_dir():
+                    logger.warning("level %d: the step checkpoints in %s are of other inputs: starting the "
+                                   "level over", self.level, self.steps_dir)
+                shutil.rmtree(self.steps_dir, ignore_errors=True)
+                self.steps_dir.mkdir(parents=True)
+                atomic_write_text(inputs, json.dumps(self.record, indent=1))
+            return 0, None
         done = sorted(int(p.stem.split("_")[1]) for p in self.steps_dir.glob("step_*.npy"))
         done = [s for s in done if s < self.spec.resampling_steps]
         if not done:
@@ -230,6 +257,12 @@ class LevelBuilder:
                                              self.options.chunk_rows)
         objective = mean_distance(points, distances)
         return done[-1] + 1, KMeansResult(centroids, assignment, distances, objective, 0)
+
+    def _steps_are_of(self, inputs: Path) -> bool:
+        try:
+            return json.loads(inputs.read_text()) == json.loads(json.dumps(self.record))
+        except (OSError, ValueError):  # absent, or cut short by a kill: the steps are not trusted
+            return False
 
     def split(self, points):
         """k clusters, then each split into min(m, size) by its own k-means; clusters are numbered
@@ -323,13 +356,16 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
     main = points.start == 0
     summaries: list[dict[str, Any]] = []
     centroids = None
+    fingerprint = embeddings_fingerprint(embeddings)
     for level, spec in enumerate(specs, 1):
-        record = level_record(spec, cfg)
+        record = {**level_record(spec, cfg), "embeddings": fingerprint}
         if tree.level_complete(out, level):
             done = tree.read_level_done(out, level)
-            if {k: done.get(k) for k in record} != record:
-                raise UserError(f"{tree.level_dir(out, level)}: built with another config "
-                                f"({done.get('spec')}); use a new --out or delete that directory")
+            diff = first_difference({k: done.get(k) for k in record}, record)
+            if diff is not None:
+                what = "other embeddings" if diff.startswith("embeddings") else "another config"
+                raise UserError(f"{tree.level_dir(out, level)}: built with {what} ({diff}); use a new --out "
+                                f"or delete that directory")
             summaries.append({"level": level, "clusters": done["clusters"], "objective": done["objective"],
                               "seconds": 0.0, "resumed": True})
             centroids = np.load(tree.level_dir(out, level) / "centroids.npy")
@@ -338,7 +374,7 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
         if level > 1:
             points = Points(centroids)  # every rank holds them (reduced, or read back); sharded again
         start = time.perf_counter()
-        result = LevelBuilder(level, spec, cfg, out, progress).run(points)
+        result = LevelBuilder(level, spec, cfg, out, progress, record).run(points)
         seconds = time.perf_counter() - start
         assignment, distances = points.gather(result.assignment), points.gather(result.distances)
         centroids = result.centroids
@@ -354,7 +390,8 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
                 f"{summary['objective']:.6g} (mean squared distance), {seconds:.1f} s")
     if main:
         tree.write_manifest(out, len(embeddings), [s["clusters"] for s in summaries], embeddings=str(source),
-                            dim=int(embeddings.shape[1]), objectives=[s["objective"] for s in summaries],
+                            dim=int(embeddings.shape[1]), embeddings_fingerprint=fingerprint,
+                            objectives=[s["objective"] for s in summaries],
                             seed=int(cfg.seed))
     return summaries
 

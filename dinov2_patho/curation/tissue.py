@@ -31,6 +31,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.jsonfile import read_json
 from dinov2_patho.logging import get_logger
+from dinov2_patho.slide_files import check_distinct_case
 
 log = get_logger(__name__)
 
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     registry = SlideRegistry.from_spec(args.slides)
     if len(registry) == 0:
         raise UserError(f"{args.slides}: no slides found")
+    check_distinct_case(registry.slide_ids(), str(args.slides))  # before any slide is read, not at the end
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     reports = write_tiles(out / TILES_CSV, detect_all(registry, tiles_cfg, not args.no_progress))

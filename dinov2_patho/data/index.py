@@ -28,6 +28,7 @@ from dinov2_patho.data.index_ingest import build
 from dinov2_patho.data.index_source import read_text_table
 from dinov2_patho.errors import UserError
 from dinov2_patho.jsonfile import JsonFileError, read_json
+from dinov2_patho.readback import load_npy
 
 _ROW_CHUNK = 1 << 22  # rows per step of a per-row pass that must not hold a full-length temporary
 
@@ -53,21 +54,27 @@ class _Store:
         if len(self.slide_names) != self.manifest.num_slides:
             raise JsonFileError(f"{path / SLIDES}: {len(self.slide_names)} slide ids, the manifest says "
                                 f"{self.manifest.num_slides}; {REBUILD}")
-        self.xy = np.load(path / XY, mmap_mode="r")
-        ks = range(1, len(self.level_names) + 1)
-        self.levels = [np.load(path / level_file(k), mmap_mode="r") for k in ks]
-        self.sizes = [np.load(path / level_sizes_file(k)).astype(np.int64) for k in ks]
+        n, ks = self.num_rows, range(1, len(self.level_names) + 1)
+
+        def column(name: str, mmap: bool = False, **shape) -> np.ndarray:
+            return load_npy(path / name, "index column", REBUILD, kinds="iu", mmap_mode="r" if mmap else None,
+                            **shape)
+
+        self.xy = column(XY, True, ndim=2, rows=n)
+        self.levels = [column(level_file(k), True, ndim=1, rows=n) for k in ks]
+        self.sizes = [column(level_sizes_file(k), rows=meta.num_clusters).astype(np.int64)
+                      for k, meta in zip(ks, self.manifest.levels)]
         self.values = [
-            np.load(path / level_values_file(k)).astype(np.int64)
+            column(level_values_file(k), rows=meta.num_clusters).astype(np.int64)
             if meta.values_stored
             else np.arange(meta.num_clusters, dtype=np.int64)
             for k, meta in zip(ks, self.manifest.levels)
         ]
         self.grouped: bool = self.manifest.grouped_by_slide
         if self.grouped:
-            self.offsets = np.load(path / SLIDE_OFFSETS)
+            self.offsets = column(SLIDE_OFFSETS, ndim=1, rows=self.manifest.num_slides + 1)
         else:
-            self.slide = np.load(path / SLIDE, mmap_mode="r")
+            self.slide = column(SLIDE, True, ndim=1, rows=n)
 
 
 class TileIndex:

@@ -39,7 +39,9 @@ from dinov2_patho.data.index_format import (
 from dinov2_patho.data.index_source import Batch, is_parquet, iter_batches
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir
+from dinov2_patho.jsonfile import JsonFileError
 from dinov2_patho.logging import get_logger
+from dinov2_patho.slide_files import check_distinct_case
 
 log = get_logger(__name__)
 
@@ -209,10 +211,27 @@ class _NpyWriter:
 def build(src: Path, out: Path, *, dedupe: bool = False, progress: bool = True) -> None:
     """Build the index for `src` at `out`, atomically (a temp dir beside `out`, then renames)."""
     src, out = Path(src), Path(out)
-    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not a tile index; refusing to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        _check_replaceable(out)
     with atomic_dir(out) as tmp:
         _build_into(src, tmp, dedupe=dedupe, progress=progress)
+
+
+def _check_replaceable(out: Path) -> None:
+    """A UserError unless `out` is a tile index, whose whole directory a rebuild replaces: its manifest
+    reads as an index's, or, damaged or of another format, sits beside the index's own coordinates. A
+    `curate embed` output, a k-means tree or an eval cache also has a manifest.json, and is kept."""
+    try:
+        Manifest.read(out)
+        return
+    except JsonFileError:
+        if (out / XY).is_file():
+            return
+        why = f"its {MANIFEST} is another command's"
+    except UserError:
+        why = f"no {MANIFEST}"
+    raise UserError(f"{out}: exists and is not a tile index; refusing to replace it ({why}): give a new "
+                    "--out or remove it")
 
 
 def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
@@ -238,6 +257,7 @@ def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
     finally:
         scratch.close()
         bar.close()
+    check_distinct_case(slide_ids, str(src))
     csv_lines = not is_parquet(src)
     dropped, num_dropped = find_duplicates(
         src, scratch, num_rows, list(slide_ids), dedupe=dedupe, csv_lines=csv_lines

@@ -20,6 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.slide_files import shown, slide_id_problem
 from dinov2_patho.textfile import check_text_file, decode_text, one_line
 
 REQUIRED = ("slide_id", "tile_x", "tile_y")
@@ -217,9 +218,10 @@ def _to_batch(
             blank &= rb.column(name).is_null().to_numpy(zero_copy_only=False)
         first(blank, "blank line")
     first(no_slide, "empty slide_id")
-    nul = [i for i, key in enumerate(keys) if "\0" in key]  # pyarrow keeps NULs inside strings
-    if nul:
-        first(np.isin(codes, nul), "NUL byte (binary data) in slide_id")
+    for i, key in enumerate(keys):  # a slide id names files (slide_files): pyarrow keeps NULs, '/', '..'
+        problem = slide_id_problem(key) if key else None
+        if problem is not None:
+            first(codes == i, f"slide id {shown(key)} {problem}")
     cols = {}
     for name in ("tile_x", "tile_y", *levels):
         col = rb.column(name)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dinov2_patho.errors import UserError
+from dinov2_patho.slide_files import check_slide_id
 from dinov2_patho.textfile import open_text
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -44,6 +45,7 @@ class SlideRegistry:
                 slide_id, path = (row["slide_id"] or "").strip(), (row["path"] or "").strip()
                 if not slide_id or not path:
                     raise UserError(f"{csv_path}:{line}: empty slide_id or path")
+                check_slide_id(slide_id, f"{csv_path}:{line}")
                 full = str(csv_path.parent / path)
                 if paths.setdefault(slide_id, full) != full:
                     raise UserError(f"{csv_path}:{line}: slide {slide_id!r} listed twice with different "
@@ -58,13 +60,16 @@ class SlideRegistry:
         exts = tuple(e.lower() for e in extensions)
         paths: dict[str, str] = {}
         ambiguous: dict[str, list[str]] = {}
-        # One walk up front: a lookup per tile must not touch the file system.
-        for dirpath, _, files in os.walk(root):
+        # One walk up front: a lookup per tile must not touch the file system. Hidden entries are not
+        # slides (`._x.svs` is macOS metadata); the walk follows no link out of `root`.
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
                 ext = next((e for e in exts if name.lower().endswith(e)), None)
-                if ext is None:
+                if ext is None or name.startswith("."):
                     continue
                 slide_id, full = name[: -len(ext)], os.path.join(dirpath, name)
+                check_slide_id(slide_id, f"slide directory {dirpath}")
                 if slide_id in paths:
                     ambiguous.setdefault(slide_id, [paths[slide_id]]).append(full)
                 paths[slide_id] = full

@@ -42,6 +42,7 @@ from dinov2_patho.data.augment import hed_jitter
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir
 from dinov2_patho.logging import get_logger
+from dinov2_patho.slide_files import slide_path
 
 log = get_logger(__name__)
 
@@ -78,7 +79,7 @@ class Cohort:
                    root / "labels.csv", slide_ids)
 
     def slide_path(self, slide_id: str) -> Path:
-        return self.slides_dir / f"{slide_id}.tiff"
+        return slide_path(self.slides_dir, slide_id, ".tiff")
 
     @property
     def slide_labels_csv(self) -> Path:
@@ -366,7 +367,7 @@ def make_cohort(out_dir: str | Path, *, num_slides: int = 8, seed: int = 0, grid
                     patch = np.rot90(atlases[t, v, oy:oy + TILE, ox:ox + TILE], 2 * int(rng.integers(0, 2)))
                     level0[gy * TILE:(gy + 1) * TILE, gx * TILE:(gx + 1) * TILE] = patch
             _write_pyramid(cohort.slide_path(slide_id), level0, levels, tiff_tile)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(cohort.masks_dir / f"{slide_id}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(slide_path(cohort.masks_dir, slide_id, ".png"))
             for gy, gx in zip(*np.nonzero(mask)):
                 t, v = int(ttype[gy, gx]), int(variant[gy, gx])
                 quadrant = int(gy >= grid_h / 2) * 2 + int(gx >= grid_w / 2)

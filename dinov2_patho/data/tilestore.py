@@ -33,6 +33,7 @@ from dinov2_patho.data.slides import SlideNotFoundError, SlideRegistry
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 from dinov2_patho.logging import get_logger
+from dinov2_patho.slide_files import slide_path
 
 log = get_logger(__name__)
 
@@ -67,7 +68,7 @@ class HDF5TileSource:
         self.cache = HandleCache(cache_size)
 
     def path(self, slide_id: str) -> Path:
-        return self.root / f"{slide_id}{SUFFIX}"
+        return slide_path(self.root, slide_id, SUFFIX)
 
     def read(self, slide_id: str, x: int, y: int) -> np.ndarray:
         store = self.cache.get(slide_id, lambda: self._open(slide_id, x, y))
@@ -150,7 +151,7 @@ def extract_tiles(index: Any, source: TileSource, out_dir: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     todo, written = [], {}
     for slide_id, coords in _slide_coords(index, slide_ids).items():
-        path = out / f"{slide_id}{SUFFIX}"
+        path = slide_path(out, slide_id, SUFFIX)
         if path.exists() and not overwrite:
             existing = _existing_coords(path)
             if existing is not None and np.array_equal(existing, coords):

@@ -154,8 +154,7 @@ class Panel:
     def embedding_map(self, data: dict[str, Any]) -> None:
         options = "".join(f'<option value="{html.escape(k)}">{html.escape(k)}</option>'
                           for k in data["colorings"])
-        # "</" cannot end the script element early: JSON escapes it
-        payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        payload = inline_json(data)
         self.parts.append(
             f'<p>{len(data["x"]):,} tiles, {data["method"]}; colour by '
             f'<select id="map-color">{options}</select>'
@@ -164,6 +163,13 @@ class Panel:
             '<div id="map-tile"><img id="map-tile-img" alt="tile" style="visibility:hidden">'
             '<pre id="map-tile-info">hover or click a point</pre></div><div id="map-legend"></div></div>'
             f'<script type="application/json" id="map-data">{payload}</script>')
+
+
+def inline_json(data: Any) -> str:
+    """`data` as JSON to place inside a <script> element: no `<` at all, so no `</script>`, `<!--` or
+    `<script` in a value (a slide id, a label) can end the element early or make the HTML parser
+    swallow the page's own script after it; JSON.parse reads the escapes back unchanged."""
+    return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
 
 def render(title: str, subtitle: str, panels: dict[str, Panel]) -> str:

@@ -30,6 +30,7 @@ from dinov2_patho.distributed import DistContext, barrier, broadcast_object
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir, atomic_write_text
 from dinov2_patho.logging import get_logger
+from dinov2_patho.readback import DamagedFileError, load_state
 
 log = get_logger(__name__)
 
@@ -158,13 +159,18 @@ def save_checkpoint(root: str | Path, iteration: int, shared: dict[str, Any] | N
     return final
 
 
-def _load_file(path: Path) -> dict[str, Any]:
+SHARED_KEYS = ("iteration", "model")  # what every shared state holds; a training run's also its "config"
+
+
+def load_file(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One checkpoint file (a dict holding `keys`), or a CheckpointError naming it and what is wrong."""
     try:
         # mmap: every rank reads the shared file; pages are shared, not copied per rank (ViT-g: ~18 GB)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # unpickling arbitrary bytes fails in arbitrary ways
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {first_line}") from e
+        obj = load_state(path, "checkpoint file", "", keys=keys, mmap=True)
+        if not isinstance(obj, dict):
+            raise DamagedFileError(f"{path}: not a checkpoint file: it holds a {type(obj).__name__}")
+    except DamagedFileError as e:
+        raise CheckpointError(str(e)) from None
     return from_storable(obj)
 
 
@@ -202,6 +208,6 @@ def load_checkpoint(path: str | Path, rank: int) -> tuple[dict[str, Any], dict[s
     path = Path(path)
     if not (path / SHARED_FILE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {SHARED_FILE})")
-    shared = _load_file(path / SHARED_FILE)
+    shared = load_file(path / SHARED_FILE, SHARED_KEYS)
     rank_file = path / f"rank{rank}.pt"
-    return shared, _load_file(rank_file) if rank_file.is_file() else None
+    return shared, load_file(rank_file) if rank_file.is_file() else None

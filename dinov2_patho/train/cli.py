@@ -52,18 +52,20 @@ def dry_run(cfg, progress: bool = True) -> int:
     from dinov2_patho.data.dataset import build_tile_source
     from dinov2_patho.data.preflight import PreflightError
     from dinov2_patho.data.readers import TILE_PX, SlideTileSource
-    from dinov2_patho.samplers.telemetry import telemetry_table
+    from dinov2_patho.distributed import uses_cuda
+    from dinov2_patho.samplers.telemetry import NO_LEVELS, telemetry_table
     from dinov2_patho.train.config import global_batch_size, validate_config
     from dinov2_patho.train.trainer import open_training_data, slide_preflight
 
     validate_config(cfg)
+    uses_cuda(str(cfg.train.device))  # the run's distributed_context checks it first
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     index, sampler = open_training_data(cfg, global_batch_size(cfg, world_size))
     batch = sampler.next_batch()
     print("# resolved config")
     print(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"# first batch: {len(batch)} tiles over {world_size} rank(s), sampler {sampler.name}")
-    print(telemetry_table(sampler.telemetry(batch, 0)))
+    print(telemetry_table({"clusters": NO_LEVELS, **sampler.telemetry(batch, 0)}))  # a tree's count wins
     print(f"\n# data: {index!r}")
     source = build_tile_source(cfg.data)
     try:

@@ -118,6 +118,9 @@ def check_values(cfg: DictConfig) -> None:
     if sizes and cfg.student.arch is not None:
         raise ConfigError(f"student.arch={cfg.student.arch} and student.{sizes[0]} are both set: explicit "
                           f"sizes build their own ViT, so set student.arch=null for them, or drop the sizes")
+    dim, heads = cfg.student.embed_dim, cfg.student.num_heads
+    if dim is not None and heads and dim % heads:  # attention splits embed_dim over the heads
+        raise ConfigError(f"student.embed_dim={dim} is not divisible by student.num_heads={heads}")
     AugmentConfig.from_config(cfg)  # crops and augmentation
 
 
@@ -135,15 +138,20 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def config_changes(saved: dict[str, Any], cfg: DictConfig) -> tuple[list[str], str]:
+    """The keys changed from `saved` to `cfg` outside RESUME_SAFE, and every change listed ("" if none)."""
+    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+    return ([k for k in changed if not k.startswith(RESUME_SAFE)],
+            ", ".join(f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed))
+
+
 def check_resume_config(saved: dict[str, Any], cfg: DictConfig, source: str, *, force: bool) -> None:
     """Compare the config a checkpoint was written under with this run's: a changed key is
     named in a warning; a changed key outside RESUME_SAFE is refused unless `force`."""
-    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
-    if not changed:
+    unsafe, listed = config_changes(saved, cfg)
+    if not listed:
         return
-    unsafe = [k for k in changed if not k.startswith(RESUME_SAFE)]
-    listed = ", ".join(f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed)
     if unsafe and not force:
         raise ConfigError(f"resuming {source} with a changed config: {', '.join(unsafe)} would break exact "
                           f"resume (changed: {listed}); use the run's config, another --output-dir, or "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.logging import get_logger
@@ -47,15 +48,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def teacher_backbone(checkpoint: str | Path) -> torch.nn.Module:
     """The teacher backbone of a checkpoint, rebuilt from the config saved with it."""
     path = resolve_checkpoint(checkpoint)
-    # mmap: only the teacher's tensors are read, not the optimizer's
-    state = torch.load(path / ckpt.SHARED_FILE, map_location="cpu", weights_only=True, mmap=True)
-    cfg = OmegaConf.create(state["config"])
-    cfg.student.drop_path_rate = 0.0
-    cfg.student.pretrained_weights = None
-    weights = {k[len(TEACHER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(TEACHER_PREFIX)}
-    if not weights:
+    # mmap: the optimizer's tensors stay unread
+    state = ckpt.load_file(path / ckpt.SHARED_FILE, (*ckpt.SHARED_KEYS, "config"))
+    try:  # a file of ours holds a full train config and a state dict; anything else is not ours
+        cfg = OmegaConf.create(state["config"])
+        cfg.student.drop_path_rate = 0.0
+        cfg.student.pretrained_weights = None
+        weights = {k[len(TEACHER_PREFIX):]: v for k, v in state["model"].items()
+                   if k.startswith(TEACHER_PREFIX)}
+        vit = build_student_backbone(cfg) if weights else None
+    except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as e:
+        why = (str(e).splitlines() or [""])[0]  # omegaconf's messages run over several lines
+        raise ckpt.CheckpointError(f"{path / ckpt.SHARED_FILE}: not a training checkpoint of ours (its "
+                                   f"config or model does not build: {type(e).__name__}: {why})") from None
+    if vit is None:
         raise ckpt.CheckpointError(f"{path / ckpt.SHARED_FILE} holds no {TEACHER_PREFIX}* weights")
-    vit = build_student_backbone(cfg)
     load_pretrained(vit, weights, format="ours")
     log.info("teacher backbone of %s (iteration %d)", path, int(state["iteration"]))
     return vit.eval()

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dinov2_patho.config_files import save_config
+from dinov2_patho.config_files import ConfigError, read_yaml, save_config, to_container
 from dinov2_patho.data.augment import MultiCropAugmentation
 from dinov2_patho.data.dataset import TileDataset, build_tile_source
 from dinov2_patho.data.index import TileIndex
@@ -42,10 +42,10 @@ from dinov2_patho.samplers import StepBatchSampler, build_sampler, subset_view
 from dinov2_patho.train import checkpoint as ckpt
 from dinov2_patho.train import fsdp
 from dinov2_patho.train.config import global_batch_size, validate_config
-from dinov2_patho.train.config_values import check_resume_config
+from dinov2_patho.train.config_values import check_resume_config, config_changes
 from dinov2_patho.train.data import SeededAugmentDataset, build_collate, build_loader, derived_seed
 from dinov2_patho.train.flops import counted, peak_flops, utilisation
-from dinov2_patho.train.metrics_log import MetricsWriter, read_metrics
+from dinov2_patho.train.metrics_log import METRICS_FILE, MetricsWriter, read_metrics
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
 from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype
@@ -216,11 +216,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _check_fresh_output(self) -> None:
+        """Before a run that resumes nothing writes config.yaml and metrics.jsonl: a directory holding
+        another run (its config.yaml differs in a key outside RESUME_SAFE, or a metrics.jsonl without
+        one) is refused, so none of that run is overwritten; a run that died before its first
+        checkpoint (the same config) starts over."""
+        config, metrics = self.output_dir / "config.yaml", self.output_dir / METRICS_FILE
+        if config.is_file():
+            unsafe, listed = config_changes(to_container(read_yaml(config)), self.cfg)
+            if unsafe and not self.force_resume:
+                raise ConfigError(f"{self.output_dir}: holds another run with no checkpoint to resume (its "
+                                  f"config.yaml differs: {listed}); give another --output-dir or remove that "
+                                  f"run (--force-resume writes over it)")
+        elif metrics.is_file() and metrics.stat().st_size and not self.force_resume:
+            raise UserError(f"{self.output_dir}: holds a {METRICS_FILE} but no config.yaml (another run's?); "
+                            f"give another --output-dir or remove it (--force-resume writes over it)")
+
     def _resume(self) -> int:
         if not bool(self.cfg.train.resume):
+            self._check_fresh_output()
             return 0
         found = ckpt.load_latest(self.ckpt_root, self.ctx)
         if found is None:
+            self._check_fresh_output()
             return 0
         path, shared, rank_state = found
         check_resume_config(shared.get("config") or {}, self.cfg, str(path), force=self.force_resume)

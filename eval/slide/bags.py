@@ -13,6 +13,7 @@ feature files (`eval slide --features`) has its bags on disk already: `feature_b
 from __future__ import annotations
 
 import functools
+import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +29,11 @@ from dinov2_patho.curation.feature_files import feature_file_name, write_feature
 from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
+from dinov2_patho.jsonfile import JsonFileError
+from dinov2_patho.readback import DamagedFileError, load_npy, rebuilding
+from dinov2_patho.slide_files import slide_path
 
-from ..features import check_cache_manifest, feature_dim, fill_features, weights_hash
+from ..features import check_cache_manifest, feature_dim, fill_features, rows_done, weights_hash
 from ..hub import normalisation
 from .tasks import SlideTask
 
@@ -52,17 +56,29 @@ def bag_manifest(task: SlideTask, backbone: nn.Module, backbone_name: str, token
             "normalisation": dict(zip(("mean", "std"), map(list, normalisation(backbone))))}
 
 
+def _cached_bag(slide_dir: Path, rows: np.ndarray) -> np.ndarray | None:
+    """The (partial) cached bag of `rows`, memory-mapped to resume, or None when it was damaged (a file
+    cut short or replaced, an unreadable progress record): dropped, saying so."""
+    try:
+        rows_done(slide_dir / "progress.json", len(rows))
+        cached = load_npy(slide_dir / "rows.npy", "cached bag's tile rows", "", kinds="iu", ndim=1)
+        if not np.array_equal(cached, rows):
+            raise UserError(f"{slide_dir}: cached bag of other tiles ({len(cached)} rows, {len(rows)} in the "
+                            "index now); delete the cache to re-extract")
+        return load_npy(slide_dir / "features.npy", "cached bag", "", kinds="f", ndim=2, rows=len(rows),
+                        mmap_mode="r+")
+    except (DamagedFileError, JsonFileError) as e:
+        rebuilding(e, "bag cache")
+        shutil.rmtree(slide_dir)
+        return None
+
+
 def _bag(backbone: nn.Module, tiles: Subset, rows: np.ndarray, slide_dir: Path, token: str,
          dim: Callable[[], int], batch_size: int, num_workers: int, on_device) -> np.ndarray:
     """One slide's bag, filled where the cache lacks it."""
     progress, features = slide_dir / "progress.json", slide_dir / "features.npy"
-    if progress.is_file():
-        cached = np.load(slide_dir / "rows.npy")
-        if not np.array_equal(cached, rows):
-            raise UserError(f"{slide_dir}: cached bag of other tiles ({len(cached)} rows, {len(rows)} in the "
-                            "index now); delete the cache to re-extract")
-        array = np.load(features, mmap_mode="r+")
-    else:
+    array = _cached_bag(slide_dir, rows) if progress.is_file() else None
+    if array is None:
         slide_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(slide_dir / "rows.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, rows)
@@ -93,8 +109,9 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
         rows = capped_rows(task.tile_rows(slide_id), slide_id, cap, seed)
         if len(rows) == 0:  # task_from_rows refuses such slides before any bag
             raise UserError(f"slide task {task.name}: slide {slide_id!r} has no tiles to make a bag of")
-        bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, cache / "slides" / slide_id, token,
-                         dim, batch_size, num_workers, on_device))
+        slide_dir = slide_path(cache / "slides", slide_id)
+        bags.append(_bag(backbone, Subset(dataset, rows.tolist()), rows, slide_dir, token, dim, batch_size,
+                         num_workers, on_device))
     return bags
 
 

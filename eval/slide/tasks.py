@@ -21,6 +21,7 @@ from dinov2_patho.curation.feature_files import FeatureFile, open_feature_folder
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
+from dinov2_patho.slide_files import check_slide_id
 from dinov2_patho.textfile import open_text
 
 SPLITS = ("train", "val", "test")
@@ -99,6 +100,7 @@ def task_from_rows(name: str, rows: list[dict[str, str]], source: Path, registry
         sid, label = (row.get("slide_id") or "").strip(), (row.get("label") or "").strip()
         if not sid or not label:
             raise UserError(f"{where}: empty slide_id or label")
+        check_slide_id(sid, where)
         if sid in seen:
             raise UserError(f"{where}: slide {sid!r} listed twice")
         seen.add(sid)
