@@ -106,13 +106,27 @@ def load_config(defaults: str | Path, config_file: str | Path | None = None,
         layers.append((str(config_file), read_yaml(config_file)))
     if overrides:
         layers.append(("command line", parse_overrides(overrides)))
+    required: dict[str, str] = {}  # key -> the layer that marked it ??? (mandatory)
     for source, layer in layers:
         check_keys(layer, cfg, source, open_keys, moved=moved)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: {e}") from e
+        required = {key: where for key, where in required.items() if not _sets(layer, key)}
+        required.update({key: source for key in OmegaConf.missing_keys(layer)})
+    if required:
+        # a merge keeps the value below a ??? (the default), which would run silently without it
+        key, source = next(iter(required.items()))
+        raise ConfigError(f"{key} is required by {source}: set {key}=... (it is ??? there)")
     return cfg
+
+
+def _sets(layer: DictConfig, key: str) -> bool:
+    """Whether `layer` gives dotted `key` a value (a ??? is no value)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(layer, parent) if parent else layer
+    return isinstance(node, DictConfig) and leaf in node  # `in` is False for a ??? value
 
 
 def merge_over_defaults(defaults: str | Path, cfg: DictConfig | dict | None, source: str,

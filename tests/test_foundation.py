@@ -55,6 +55,16 @@ def test_missing_values_can_be_set_and_must_be(tmp_path):
         load_config(path, None, ["data.indx=/x"])
 
 
+def test_a_config_files_missing_value_must_be_set_below_it(defaults, tmp_path):
+    # a merge keeps the default under a ???: without the check the recipe would run on it silently
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  lr: ???\n")
+    with pytest.raises(ConfigError, match=r"^train.lr is required by .*recipe.yaml: set train.lr=\.\.\."):
+        load_config(defaults, recipe)
+    assert load_config(defaults, recipe, ["train.lr=0.5"]).train.lr == 0.5
+    assert load_config(defaults, recipe, ["train.lr=null"]).train.lr is None  # an explicit choice
+
+
 def test_malformed_override_and_missing_file(defaults, tmp_path):
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(defaults, None, ["train.lr"])

@@ -472,21 +472,6 @@ def test_options_the_chosen_branch_ignores_are_errors_naming_them():
         build_sampler({"name": "cluster_stratified", "level": 1, "alpha": "high"}, index, 8)
 
 
-def test_shipped_train_configs_build_their_samplers():
-    from dinov2_patho.train.config import load_train_config
-
-    index = make_index(0, 400, 5, metadata={"tissue_diagnosis": np.arange(7) % 2})
-    configs = sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml"))
-    assert len(configs) >= 4
-    for path in configs:
-        section = load_train_config(path).sampler
-        if section.name == "metadata":
-            section.merge_with({"metadata_csv": "m.csv", "target_size": 100})
-        if "level" in section:
-            section.level = min(section.level, index.num_levels)
-        build_sampler(section, index, 64)  # an in-memory index: nothing cached
-
-
 def test_step_batch_sampler_in_a_dataloader_with_workers():
     index = make_index(0, 500, 7)
 
