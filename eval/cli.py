@@ -9,13 +9,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dinov2_patho.config_files import load_config, save_config
+from dinov2_patho.curation.folders import BACKBONE_HELP, TILES_HELP
+from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import setup_logging
 
 ARCH_HELP = ("our backbone name (vit_small, ...), timm/<model name>, local-dir:PATH (timm's save_for_hf "
              "folder) or hf-hub:ORG/NAME (from the local Hugging Face cache, offline)")
-BACKBONE_HELP = ("a training run or checkpoint directory (its teacher, at its own size: no --arch needed), "
-                 "or a weights file (ours, DINOv2 hub or timm); omit for a random-init baseline")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slide.add_argument("--arch", help=ARCH_HELP)
     slide.add_argument("--tasks", help="comma-separated task names (synthetic, camelyon16, panda) or labels "
                                        "CSVs slide_id,label[,split][,patient_id]")
-    slide.add_argument("--slides", help="for a labels CSV: slide folder, or slide_id,path CSV")
-    slide.add_argument("--tiles", help="for a labels CSV: tile index, or `curate tiles` output folder")
+    slide.add_argument("--slides", help=f"for a labels CSV: {SLIDES_HELP}")
+    slide.add_argument("--tiles", help=f"for a labels CSV: {TILES_HELP}")
     slide.add_argument("--features", help="for a labels CSV: a folder of <slide_id>.h5 feature files "
                                           "(trident/CLAM) to read the bags from, instead of a backbone")
     slide.add_argument("--data-root", help="folder holding one folder per named task")

@@ -30,3 +30,21 @@ def test_every_option_has_help_and_help_shows_percent_signs_once(command):
         assert not bare, f"dinov2-patho {path}: options without help: {bare}"
         text = parser.format_help()
         assert "%%" not in text, f"dinov2-patho {path} --help shows '%%'"
+
+
+def test_path_flags_mean_one_thing_in_every_command():
+    """--tiles, --embeddings, --slides and --backbone take the same things wherever they appear (their
+    help is the one text of curation/folders.py and data/slides.py), at least twice each."""
+    from dinov2_patho.curation.folders import BACKBONE_HELP, EMBEDDINGS_HELP, TILES_HELP
+    from dinov2_patho.data.slides import SLIDES_HELP
+
+    meaning = {"--tiles": TILES_HELP, "--embeddings": EMBEDDINGS_HELP, "--slides": SLIDES_HELP,
+               "--backbone": BACKBONE_HELP}
+    seen = {flag: [] for flag in meaning}
+    for command in COMMANDS:
+        for path, parser in _parsers(command):
+            for action in parser._actions:
+                for flag in set(action.option_strings) & set(meaning):
+                    assert meaning[flag] in action.help, f"dinov2-patho {path} {flag}: {action.help!r}"
+                    seen[flag].append(path)
+    assert all(len(paths) >= 2 for paths in seen.values()), seen

@@ -205,7 +205,7 @@ def test_embeddings_of_another_tile_list_are_refused(tiles_dir, clean_run, tmp_p
 
 def test_bad_input_is_one_line_and_leaves_nothing(tiles_dir, tmp_path):
     out = tmp_path / "emb"
-    with pytest.raises(UserError, match=r"nowhere: not a tile list of `curate tiles` \(no index/manifest"):
+    with pytest.raises(UserError, match=r"^--tiles .*nowhere: neither a `curate tiles` folder nor a file"):
         curate_embed(tmp_path / "nowhere", out)
     with pytest.raises(UserError, match=r"missing\.csv.*neither a directory nor a CSV file"):
         curate_embed(tiles_dir, out, "--slides", str(tmp_path / "missing.csv"))

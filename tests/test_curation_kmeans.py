@@ -21,6 +21,7 @@ from dinov2_patho.curation.config import load_curation_config
 from dinov2_patho.curation.hierarchy import build_tree, select_per_cluster
 from dinov2_patho.curation.kmeans import Points
 from dinov2_patho.curation.tree import ClusterTree, level_dir
+from dinov2_patho.errors import UserError
 
 WORLD = 2
 
@@ -294,7 +295,7 @@ def run_cli(tmp_path: Path, embeddings: Path, *extra: str, levels=None) -> int:
     ("nan", "row 7 holds NaN or inf"),
     ("too_many_clusters", "level 1 asks for 4 clusters but has only 3 points"),
     ("not_decreasing", "levels are not decreasing: level 2 has 4 clusters, level 1 4"),
-    ("tile_list", "the tile list has 2 rows but"),
+    ("tile_list", "/index) has 2 rows but"),
     ("slides_csv", "slide rows end at 19"),
 ])
 def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case, expected):
@@ -313,8 +314,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case, expected)
     elif case == "not_decreasing":
         levels = [{"clusters": 4}, {"clusters": 4}]
     elif case == "tile_list":
-        (tmp_path / "tiles.csv").write_text("slide_id,tile_x,tile_y\na,0,0\na,0,1\n")
-        extra = ["--tiles", str(tmp_path / "tiles.csv")]
+        tiles_folder(tmp_path / "tiles", 2)
+        extra = ["--tiles", str(tmp_path / "tiles" / "tiles.csv")]
     elif case == "slides_csv":
         (npy.parent / "slides.csv").write_text("slide_id,start_row,end_row\na,0,10\nb,10,19\n")
     np.save(npy, x)
@@ -352,6 +353,42 @@ def test_paper_trees_at_paper_scale_and_scaled_down(name, paper):
     assert [s.resampling_steps for s in specs] == [1, 10, 10, 10]
     small = [s.total_clusters for s in hierarchy.scale_levels(specs, 1_000_000, name)]
     assert small[0] == 35 * 287 and all(a > b for a, b in zip(small, small[1:]))
+
+
+def tiles_folder(folder: Path, rows: int) -> Path:
+    """A `curate tiles` folder of `rows` tiles: tiles.csv and its index/."""
+    from dinov2_patho.data.index import build_index
+
+    folder.mkdir()
+    lines = "".join(f"a,0,{224 * i}\n" for i in range(rows))
+    (folder / "tiles.csv").write_text(f"slide_id,tile_x,tile_y\n{lines}")
+    build_index(folder / "tiles.csv", folder / "index", progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("form", ["folder", "tiles.csv", "index"])
+def test_kmeans_tiles_takes_the_curate_tiles_folder_or_a_file_in_it(tmp_path, capsys, form):
+    """--tiles means what `curate write --tiles` and `curate embed --tiles` take: the folder, its
+    tiles.csv or its index/ (it answered 'tile list not found' for the folder)."""
+    x, _, _ = planted_blobs(seed=3)
+    np.save(tmp_path / "x.npy", x)
+    folder = tiles_folder(tmp_path / "tiles", len(x))
+    tiles = folder if form == "folder" else folder / form
+    assert run_cli(tmp_path, tmp_path / "x.npy", "--tiles", str(tiles)) == 0, capsys.readouterr().err
+    assert ClusterTree.open(tmp_path / "tree").num_points == len(x)
+
+
+def test_tiles_flag_forms_resolve_to_one_index(tmp_path):
+    from dinov2_patho.curation.folders import tile_index_dir
+
+    folder = tiles_folder(tmp_path / "tiles", 3)
+    for form in (folder, folder / "tiles.csv", folder / "index"):
+        assert tile_index_dir(form) == folder / "index"
+    stray = tmp_path / "elsewhere.csv"
+    stray.write_text("slide_id,tile_x,tile_y\na,0,0\n")
+    with pytest.raises(UserError, match=rf"^--tiles {stray}: neither a `curate tiles` folder") as e:
+        tile_index_dir(stray)
+    assert "\n" not in str(e.value)
 
 
 def test_tol_stops_lloyd_early_at_a_close_objective():

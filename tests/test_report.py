@@ -180,8 +180,8 @@ def test_bad_input_is_one_line(run_dir, embeddings, cohort_index, tmp_path, caps
                      progress=False)
     unfinished = tmp_path / "emb"
     unfinished.mkdir()
-    np.save(unfinished / "embeddings.npy", np.load(embeddings / "embeddings.npy"))
-    with pytest.raises(UserError, match="have no manifest.json: `curate embed` has not finished"):
+    np.save(unfinished / "embeddings.partial.npy", np.load(embeddings / "embeddings.npy"))  # a killed run
+    with pytest.raises(UserError, match="no embeddings.npy: not a `curate embed` folder, or it has not"):
         write_report(run_dir, tmp_path / "r.html", embeddings=unfinished, progress=False)
     assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html"), "--level", "level_9",
                  "--no-progress"]) == 2

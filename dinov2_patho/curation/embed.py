@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from dinov2_patho.curation.config import add_config_arguments, config_from_args
-from dinov2_patho.curation.tissue import INDEX, SETTINGS, read_settings
+from dinov2_patho.curation.folders import (
+    BACKBONE_HELP,
+    EMBEDDINGS,
+    TILES_HELP,
+    tile_index_dir,
+    tile_settings,
+)
+from dinov2_patho.curation.tissue import SETTINGS
+from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.jsonfile import first_difference, read_json
@@ -40,7 +48,7 @@ from dinov2_patho.logging import get_logger
 log = get_logger(__name__)
 
 FORMAT_VERSION = 1
-EMBEDDINGS, SLIDES, MANIFEST = "embeddings.npy", "slides.csv", "manifest.json"
+SLIDES, MANIFEST = "slides.csv", "manifest.json"
 RUN, PROGRESS, PARTIAL = "run.json", "progress", "embeddings.partial.npy"
 TOKENS = ("cls", "patch_mean", "cls+patch_mean")
 
@@ -93,11 +101,11 @@ def check_settings(emb_dir: Path, settings: dict[str, Any]) -> bool:
     return False
 
 
-def tile_dataset(tiles_dir: Path, slides: str, mpp_override: float | None, tiles_cfg: Any) -> Any:
+def tile_dataset(index_dir: Path, slides: str, mpp_override: float | None, tiles_cfg: Any) -> Any:
     from dinov2_patho.data.dataset import TileDataset, build_tile_source
     from dinov2_patho.data.index import TileIndex
 
-    index = TileIndex.open(tiles_dir / INDEX)
+    index = TileIndex.open(index_dir)
     source = build_tile_source({"backend": tiles_cfg.get("backend", "openslide"), "slides": slides,
                                 "fallback": tiles_cfg.get("fallback", "tiffslide"),
                                 "mpp_override": mpp_override, "cache_size": 4}, mpp_key="tiles.mpp_override")
@@ -117,12 +125,11 @@ def normalise_on_device(mean: tuple[float, ...], std: tuple[float, ...]):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiles", required=True, type=Path, help="TILES_DIR of `curate tiles` (its index/)")
-    parser.add_argument("--slides", help="slide directory or registry CSV (default: the one `curate tiles` "
-                                         "read)")
+    parser.add_argument("--tiles", required=True, type=Path, help=TILES_HELP)
+    parser.add_argument("--slides", help=f"{SLIDES_HELP} (default: the one `curate tiles` read)")
     parser.add_argument("--out", required=True, type=Path, help="EMB_DIR: embeddings.npy, slides.csv, "
                                                                 "manifest.json")
-    parser.add_argument("--backbone", help="checkpoint file (ours, DINOv2 hub, timm); absent: random init")
+    parser.add_argument("--backbone", help=BACKBONE_HELP)
     parser.add_argument("--arch", default="vit_small", help="our backbone name, timm/<model name>, "
                                                             "local-dir:PATH or hf-hub:ORG/NAME (offline)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -159,14 +166,13 @@ def run(args: argparse.Namespace) -> int:
     from dinov2_patho.eval.hub import check_token, normalisation
 
     cfg = config_from_args(args).embed
-    tiles_dir, out = Path(args.tiles), Path(args.out)
-    if not (tiles_dir / INDEX / "manifest.json").is_file():
-        raise UserError(f"{tiles_dir}: not a tile list of `curate tiles` (no {INDEX}/manifest.json)")
-    tiles = read_settings(tiles_dir)
+    index_dir, out = tile_index_dir(args.tiles), Path(args.out)
+    tiles = tile_settings(index_dir)
     slides = args.slides or tiles.get("slides")
     if slides is None:
-        raise UserError(f"{tiles_dir}: no {SETTINGS} naming the slides; pass --slides")
-    dataset = tile_dataset(tiles_dir, slides, tiles.get("mpp_override"), tiles)
+        raise UserError(f"--tiles {args.tiles}: no {SETTINGS} of `curate tiles` naming the slides; "
+                        "pass --slides")
+    dataset = tile_dataset(index_dir, slides, tiles.get("mpp_override"), tiles)
     index = dataset.index
     n = len(index)
     with distributed_context(cfg.device, "embed.device") as ctx:
@@ -178,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         mean, std = normalisation(backbone)
         on_device = normalise_on_device(mean, std)
         dim = feature_dim(backbone, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
-        fingerprint = broadcast_object(tile_list_fingerprint(tiles_dir / INDEX) if ctx.is_main else None, ctx)
+        fingerprint = broadcast_object(tile_list_fingerprint(index_dir) if ctx.is_main else None, ctx)
         settings = _settings(args, cfg, tiles, n, dim, fingerprint, mean, std)
         if check_settings(out, settings):
             if ctx.is_main:

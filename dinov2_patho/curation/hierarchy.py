@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from dinov2_patho.curation import tree
 from dinov2_patho.curation.config import add_config_arguments, config_from_args
+from dinov2_patho.curation.folders import EMBEDDINGS_HELP, TILES_HELP, embeddings_file, tile_index_dir
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key, uniform01
 from dinov2_patho.io import atomic_path, atomic_write_text
@@ -124,9 +125,10 @@ def scale_levels(specs: list[LevelSpec], num_points: int, source: str) -> list[L
 # --- input ---------------------------------------------------------------------------------
 
 def open_embeddings(path: str | Path, tiles: str | Path | None = None) -> tuple[np.ndarray, Path]:
-    """The (N, D) float16/float32 matrix of `path` (a `curate embed` directory or a .npy), memory-mapped."""
-    path = Path(path)
-    npy = path / "embeddings.npy" if path.is_dir() else path
+    """The (N, D) float16/float32 matrix of `path` (a `curate embed` folder or a .npy), memory-mapped."""
+    from dinov2_patho.data.index import TileIndex
+
+    npy = embeddings_file(path)
     try:
         array = np.load(npy, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
@@ -136,14 +138,16 @@ def open_embeddings(path: str | Path, tiles: str | Path | None = None) -> tuple[
     if array.dtype not in (np.float16, np.float32):
         raise UserError(f"{npy}: expected float16 or float32 embeddings, got {array.dtype}")
     slides = npy.parent / "slides.csv"
-    if path.is_dir() and slides.is_file():
+    if Path(path).is_dir() and slides.is_file():
         last = _last_end_row(slides)
         if last != array.shape[0]:
             raise UserError(f"{slides}: slide rows end at {last} but {npy.name} has {array.shape[0]} rows")
     if tiles is not None:
-        count = _csv_rows(Path(tiles))
+        index_dir = tile_index_dir(tiles)
+        count = len(TileIndex.open(index_dir))
         if count != array.shape[0]:
-            raise UserError(f"{tiles}: the tile list has {count} rows but {npy} has {array.shape[0]}")
+            raise UserError(f"--tiles {tiles}: the tile list ({index_dir}) has {count} rows but {npy} has "
+                            f"{array.shape[0]}")
     return array, npy
 
 
@@ -155,14 +159,6 @@ def embeddings_fingerprint(embeddings: np.ndarray, samples: int = 256) -> dict[s
     sample = np.ascontiguousarray(embeddings[rows])
     return {"rows": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]), "dtype": str(embeddings.dtype),
             "sampled_rows_sha256": hashlib.sha256(sample.tobytes()).hexdigest()}
-
-
-def _csv_rows(path: Path) -> int:
-    if not path.is_file():
-        raise UserError(f"{path}: tile list not found")
-    with open(path, "rb") as f:
-        lines = sum(1 for line in f if line.strip())
-    return max(lines - 1, 0)  # header
 
 
 def _last_end_row(path: Path) -> int:
@@ -397,10 +393,9 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True,
-                        help="a `curate embed` directory (embeddings.npy, slides.csv) or an (N, D) .npy")
+    parser.add_argument("--embeddings", required=True, help=EMBEDDINGS_HELP)
     parser.add_argument("--out", required=True, help="tree directory (resumed when it holds finished levels)")
-    parser.add_argument("--tiles", help="the tile list CSV the embeddings were made from "
+    parser.add_argument("--tiles", help=f"the tiles the embeddings were made from, {TILES_HELP} "
                                         "(row counts must match)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(parser)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dinov2_patho.curation.config import add_config_arguments, config_from_args
+from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.jsonfile import read_json
@@ -200,8 +201,7 @@ def write_report(path: Path, reports: list[SlideTiles]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slides", required=True, help="slide directory (searched for <slide_id>.<ext>) or "
-                                                        "registry CSV slide_id,path")
+    parser.add_argument("--slides", required=True, help=SLIDES_HELP)
     parser.add_argument("--out", required=True, type=Path, help="TILES_DIR: tiles.csv, index/, slides.csv")
     parser.add_argument("--workers", type=int, help="processes over slides (default tiles.workers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

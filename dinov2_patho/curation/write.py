@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from tqdm import tqdm
 
+from dinov2_patho.curation.folders import TILES_HELP, tile_index_dir
 from dinov2_patho.curation.tree import MANIFEST as TREE_MANIFEST
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
 from dinov2_patho.data.index import TileIndex, build_index
-from dinov2_patho.data.index_format import MANIFEST as INDEX_MANIFEST
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 
@@ -30,16 +30,10 @@ _CHUNK_ROWS = 1 << 21  # ~100 MB of CSV text per step
 _STRUCTURAL = (",", '"', "\n", "\r")
 
 
-def open_tile_list(path: str | Path) -> TileIndex:
-    """The tile list: a `curate tiles` output directory (its `index/`) or any tile index directory."""
-    path = Path(path)
-    return TileIndex.open(path / INDEX_NAME if (path / INDEX_NAME / INDEX_MANIFEST).is_file() else path)
-
-
 def write_clusters(tiles: str | Path, tree_dir: str | Path, out_dir: str | Path, *,
                    progress: bool = True) -> TileIndex:
     """Write OUT_DIR/clusters.csv and OUT_DIR/index/ (each replaced whole, never left partial)."""
-    tile_list = open_tile_list(tiles)
+    tile_list = TileIndex.open(tile_index_dir(tiles))
     tree = ClusterTree.open(tree_dir)
     if len(tile_list) != tree.num_points:
         raise UserError(f"{tile_list.path} lists {len(tile_list)} tiles but {Path(tree_dir) / TREE_MANIFEST} "
@@ -66,8 +60,8 @@ def _write_csv(path: Path, tile_list: TileIndex, tree: ClusterTree, progress: bo
     options = pcsv.WriteOptions(include_header=False, quoting_style="needed" if quote else "none")
     schema = pa.schema([("slide_id", pa.string()), ("tile_x", pa.int32()), ("tile_y", pa.int32()),
                         *[(name, pa.int32()) for name in levels]])
-    with open(path, "wb") as f, tqdm(total=len(tile_list), unit="row", unit_scale=True, desc="write CSV",
-                                     disable=not progress) as bar:
+    with open(path, "wb") as f, tqdm(total=len(tile_list), unit="row", unit_scale=True,
+                                             desc="write CSV", disable=not progress) as bar:
         f.write((",".join(schema.names) + "\n").encode())  # pyarrow would quote the header names
         with pcsv.CSVWriter(f, schema, write_options=options) as writer:
             for chunk in tile_list.chunks(_CHUNK_ROWS):
@@ -81,9 +75,7 @@ def _write_csv(path: Path, tile_list: TileIndex, tree: ClusterTree, progress: bo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiles", required=True,
-                        help="tile list: a `curate tiles` output directory or a tile index directory "
-                             "(its rows are the tree's points)")
+    parser.add_argument("--tiles", required=True, help=f"{TILES_HELP} (its rows are the tree's points)")
     parser.add_argument("--tree", required=True, help="cluster tree directory (from `curate kmeans`)")
     parser.add_argument("--out", required=True, help=f"output directory: {CSV_NAME} and {INDEX_NAME}/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -19,6 +19,8 @@ from dinov2_patho.textfile import open_text
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
 
+SLIDES_HELP = "a slide folder (searched for <slide_id>.<ext>) or a slide_id,path CSV"  # every --slides
+
 class SlideNotFoundError(UserError):
     pass
 

@@ -29,7 +29,7 @@ from dinov2_patho.data.readers import (
     TileReadError,
     TileSource,
 )
-from dinov2_patho.data.slides import SlideNotFoundError, SlideRegistry
+from dinov2_patho.data.slides import SLIDES_HELP, SlideNotFoundError, SlideRegistry
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 from dinov2_patho.logging import get_logger
@@ -184,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     ext = sub.add_parser("extract", help="write the index's tiles into per-slide HDF5 files (resumable)")
     ext.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
-    ext.add_argument("--slides", required=True, help="slide directory or slide_id,path CSV")
+    ext.add_argument("--slides", required=True, help=SLIDES_HELP)
     ext.add_argument("--out", required=True, help="tile store directory")
     ext.add_argument("--backend", default="openslide", choices=BACKENDS, help="whole-slide reader")
     ext.add_argument("--fallback", default="tiffslide", choices=(*BACKENDS, "none"),
@@ -197,7 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pre = sub.add_parser("preview", help="an image grid of tiles, one row per slide, cluster or random draw, "
                          "read as training reads them (112 um at level 0, resized)")
     pre.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
-    pre.add_argument("--slides", help="slide directory or slide_id,path CSV")
+    pre.add_argument("--slides", help=SLIDES_HELP)
     pre.add_argument("--tile-store", help="read from this tile store (`tiles extract`) instead of the slides")
     pre.add_argument("--out", required=True, help="image file to write, in the format its suffix says "
                                                   "(.png, .jpg, .webp, ...)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from dinov2_patho.curation.folders import EMBEDDINGS_HELP
+from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
 from dinov2_patho.report.build import write_report
 
@@ -17,10 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training output directory (metrics.jsonl, config.yaml)")
     parser.add_argument("--out", required=True, help="HTML file to write")
     parser.add_argument("--index", help="tile index directory (default: the run's data.index)")
-    parser.add_argument("--slides",
-                        help="slide directory or slide_id,path CSV (default: the run's data section)")
-    parser.add_argument("--embeddings", help="`curate embed` output: embeddings.npy [N, D] aligned with the "
-                        "index rows, or its directory")
+    parser.add_argument("--slides", help=f"{SLIDES_HELP} (default: the run's data section)")
+    parser.add_argument("--embeddings", help=f"{EMBEDDINGS_HELP}, aligned with the index rows")
     parser.add_argument("--level", help="tree level for batches, mosaics (1..K or level_K; default: the "
                         "sampler's level, else the coarsest)")
     parser.add_argument("--metadata", help="slide_id,... CSV whose columns colour the map (default: the "

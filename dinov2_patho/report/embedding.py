@@ -20,15 +20,9 @@ from dinov2_patho.textfile import open_text
 def load_embeddings(path: str | Path, index: Any) -> np.ndarray:
     """The [N, D] embeddings memory-mapped (a .npy, or a `curate embed` directory), checked against the
     index's row count."""
-    from dinov2_patho.curation.embed import EMBEDDINGS, MANIFEST
+    from dinov2_patho.curation.folders import embeddings_file
 
-    path = Path(path)
-    if path.is_dir():
-        if not (path / MANIFEST).is_file():
-            raise UserError(f"embeddings {path} have no {MANIFEST}: `curate embed` has not finished there")
-        path = path / EMBEDDINGS
-    if not path.is_file():
-        raise UserError(f"embeddings {path} do not exist (want a .npy file or a `curate embed` directory)")
+    path = embeddings_file(path)
     try:
         emb = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:

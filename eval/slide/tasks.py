@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dinov2_patho.curation.feature_files import FeatureFile, open_feature_folder
+from dinov2_patho.curation.folders import tile_index_dir
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
@@ -49,12 +50,7 @@ class SlideTask:
 
 def open_tiles(path: str | Path) -> TileIndex:
     """A TileIndex directory, or a `curate tiles` TILES_DIR holding one in `index/`."""
-    path = Path(path)
-    for candidate in (path, path / "index"):
-        if (candidate / "manifest.json").is_file():
-            return TileIndex.open(candidate)
-    raise UserError(f"tiles {path}: neither a tile index (no manifest.json) nor a `curate tiles` output "
-                    "(no index/manifest.json)")
+    return TileIndex.open(tile_index_dir(path))
 
 
 def read_labels(path: str | Path) -> list[dict[str, str]]:

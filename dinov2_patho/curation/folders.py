@@ -1,0 +1,52 @@
+"""One meaning per path flag, in every command: a command's output folder, or the file inside it.
+
+- `--tiles`: a `curate tiles` folder, its tiles.csv or its index/, or any tile index directory
+  (`curate write`'s OUT/index, `index build`'s);
+- `--embeddings`: a finished `curate embed` folder or its embeddings.npy, or any (N, D) .npy;
+- `--slides`: a slide folder or a `slide_id,path` CSV (`SlideRegistry.from_spec`);
+- `--backbone`: a training run or checkpoint folder, or a weights file (`eval.backbone.load_backbone`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dinov2_patho.curation.tissue import INDEX, TILES_CSV, read_settings
+from dinov2_patho.data.index_format import MANIFEST as INDEX_MANIFEST
+from dinov2_patho.errors import UserError
+
+# the flags' help, in every command's parser
+TILES_HELP = "a `curate tiles` folder, its tiles.csv or its index/, or a tile index directory"
+EMBEDDINGS_HELP = "a `curate embed` folder or its embeddings.npy, or an (N, D) .npy"
+BACKBONE_HELP = ("a training run or checkpoint folder (its teacher, at its own size: no --arch needed), "
+                 "or a weights file (ours, DINOv2 hub or timm); omit for a random-init baseline")
+EMBEDDINGS = "embeddings.npy"  # of `curate embed`'s folder, renamed from its .partial.npy once complete
+
+
+def tile_index_dir(path: str | Path, flag: str = "--tiles") -> Path:
+    """The tile index directory that `path` is, holds (index/), or whose folder holds (a file in it)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    for candidate in (folder / INDEX, folder):
+        if (candidate / INDEX_MANIFEST).is_file():
+            return candidate
+    raise UserError(f"{flag} {path}: neither a `curate tiles` folder nor a file in one (no "
+                    f"{INDEX}/{INDEX_MANIFEST} beside {TILES_CSV}), nor a tile index (no {INDEX_MANIFEST})")
+
+
+def tile_settings(index_dir: Path) -> dict:
+    """What `curate tiles` recorded beside the index (slides, mpp override, backends); {} for others."""
+    return read_settings(index_dir.parent) if index_dir.name == INDEX else {}
+
+
+def embeddings_file(path: str | Path, flag: str = "--embeddings") -> Path:
+    """The .npy that `path` is, or a finished `curate embed` folder's embeddings.npy."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / EMBEDDINGS).is_file():
+            raise UserError(f"{flag} {path}: no {EMBEDDINGS}: not a `curate embed` folder, or it has not "
+                            "finished there")
+        return path / EMBEDDINGS
+    if not path.is_file():
+        raise UserError(f"{flag} {path} does not exist (a .npy file or a `curate embed` folder)")
+    return path
