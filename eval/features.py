@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.jsonfile import JsonFileError, first_difference, read_json
 from dinov2_patho.logging import get_logger
+from dinov2_patho.progress import progress_bar
 from dinov2_patho.readback import DamagedFileError, load_npy, rebuilding
 
 log = get_logger(__name__)
@@ -173,7 +173,8 @@ def fill_features(backbone: nn.Module, dataset: Dataset, outputs: dict[str, tupl
     loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, num_workers=num_workers,
                         shuffle=False, persistent_workers=False, pin_memory=device.type == "cuda")
     last_checkpoint = time.monotonic()
-    with tqdm(total=n, initial=done, desc=desc, disable=not progress, unit=unit, unit_scale=True) as bar:
+    with progress_bar(total=n, initial=done, desc=desc, disable=not progress, unit=unit,
+                      unit_scale=True) as bar:
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             with autocast:

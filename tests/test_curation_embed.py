@@ -4,6 +4,7 @@ a clean run without recomputing finished rows, 2 gloo ranks equal to 1, stale se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -145,6 +146,19 @@ def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:
     torch.set_num_threads(1)
     assert embed_mod.run(parse(embed_mod, argv)) == 0
     os._exit(0)  # passed: skip interpreter teardown, where gloo's threads can abort a finished worker
+
+
+def test_a_log_of_curate_embed_holds_lines_not_carriage_returns(tiles_dir, clean_run, tmp_path):
+    """stderr to a file (SLURM, nohup, CI): whole progress lines. --tiles is the folder's tiles.csv here."""
+    log = tmp_path / "embed.log"
+    with open(log, "w") as f, contextlib.redirect_stderr(f):
+        assert embed_mod.run(parse(embed_mod, ["--tiles", str(tiles_dir / "tiles.csv"),
+                                               "--out", str(tmp_path / "emb"), *SMALL])) == 0
+    text = log.read_bytes().decode()  # read_text turns each \r into \n
+    assert "\r" not in text and "curate embed (rank 0/1)" in text, text
+    assert f"{len(tile_rows(tiles_dir))}/{len(tile_rows(tiles_dir))}" in text.splitlines()[-1]
+    np.testing.assert_array_equal(np.load(tmp_path / "emb" / "embeddings.npy"),
+                                  np.load(clean_run / "embeddings.npy"))
 
 
 @pytest.mark.slow  # two spawned interpreters import torch and timm: ~10 s each on 2 cores

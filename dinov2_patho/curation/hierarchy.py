@@ -174,11 +174,11 @@ def _last_end_row(path: Path) -> int:
 
 def check_finite(array: np.ndarray, source: Path, chunk_rows: int, progress: bool) -> None:
     """UserError naming the first row holding NaN or inf (one streaming pass)."""
-    from tqdm import tqdm
-
     from dinov2_patho.curation.kmeans import read_rows
+    from dinov2_patho.progress import progress_bar
 
-    for a in tqdm(range(0, len(array), chunk_rows), desc="check finite", disable=not progress, leave=False):
+    for a in progress_bar(range(0, len(array), chunk_rows), desc="check finite", disable=not progress,
+                          leave=False):
         ok = np.isfinite(read_rows(array, slice(a, a + chunk_rows))).all(axis=1)
         if not ok.all():
             raise UserError(f"{source}: row {a + int(np.argmin(ok))} holds NaN or inf")
@@ -273,10 +273,10 @@ class LevelBuilder:
         order = np.argsort(labels, kind="stable")
         offsets = np.searchsorted(labels[order], np.arange(spec.clusters + 1))
         rank, world = (dist.get_rank(), dist.get_world_size()) if points.distributed else (0, 1)
-        from tqdm import tqdm
+        from dinov2_patho.progress import progress_bar
 
         mine = {}
-        for c in tqdm(range(rank, spec.clusters, world), desc=f"level {self.level} stage 2",
+        for c in progress_bar(range(rank, spec.clusters, world), desc=f"level {self.level} stage 2",
                       disable=not self.progress, leave=False):
             members = order[offsets[c]:offsets[c + 1]]
             if len(members) == 0:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+
+from dinov2_patho.progress import progress_bar
 
 ENGINES = ("faiss", "torch")  # nearest-centroid kernels (kmeans.engine)
 ASSIGN_BLOCK_ELEMENTS = 1 << 25  # rows x centroids per distance block of the torch kernel (128 MB)
@@ -285,7 +286,7 @@ def kmeans(points: Points, k: int, seed: int = 0, options: LloydOptions = LloydO
         positions = np.sort(rng.choice(points.total, k * o.max_points_per_centroid, replace=False))
         train = points.subset(positions)
     previous, objective, done = None, math.inf, 0
-    for _ in tqdm(range(o.iterations), desc=desc, disable=not progress, leave=False):
+    for _ in progress_bar(range(o.iterations), desc=desc, disable=not progress, leave=False):
         assignment, distances, sums, counts = assign(train, centroids, o.engine, o.device, o.chunk_rows,
                                                      sums=True)
         done += 1

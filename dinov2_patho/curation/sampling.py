@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dinov2_patho.curation.config import add_config_arguments, config_from_args
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.progress import progress_bar
 
 STRATEGIES = ("random", "closest")
 _PICK_CHUNK = 1 << 23  # members sorted per step by the random pick: bounded memory at 350M tiles
@@ -102,8 +102,8 @@ def pick_members(tree: ClusterTree, counts: np.ndarray, strategy: str, rng: np.r
     # random: sort each partial cluster's members by a random key, keep its first `counts` (chunks of
     # consecutive clusters bound the memory)
     bounds = np.searchsorted(np.cumsum(sizes[partial]), np.arange(0, sizes[partial].sum(), _PICK_CHUNK))
-    for lo, hi in tqdm(zip(bounds, [*bounds[1:], partial.size]), total=bounds.size, desc="pick random",
-                       disable=not progress or not partial.size):
+    for lo, hi in progress_bar(zip(bounds, [*bounds[1:], partial.size]), total=bounds.size,
+                               desc="pick random", disable=not progress or not partial.size):
         clusters = partial[lo:hi]
         pos = _ranges(offsets[clusters], sizes[clusters])
         local = np.repeat(np.arange(clusters.size, dtype=np.uint64), sizes[clusters])

@@ -155,7 +155,7 @@ def detect_all(registry: Any, cfg: Any, progress: bool) -> Iterator[SlideTiles]:
     """SlideTiles of every slide, in registry order, over `cfg.workers` processes."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm import tqdm
+    from dinov2_patho.progress import progress_bar
 
     ids = registry.slide_ids()
     pool = None
@@ -167,7 +167,7 @@ def detect_all(registry: Any, cfg: Any, progress: bool) -> Iterator[SlideTiles]:
         results = pool.map(_detect_in_worker, ids, chunksize=1)
     errors = 0
     try:
-        with tqdm(total=len(ids), unit="slide", desc="curate tiles", disable=not progress) as bar:
+        with progress_bar(total=len(ids), unit="slide", desc="curate tiles", disable=not progress) as bar:
             for r in results:
                 errors += r.status == "error"
                 bar.set_postfix(errors=errors, refresh=False)

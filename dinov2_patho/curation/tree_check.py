@@ -4,11 +4,16 @@ agree, or the CSV and the subset would describe two different trees."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tqdm import tqdm
 
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.errors import UserError
+from dinov2_patho.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 _CHUNK = 1 << 22  # points per step: bounded memory at 350M tiles
 
@@ -16,7 +21,7 @@ _CHUNK = 1 << 22  # points per step: bounded memory at 350M tiles
 def check_tree(tree: ClusterTree, *, progress: bool = True) -> None:
     """Raise a one-line UserError naming the level and the first offending cluster of a broken tree."""
     points = tree.num_points
-    with tqdm(total=_total_points(tree), unit="pt", unit_scale=True, desc="check tree",
+    with progress_bar(total=_total_points(tree), unit="pt", unit_scale=True, desc="check tree",
               disable=not progress) as bar:
         for level, clusters in enumerate(tree.clusters, 1):
             _check_level(tree, level, clusters, points, bar)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
-from tqdm import tqdm
 
 from dinov2_patho.curation.folders import TILES_HELP, tile_index_dir
 from dinov2_patho.curation.tree import MANIFEST as TREE_MANIFEST
@@ -23,6 +22,7 @@ from dinov2_patho.curation.tree_check import check_tree
 from dinov2_patho.data.index import TileIndex, build_index
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
+from dinov2_patho.progress import progress_bar
 
 CSV_NAME = "clusters.csv"
 INDEX_NAME = "index"
@@ -60,7 +60,7 @@ def _write_csv(path: Path, tile_list: TileIndex, tree: ClusterTree, progress: bo
     options = pcsv.WriteOptions(include_header=False, quoting_style="needed" if quote else "none")
     schema = pa.schema([("slide_id", pa.string()), ("tile_x", pa.int32()), ("tile_y", pa.int32()),
                         *[(name, pa.int32()) for name in levels]])
-    with open(path, "wb") as f, tqdm(total=len(tile_list), unit="row", unit_scale=True,
+    with open(path, "wb") as f, progress_bar(total=len(tile_list), unit="row", unit_scale=True,
                                              desc="write CSV", disable=not progress) as bar:
         f.write((",".join(schema.names) + "\n").encode())  # pyarrow would quote the header names
         with pcsv.CSVWriter(f, schema, write_options=options) as writer:

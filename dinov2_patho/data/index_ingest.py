@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dinov2_patho.data.index_checks import HASH_RECORD, TreeCheck, find_duplicates, tile_hash
 from dinov2_patho.data.index_format import (
@@ -41,6 +40,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir
 from dinov2_patho.jsonfile import JsonFileError
 from dinov2_patho.logging import get_logger
+from dinov2_patho.progress import progress_bar
 from dinov2_patho.slide_files import check_distinct_case
 
 log = get_logger(__name__)
@@ -239,7 +239,7 @@ def _build_into(src: Path, tmp: Path, *, dedupe: bool, progress: bool) -> None:
     work.mkdir()
     # the file and its header are checked first: a bad path is its one-line error, with no bar drawn
     level_names, batches = iter_batches(src, on_bytes=lambda n: bar.update(n))
-    bar = tqdm(total=src.stat().st_size, unit="B", unit_scale=True, desc=f"index {src.name}",
+    bar = progress_bar(total=src.stat().st_size, unit="B", unit_scale=True, desc=f"index {src.name}",
                disable=not progress)
     scratch = Scratch(work, len(level_names), src.stat().st_size)
     slide_ids: dict[str, int] = {}
@@ -387,7 +387,7 @@ def _write_columns(tmp: Path, scratch: Scratch, remaps: list[np.ndarray], levels
     slide_rows = np.zeros(num_slides, np.int64)
     tree, order = TreeCheck([meta.num_clusters for meta in levels]), _SlideOrder()
     try:
-        with tqdm(total=chunks.num_rows, unit="row", unit_scale=True, desc="index write",
+        with progress_bar(total=chunks.num_rows, unit="row", unit_scale=True, desc="index write",
                   disable=not progress) as bar:
             for keep, n in chunks:
                 x, y, s, *raw = (r.read(n) for r in readers)

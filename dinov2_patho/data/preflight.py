@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
+from dinov2_patho.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -111,7 +111,7 @@ def preflight_slides(index, source: SlideTileSource, *, threads: int = 8, progre
         return [], len(slide_ids)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         checks = pool.map(lambda s: _check_slide(source, s, extents[s]), slide_ids)
-        results = list(tqdm(checks, total=len(slide_ids), desc="preflight slides", unit="slide",
+        results = list(progress_bar(checks, total=len(slide_ids), desc="preflight slides", unit="slide",
                             disable=not progress))
     problems = [p for p in results if p is not None]
     if cache and not problems:

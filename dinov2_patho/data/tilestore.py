@@ -18,7 +18,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from dinov2_patho.data.readers import (
     BACKENDS,
@@ -33,6 +32,7 @@ from dinov2_patho.data.slides import SLIDES_HELP, SlideNotFoundError, SlideRegis
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 from dinov2_patho.logging import get_logger
+from dinov2_patho.progress import progress_bar
 from dinov2_patho.slide_files import slide_path
 
 log = get_logger(__name__)
@@ -161,7 +161,7 @@ def extract_tiles(index: Any, source: TileSource, out_dir: str | Path, *,
                             f"pass --overwrite to replace it")
         todo.append((slide_id, coords, path))
     log.info("extracting %d slides (%d already done) into %s", len(todo), len(written), out)
-    bar = tqdm(total=sum(len(coords) for _, coords, _ in todo), desc="tiles extract", unit="tile",
+    bar = progress_bar(total=sum(len(coords) for _, coords, _ in todo), desc="tiles extract", unit="tile",
                disable=not progress)
     if workers <= 1:
         for slide_id, coords, path in todo:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from dinov2_patho.progress import progress_bar
 from dinov2_patho.report.figures import figure_uri, plot_series, pyplot
 from dinov2_patho.report.training import Metrics
 from dinov2_patho.samplers import SamplerError, build_sampler, subset_view
@@ -39,7 +39,7 @@ def replay(sampler, name: str, level: int, steps: int, progress: bool) -> Replay
     seen_clusters = np.zeros(len(sizes), bool)
     telemetry = TelemetrySummary(sampler)
     out = Replay(name)
-    for _ in tqdm(range(steps), desc=f"batches ({name})", unit="batch", disable=not progress):
+    for _ in progress_bar(range(steps), desc=f"batches ({name})", unit="batch", disable=not progress):
         batch = sampler.next_batch()
         positions = sampler.rows.to_positions(batch)
         telemetry.update(batch)

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from dinov2_patho.data.dataset import TileDataset
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import TileReadError, TileSource
 from dinov2_patho.errors import UserError
+from dinov2_patho.progress import progress_bar
 
 # Level columns are scanned in chunks: a 350M-row index must not materialise per-cluster row lists.
 _SCAN_CHUNK = 1 << 22
@@ -117,7 +117,7 @@ def read_thumbnails(index: Any, source: TileSource, row_ids: np.ndarray, px: int
     dataset = TileDataset(index, source)
     out = np.empty((len(row_ids), px, px, 3), np.uint8)
     rows = np.asarray(row_ids).tolist()
-    for i, row in enumerate(tqdm(rows, desc=desc, unit="tile", disable=not progress)):
+    for i, row in enumerate(progress_bar(rows, desc=desc, unit="tile", disable=not progress)):
         try:
             tile = dataset[row][0].permute(1, 2, 0).numpy()
         except TileReadError as e:
@@ -132,7 +132,7 @@ def read_grid(index: Any, source: TileSource, groups: list[TileGroup], px: int, 
               progress: bool = True, desc: str = "tiles") -> TileGrid:
     errors: list[str] = []
     tiles = [read_thumbnails(index, source, g.row_ids, px, errors)
-             for g in tqdm(groups, desc=desc, unit="row", disable=not progress)]
+             for g in progress_bar(groups, desc=desc, unit="row", disable=not progress)]
     return TileGrid(groups, tiles, errors)
 
 

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from dinov2_patho.curation.embed import normalise_on_device, tile_list_fingerprint
 from dinov2_patho.curation.feature_files import feature_file_name, write_feature_file
@@ -30,6 +29,7 @@ from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 from dinov2_patho.jsonfile import JsonFileError
+from dinov2_patho.progress import progress_bar
 from dinov2_patho.readback import DamagedFileError, load_npy, rebuilding
 from dinov2_patho.slide_files import slide_path
 
@@ -105,7 +105,8 @@ def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, bac
     blank = on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0]
     dim = functools.cache(lambda: feature_dim(backbone, blank, token))  # only when a bag is missing
     bags = []
-    for slide_id in tqdm(task.slide_ids, desc=f"{task.name} bags", unit="slide", disable=not progress):
+    for slide_id in progress_bar(task.slide_ids, desc=f"{task.name} bags", unit="slide",
+                                 disable=not progress):
         rows = capped_rows(task.tile_rows(slide_id), slide_id, cap, seed)
         if len(rows) == 0:  # task_from_rows refuses such slides before any bag
             raise UserError(f"slide task {task.name}: slide {slide_id!r} has no tiles to make a bag of")
