@@ -402,6 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dinov2_patho.dirlock import exclusive_directory
     from dinov2_patho.distributed import distributed_context
 
     cfg = config_from_args(args).kmeans
@@ -410,12 +411,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with distributed_context(cfg.device, "kmeans.device") as ctx:
         check_finite(embeddings, source, int(cfg.chunk_rows), not args.no_progress and ctx.is_main)
-        if ctx.is_main:
-            print(f"curate kmeans: {len(embeddings)} x {embeddings.shape[1]} {embeddings.dtype} from "
-                  f"{source}; levels {[s.total_clusters for s in specs]}; engine {cfg.engine}, "
-                  f"{ctx.world_size} rank(s)")
-        summaries = build_tree(embeddings, source, out, cfg, progress=not args.no_progress and ctx.is_main,
-                               log=print if ctx.is_main else lambda *_: None)
-        if ctx.is_main:
-            atomic_write_text(out / "kmeans_summary.json", json.dumps(summaries, indent=1))
+        with exclusive_directory(out, "curate kmeans", ctx):
+            if ctx.is_main:
+                print(f"curate kmeans: {len(embeddings)} x {embeddings.shape[1]} {embeddings.dtype} from "
+                      f"{source}; levels {[s.total_clusters for s in specs]}; engine {cfg.engine}, "
+                      f"{ctx.world_size} rank(s)")
+            show = not args.no_progress and ctx.is_main
+            summaries = build_tree(embeddings, source, out, cfg, progress=show,
+                                   log=print if ctx.is_main else lambda *_: None)
+            if ctx.is_main:
+                atomic_write_text(out / "kmeans_summary.json", json.dumps(summaries, indent=1))
     return 0

@@ -33,6 +33,7 @@ from dinov2_patho.data.dataset import TileDataset, build_tile_source
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.preflight import PreflightError, describe, preflight_slides
 from dinov2_patho.data.readers import SlideTileSource
+from dinov2_patho.dirlock import exclusive_directory
 from dinov2_patho.distributed import DistContext, barrier, broadcast_object, distributed_context
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval import run_benchmarks
@@ -88,7 +89,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path, *, force_resume: bool 
     resume is refused unless `force_resume`. `progress`: the slide preflight's bar."""
     output_dir = Path(output_dir)
     validate_config(cfg)
-    with distributed_context(str(cfg.train.device)) as ctx:
+    with distributed_context(str(cfg.train.device)) as ctx, exclusive_directory(output_dir, "train", ctx):
         setup_logging(output_dir, rank=ctx.rank)
         trainer = Trainer(cfg, output_dir, ctx, force_resume=force_resume, progress=progress)
         try:
