@@ -38,7 +38,7 @@ class Preprocess:
             pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
         top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
         pil = pil.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(pil, np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        # in numpy, on one thread: torch's per-op threads on these small arrays wait on each other, 8-10x
+        # slower with 2 threads on 2 shared cores (benchmarks/preprocess_threads.py)
+        x = (np.asarray(pil, np.float32) / 255.0 - np.float32(self.mean)) / np.float32(self.std)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

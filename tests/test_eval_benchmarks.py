@@ -6,11 +6,14 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.benchmarks import BenchmarkError, build_benchmark
-from dinov2_patho.eval.preprocess import Preprocess
+from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 def image(path, value=0, size=(20, 16)):
@@ -186,3 +189,14 @@ def test_preprocess_eva_resize_crop_and_target_mpp():
     # rescaling to 0.125 µm/px doubles the image: the centre crop is 50 px of a 400 px row
     z = Preprocess(mpp=0.25, target_mpp=0.125, size=50)(img)
     assert z[0, 0, :20].max() < 0 and z[0, 0, -20:].min() > 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_preprocess_normalises_as_imagenets_mean_and_std(seed):
+    """The normalisation (numpy, one thread) is the torch one it replaced, bit for bit."""
+    img = np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    x = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)
+    expected = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = Preprocess()(img)
+    assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, expected)
