@@ -9,7 +9,7 @@ consumes them validates them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,42 +68,61 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"bad override: {e}") from e
 
 
-def check_keys(cfg: DictConfig, reference: DictConfig, source: str, open_keys: Iterable[str] = (),
-               prefix: str = "", moved: Mapping[str, str] | None = None) -> None:
-    """Raise ConfigError for the first key of `cfg` that `reference` does not have; a key of
-    `moved` (old dotted path -> new one) names its new home."""
-    open_keys, moved = set(open_keys), moved or {}
+def unknown_keys(cfg: DictConfig, reference: DictConfig, open_keys: Iterable[str] = (),
+                 prefix: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """The dotted keys of `cfg` that `reference` does not have, each with the node it is missing from."""
+    open_keys = set(open_keys)
     known = set(reference.keys())  # `key in reference` is False for a MISSING (???) value
     for key in cfg:
         path = f"{prefix}{key}"
-        if path in moved:
-            raise ConfigError(f"{source}: {path} is now {moved[path]}")
         if key not in known:
-            hint = did_you_mean(str(key), reference.keys(), prefix)
-            raise ConfigError(f"{source}: unknown key {path!r}{hint}")
+            yield path, reference
+            continue
         if path in open_keys:
             continue
         sub, ref = cfg._get_node(key), reference._get_node(key)
         if isinstance(sub, DictConfig) and isinstance(ref, DictConfig) and not ref._is_none():
-            check_keys(sub, ref, source, open_keys, prefix=f"{path}.", moved=moved)
+            yield from unknown_keys(sub, ref, open_keys, prefix=f"{path}.")
 
 
-def load_config(defaults: str | Path, config_file: str | Path | None = None,
+def check_keys(cfg: DictConfig, reference: DictConfig, source: str, open_keys: Iterable[str] = (),
+               moved: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for the first key of `cfg` that `reference` does not have; a key of
+    `moved` (old dotted path -> new one) names its new home."""
+    for path, node in unknown_keys(cfg, reference, open_keys):
+        if moved and path in moved:
+            raise ConfigError(f"{source}: {path} is now {moved[path]}")
+        parent, _, key = path.rpartition(".")
+        hint = did_you_mean(key, node.keys(), f"{parent}." if parent else "")
+        raise ConfigError(f"{source}: unknown key {path!r}{hint}")
+
+
+# (layer, defaults, source) -> the layer in today's schema: see train/config_schema.py
+Migration = Callable[[DictConfig, DictConfig, str], DictConfig]
+
+
+def load_config(defaults: str | Path, config_file: str | Path | DictConfig | None = None,
                 overrides: Sequence[str] = (), open_keys: Iterable[str] = (),
-                moved: Mapping[str, str] | None = None) -> DictConfig:
+                moved: Mapping[str, str] | None = None, migrate: Migration | None = None,
+                source: str | None = None) -> DictConfig:
     """Merge `defaults` (a packaged relpath like 'train/default.yaml' or a path), a config
-    file and dot-list overrides, checking every key against the defaults."""
+    file (or a config already read, named `source`: a submitted job's) and dot-list overrides,
+    checking every key against the defaults; `migrate` brings the file to today's schema first."""
     defaults_path = Path(defaults)
     if not defaults_path.is_file():
         defaults_path = packaged_config(str(defaults))
     cfg = read_yaml(defaults_path)
     open_keys = tuple(open_keys)
     layers: list[tuple[str, DictConfig]] = []
-    if config_file is not None:
+    if isinstance(config_file, DictConfig):
+        layers.append((source or "config", config_file))
+    elif config_file is not None:
         shipped = defaults_path.parent / Path(config_file).name
         if not Path(config_file).is_file() and shipped.is_file():  # `--config-file t1.yaml` outside the repo
             raise ConfigError(f"config file {config_file} does not exist; the shipped one is {shipped}")
         layers.append((str(config_file), read_yaml(config_file)))
+    if layers and migrate is not None:
+        layers[0] = (layers[0][0], migrate(layers[0][1], cfg, layers[0][0]))
     if overrides:
         layers.append(("command line", parse_overrides(overrides)))
     required: dict[str, str] = {}  # key -> the layer that marked it ??? (mandatory)

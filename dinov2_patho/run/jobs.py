@@ -48,13 +48,16 @@ class TrainJob:
     def __call__(self) -> dict[str, Any]:
         from omegaconf import OmegaConf
 
+        from dinov2_patho.train.config import load_train_config
         from dinov2_patho.train.trainer import install_stop_handlers, run_training
 
         env = submitit_distributed_env()
         os.environ.update(env)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         install_stop_handlers([signal.SIGUSR2])
-        summary = run_training(OmegaConf.create(self.cfg), resolve_job_path(self.output_dir))
+        # the config as submitted: a requeue may run newer code, whose schema it is brought to
+        cfg = load_train_config(OmegaConf.create(self.cfg), source=f"the config of SLURM job {_job_id()}")
+        summary = run_training(cfg, resolve_job_path(self.output_dir))
         if summary["stopped"] and env["RANK"] == "0" and callable(requeue):
             log.warning("stopped at iteration %d with checkpoint %s: requeuing", summary["iteration"],
                         summary["checkpoint"])

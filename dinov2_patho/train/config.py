@@ -16,6 +16,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.registry import did_you_mean
 from dinov2_patho.samplers import build as sampler_build
 from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
+from dinov2_patho.train import config_schema
 from dinov2_patho.train.config_values import check_choices, check_domains, check_values
 
 DEFAULTS = "train/default.yaml"
@@ -42,8 +43,12 @@ def absolute(path: str) -> str:
     return os.path.abspath(path)
 
 
-def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    cfg = load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS, moved=MOVED)
+def load_train_config(config_file: str | Path | DictConfig | None = None, overrides: Sequence[str] = (),
+                      source: str | None = None) -> DictConfig:
+    """Defaults <- `config_file` (a path, or a config already read, named `source`), brought to today's
+    schema <- overrides."""
+    cfg = load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS, moved=MOVED,
+                      migrate=config_schema.migrate, source=source)
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and value:

@@ -18,6 +18,7 @@ from dinov2_patho.config_files import ConfigError
 from dinov2_patho.data.augment import AugmentConfig
 from dinov2_patho.logging import get_logger
 from dinov2_patho.models import BACKBONES
+from dinov2_patho.train.config_schema import migrate
 from dinov2_patho.train.student import SIZE_KEYS
 
 log = get_logger(__name__)
@@ -138,8 +139,10 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_changes(saved: dict[str, Any], cfg: DictConfig) -> tuple[list[str], str]:
-    """The keys changed from `saved` to `cfg` outside RESUME_SAFE, and every change listed ("" if none)."""
+def config_changes(saved: dict[str, Any], cfg: DictConfig, source: str) -> tuple[list[str], str]:
+    """The keys changed from `saved` (of `source`, in any schema: compared under today's names) to `cfg`
+    outside RESUME_SAFE, and every change listed ("" if none)."""
+    saved = OmegaConf.to_container(migrate(OmegaConf.create(saved), None, source))
     old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
     return ([k for k in changed if not k.startswith(RESUME_SAFE)],
@@ -149,7 +152,7 @@ def config_changes(saved: dict[str, Any], cfg: DictConfig) -> tuple[list[str], s
 def check_resume_config(saved: dict[str, Any], cfg: DictConfig, source: str, *, force: bool) -> None:
     """Compare the config a checkpoint was written under with this run's: a changed key is
     named in a warning; a changed key outside RESUME_SAFE is refused unless `force`."""
-    unsafe, listed = config_changes(saved, cfg)
+    unsafe, listed = config_changes(saved, cfg, source)
     if not listed:
         return
     if unsafe and not force:

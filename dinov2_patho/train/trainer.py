@@ -224,7 +224,7 @@ class Trainer:
         checkpoint (the same config) starts over."""
         config, metrics = self.output_dir / "config.yaml", self.output_dir / METRICS_FILE
         if config.is_file():
-            unsafe, listed = config_changes(to_container(read_yaml(config)), self.cfg)
+            unsafe, listed = config_changes(to_container(read_yaml(config)), self.cfg, str(config))
             if unsafe and not self.force_resume:
                 raise ConfigError(f"{self.output_dir}: holds another run with no checkpoint to resume (its "
                                   f"config.yaml differs: {listed}); give another --output-dir or remove that "
