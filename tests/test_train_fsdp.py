@@ -146,3 +146,24 @@ def test_fsdp_rejects_fp16(cohort, cohort_index):
     with pytest.raises(ConfigError, match="train.distributed=fsdp"):
         validate_config(cfg)
     validate_config(load_train_config(SMOKE, [*_data(cohort, cohort_index), "train.distributed=fsdp"]))
+
+
+def test_the_backbones_view_outputs_do_not_warn(cohort, cohort_index, tmp_path):
+    """FSDP2's 'returned a view tensor' warning, about the backbone's token slices, is not printed."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from dinov2_patho.train.fsdp import shard_model
+    from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = SSLMetaArch(load_train_config(SMOKE, [*_data(cohort, cohort_index), *TINY]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shard_model(model, torch.device("cpu"))
+            model.student["backbone"](torch.randn(2, 3, 64, 64), is_training=True)
+        assert not [w for w in caught if "view tensor" in str(w.message)]
+    finally:
+        dist.destroy_process_group()
