@@ -3,7 +3,8 @@
 Rank 0 takes an exclusive, non-blocking flock on DIR/.lock and writes its pid and host there; a second
 run on the same directory stops at once, on every rank, with one line naming the holder, before it
 writes anything. The kernel drops a flock when its process dies (SIGKILL, preemption, a node's crash
-ends the file's last open description), so the file of a dead run is taken over, never stale.
+ends the file's last open description), so the file of a dead run is taken over, never stale; the new
+holder removes the temporary files of the dead run's unfinished atomic writes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from dinov2_patho.distributed import DistContext, broadcast_object
 from dinov2_patho.errors import UserError
+from dinov2_patho.io import remove_stale_temps
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
@@ -48,6 +50,10 @@ def _acquire(directory: Path, command: str) -> int | None:
         return None
     os.ftruncate(fd, 0)
     os.write(fd, f"{command}: pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    stale = remove_stale_temps(directory)
+    if stale:
+        log.info("%s: removed %d temporary file(s) of a killed run's unfinished writes", directory,
+                 len(stale))
     return fd
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+_TOKEN_HEX = 6  # bytes of a fresh name's random part
+# fresh_path's names in atomic_path / atomic_dir: .NAME.<12 hex digits>.tmp
+_TEMP = re.compile(rf"\..+\.[0-9a-f]{{{2 * _TOKEN_HEX}}}\.tmp")
 
 
 def fresh_path(parent: Path, prefix: str, suffix: str, *, directory: bool = False) -> Path:
@@ -19,7 +24,7 @@ def fresh_path(parent: Path, prefix: str, suffix: str, *, directory: bool = Fals
     0666 / 0777 the kernel applies the umask (0644 / 0755 under umask 022).
     """
     for _ in range(100):
-        candidate = Path(parent) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        candidate = Path(parent) / f"{prefix}{secrets.token_hex(_TOKEN_HEX)}{suffix}"
         try:
             if directory:
                 candidate.mkdir(0o777)
@@ -46,6 +51,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Remove the temporary files and directories under `directory` of atomic writes killed before
+    their rename (SIGKILL, preemption: no `finally` ran). Only for the directory's one writer
+    (`dirlock.exclusive_directory`): another's temps are in use."""
+    stale = [p for p in Path(directory).rglob(".*.tmp") if _TEMP.fullmatch(p.name)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sigkill
 import torch
 import torch.multiprocessing as mp
 from hypothesis import given
@@ -146,6 +147,18 @@ def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:
     torch.set_num_threads(1)
     assert embed_mod.run(parse(embed_mod, argv)) == 0
     os._exit(0)  # passed: skip interpreter teardown, where gloo's threads can abort a finished worker
+
+
+def test_a_sigkill_at_its_last_write_then_a_rerun_is_byte_identical(tiles_dir, clean_run, tmp_path):
+    """SIGKILL (in a child process) at its last atomic write, the manifest's, after embeddings.npy is in
+    place: the rerun's files are the clean run's, sha256 for sha256, with no temporary file of the
+    killed write left (kills mid-shard: test_resume_after_a_kill_equals_a_clean_run)."""
+    writes = sigkill.replaces(lambda: curate_embed(tiles_dir, tmp_path / "count"))
+    sigkill.run_killed_at(writes, ["curate", "embed", "--tiles", str(tiles_dir), "--no-progress", *SMALL,
+                                   "--out", str(tmp_path / "emb")])
+    assert not (tmp_path / "emb" / "manifest.json").exists()
+    assert curate_embed(tiles_dir, tmp_path / "emb") == 0
+    assert sigkill.sha256s(tmp_path / "emb", [".lock"]) == sigkill.sha256s(clean_run, [".lock"])
 
 
 def test_a_log_of_curate_embed_holds_lines_not_carriage_returns(tiles_dir, clean_run, tmp_path):

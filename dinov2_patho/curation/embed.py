@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from omegaconf import OmegaConf
 
+    from dinov2_patho.dirlock import exclusive_directory
     from dinov2_patho.distributed import barrier, broadcast_object, distributed_context
     from dinov2_patho.eval.backbone import backbone_label, load_backbone
     from dinov2_patho.eval.features import feature_dim, fill_features
@@ -190,30 +191,31 @@ def run(args: argparse.Namespace) -> int:
             if ctx.is_main:
                 print(f"curate embed: {out} already holds these embeddings ({n} x {dim}); nothing to do")
             return 0
-        if ctx.is_main:
-            _prepare(out, settings, n, dim)
-        barrier(ctx)
-        start, stop = shard(n, ctx.rank, ctx.world_size)
-        if stop > start:
-            full = np.load(out / PARTIAL, mmap_mode="r")
-            if full.shape != (n, dim) or full.dtype != np.float16:
-                raise UserError(f"{out / PARTIAL}: shape {full.shape} {full.dtype}, expected ({n}, {dim}) "
-                                "float16; delete the directory to start over")
-            rows = np.memmap(out / PARTIAL, np.float16, "r+", offset=full.offset + start * dim * 2,
-                             shape=(stop - start, dim))
-            del full
-            fill_features(backbone, torch.utils.data.Subset(dataset, range(start, stop)),
-                          {"embeddings": (rows, cfg.token)}, out / PROGRESS / f"rows_{start}_{stop}.json",
-                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                          progress=not args.no_progress and ctx.is_main, unit="tile",
-                          desc=f"curate embed (rank {ctx.rank}/{ctx.world_size})", amp=cfg.amp,
-                          on_device=on_device, checkpoint_seconds=cfg.checkpoint_seconds)
-            del rows
-        barrier(ctx)
-        if ctx.is_main:
-            _finish(out, index, settings, ctx.world_size)
-            print(f"curate embed: {n} tiles x {dim} ({cfg.token}, "
-                  f"{backbone_label(args.backbone, args.arch, backbone)}) -> {out / EMBEDDINGS}")
+        with exclusive_directory(out, "curate embed", ctx):  # one writer: a second run stops
+            if ctx.is_main:
+                _prepare(out, settings, n, dim)
+            barrier(ctx)
+            start, stop = shard(n, ctx.rank, ctx.world_size)
+            if stop > start:
+                full = np.load(out / PARTIAL, mmap_mode="r")
+                if full.shape != (n, dim) or full.dtype != np.float16:
+                    raise UserError(f"{out / PARTIAL}: shape {full.shape} {full.dtype}, expected "
+                                    f"({n}, {dim}) float16; delete the directory to start over")
+                rows = np.memmap(out / PARTIAL, np.float16, "r+", offset=full.offset + start * dim * 2,
+                                 shape=(stop - start, dim))
+                del full
+                fill_features(backbone, torch.utils.data.Subset(dataset, range(start, stop)),
+                              {"embeddings": (rows, cfg.token)}, out / PROGRESS / f"rows_{start}_{stop}.json",
+                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              progress=not args.no_progress and ctx.is_main, unit="tile",
+                              desc=f"curate embed (rank {ctx.rank}/{ctx.world_size})", amp=cfg.amp,
+                              on_device=on_device, checkpoint_seconds=cfg.checkpoint_seconds)
+                del rows
+            barrier(ctx)
+            if ctx.is_main:
+                _finish(out, index, settings, ctx.world_size)
+                print(f"curate embed: {n} tiles x {dim} ({cfg.token}, "
+                      f"{backbone_label(args.backbone, args.arch, backbone)}) -> {out / EMBEDDINGS}")
     return 0
 
 
