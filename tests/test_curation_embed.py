@@ -93,7 +93,8 @@ def test_rows_align_with_the_tile_list(tiles_dir, clean_run):
     manifest = json.loads((clean_run / "manifest.json").read_text())
     assert (manifest["num_rows"], manifest["dim"], manifest["dtype"]) == (len(rows), 32, "float16")
     assert manifest["settings"]["backbone"]["token"] == "cls" and manifest["settings"]["tiles"]["px"] == 224
-    assert sorted(p.name for p in clean_run.iterdir()) == ["embeddings.npy", "manifest.json", "slides.csv"]
+    assert sorted(p.name for p in clean_run.iterdir()) == [".lock", "embeddings.npy", "manifest.json",
+                                                          "slides.csv"]
 
 
 def test_resume_after_a_kill_equals_a_clean_run(tiles_dir, clean_run, tmp_path, monkeypatch):
@@ -120,7 +121,7 @@ def test_resume_after_a_kill_equals_a_clean_run(tiles_dir, clean_run, tmp_path, 
     assert reads["n"] == n - done  # finished rows were not recomputed
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(clean_run / "embeddings.npy"))
     assert (out / "slides.csv").read_text() == (clean_run / "slides.csv").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "manifest.json", "slides.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "embeddings.npy", "manifest.json", "slides.csv"]
     assert reads["n"] == n - done
     assert curate_embed(tiles_dir, out) == 0 and reads["n"] == n - done  # complete: nothing to do
 

@@ -6,6 +6,7 @@ EMB_DIR holds:
     slides.csv       slide_id,start_row,end_row (end exclusive), in tile-list order
     manifest.json    backbone (path, weights sha256, arch, token), tile settings, N, D: written last,
                      its presence marks a complete run
+    .lock            the pid and host of the run writing here, or that wrote here last (dirlock.py)
     run.json         while running: the same settings, so a resumed run never mixes two backbones
     progress/        while running: rows done per shard (rows_<start>_<stop>.json)
     embeddings.partial.npy  while running: the rows so far, renamed to embeddings.npy once complete,

@@ -15,21 +15,28 @@ import numpy as np
 
 from dinov2_patho.curation.embed import EMBEDDINGS, MANIFEST, SLIDES, tile_list_fingerprint
 from dinov2_patho.curation.feature_files import feature_file_name, write_feature_file
+from dinov2_patho.curation.folders import (
+    EMBEDDINGS_HELP,
+    TILES_HELP,
+    embeddings_file,
+    tile_index_dir,
+    tiles_folder,
+)
 from dinov2_patho.curation.tissue import INDEX, SLIDES_CSV
-from dinov2_patho.curation.write import open_tile_list
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.jsonfile import read_json
+from dinov2_patho.progress import progress_bar
 from dinov2_patho.textfile import open_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, type=Path, help="EMB_DIR of `curate embed` or "
-                                                                       "`curate import`")
+    parser.add_argument("--embeddings", required=True, type=Path,
+                        help=f"{EMBEDDINGS_HELP} (of `curate embed` or `curate import`)")
     parser.add_argument("--out", required=True, type=Path, help="folder for one <slide_id>.h5 per slide")
-    parser.add_argument("--tiles", type=Path, help="the TILES_DIR (or tile index) the embeddings were made "
-                                                   "from (default: EMB_DIR/index, from `curate import`)")
+    parser.add_argument("--tiles", type=Path, help=f"the tiles the embeddings were made from, {TILES_HELP} "
+                                                   "(default: EMB_DIR/index, from `curate import`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -41,7 +48,7 @@ def tile_list_of(emb_dir: Path, tiles: Path | None, manifest: dict[str, Any]) ->
             raise UserError(f"{emb_dir}: no {INDEX}/ (made by `curate embed`, not `curate import`); pass "
                             "--tiles, the TILES_DIR it embedded")
         tiles = emb_dir
-    index = open_tile_list(tiles)
+    index = TileIndex.open(tile_index_dir(tiles))
     expected = manifest["settings"].get("tiles", {}).get("fingerprint")
     if len(index) != manifest["num_rows"] or (expected is not None
                                               and tile_list_fingerprint(Path(index.path)) != expected):
@@ -63,19 +70,17 @@ def level0_tile_px(tiles: Path | None) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    emb_dir, out = Path(args.embeddings), Path(args.out)
+    emb_dir, out = embeddings_file(args.embeddings).parent, Path(args.out)
     manifest = read_json(emb_dir / MANIFEST, "embeddings manifest", "finish `curate embed` / `curate import` "
                          "there first", shape={"num_rows": int, "settings": dict})
     index = tile_list_of(emb_dir, args.tiles, manifest)
-    tile_px = level0_tile_px(args.tiles)
+    tile_px = level0_tile_px(None if args.tiles is None else tiles_folder(tile_index_dir(args.tiles)))
     embeddings = np.load(emb_dir / EMBEDDINGS, mmap_mode="r")
     slide_number = {name: i for i, name in enumerate(index.slide_names)}
     with open_text(emb_dir / SLIDES) as f:
         slides = [(r["slide_id"], int(r["start_row"]), int(r["end_row"])) for r in csv.DictReader(f)]
     out.mkdir(parents=True, exist_ok=True)
-    for slide_id, a, b in tqdm(slides, desc="curate export", unit="slide", disable=args.no_progress):
+    for slide_id, a, b in progress_bar(slides, desc="curate export", unit="slide", disable=args.no_progress):
         path = out / feature_file_name(slide_id, str(emb_dir / SLIDES))
         # pop: a slide listed twice would overwrite its own file
         if (index.slides(slice(a, b)) != slide_number.pop(slide_id, -1)).any():

@@ -130,7 +130,7 @@ def _plain(value: Any) -> Any:
 def open_feature_folder(folder: str | Path) -> list[FeatureFile]:
     """Every `<slide_id>.h5` of `folder` (not its subfolders), sorted by slide id, checked: one line for an
     empty folder, a duplicate slide id, a bad file, or dimensions that differ between files."""
-    from tqdm import tqdm
+    from dinov2_patho.progress import progress_bar
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -143,7 +143,7 @@ def open_feature_folder(folder: str | Path) -> list[FeatureFile]:
     check_distinct_case((p.stem for p in paths), f"features {folder}")
     files: list[FeatureFile] = []
     seen: dict[str, Path] = {}
-    for path in tqdm(paths, desc="feature files", unit="file", disable=len(paths) < 1000):
+    for path in progress_bar(paths, desc="feature files", unit="file", disable=len(paths) < 1000):
         if path.stem in seen:
             raise UserError(f"{path}: slide id {path.stem!r} also has {seen[path.stem].name}: a duplicate "
                             "slide id")

@@ -17,7 +17,7 @@ from dinov2_patho.errors import UserError
 
 # the flags' help, in every command's parser
 TILES_HELP = "a `curate tiles` folder, its tiles.csv or its index/, or a tile index directory"
-EMBEDDINGS_HELP = "a `curate embed` folder or its embeddings.npy, or an (N, D) .npy"
+EMBEDDINGS_HELP = "a `curate embed` folder or its embeddings.npy"
 BACKBONE_HELP = ("a training run or checkpoint folder (its teacher, at its own size: no --arch needed), "
                  "or a weights file (ours, DINOv2 hub or timm); omit for a random-init baseline")
 EMBEDDINGS = "embeddings.npy"  # of `curate embed`'s folder, renamed from its .partial.npy once complete
@@ -34,9 +34,15 @@ def tile_index_dir(path: str | Path, flag: str = "--tiles") -> Path:
                     f"{INDEX}/{INDEX_MANIFEST} beside {TILES_CSV}), nor a tile index (no {INDEX_MANIFEST})")
 
 
+def tiles_folder(index_dir: Path) -> Path | None:
+    """The `curate tiles` folder holding this tile index, or None for an index made otherwise."""
+    return index_dir.parent if index_dir.name == INDEX else None
+
+
 def tile_settings(index_dir: Path) -> dict:
     """What `curate tiles` recorded beside the index (slides, mpp override, backends); {} for others."""
-    return read_settings(index_dir.parent) if index_dir.name == INDEX else {}
+    folder = tiles_folder(index_dir)
+    return {} if folder is None else read_settings(folder)
 
 
 def embeddings_file(path: str | Path, flag: str = "--embeddings") -> Path:

@@ -393,7 +393,7 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help=EMBEDDINGS_HELP)
+    parser.add_argument("--embeddings", required=True, help=f"{EMBEDDINGS_HELP}, or an (N, D) .npy")
     parser.add_argument("--out", required=True, help="tree directory (resumed when it holds finished levels)")
     parser.add_argument("--tiles", help=f"the tiles the embeddings were made from, {TILES_HELP} "
                                         "(row counts must match)")

@@ -64,9 +64,8 @@ def files_fingerprint(files: list[FeatureFile]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from dinov2_patho.data.index import build_index
+    from dinov2_patho.progress import progress_bar
 
     files = open_feature_folder(args.features)
     out: Path = args.out
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     header = np.load(out / PARTIAL, mmap_mode="r").offset
     first = sum(f.num_rows for f in files[:done])
     # written with plain file writes, not a memory map: mapped pages would count as the process's memory
-    with open(out / PARTIAL, "r+b") as dst, tqdm(total=n, initial=first, unit="tile", unit_scale=True,
+    with open(out / PARTIAL, "r+b") as dst, progress_bar(total=n, initial=first, unit="tile", unit_scale=True,
                                                  desc="curate import", disable=not progress) as bar:
         for i in range(done, len(files)):
             f = files[i]
@@ -137,10 +136,10 @@ def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> int:
 
 def _write_tiles(path: Path, files: list[FeatureFile], progress: bool) -> None:
     """slide_id,tile_x,tile_y of every row, from the coords (checked as integers), streamed."""
-    from tqdm import tqdm
+    from dinov2_patho.progress import progress_bar
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as out, \
-            tqdm(total=sum(f.num_rows for f in files), unit="tile", unit_scale=True, desc="tile list",
+            progress_bar(total=sum(f.num_rows for f in files), unit="tile", unit_scale=True, desc="tile list",
                  disable=not progress) as bar:
         w = csv.writer(out)
         w.writerow(("slide_id", "tile_x", "tile_y"))

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="HTML file to write")
     parser.add_argument("--index", help="tile index directory (default: the run's data.index)")
     parser.add_argument("--slides", help=f"{SLIDES_HELP} (default: the run's data section)")
-    parser.add_argument("--embeddings", help=f"{EMBEDDINGS_HELP}, aligned with the index rows")
+    parser.add_argument("--embeddings", help=f"{EMBEDDINGS_HELP}, or an (N, D) .npy, aligned with the "
+                                             "index rows")
     parser.add_argument("--level", help="tree level for batches, mosaics (1..K or level_K; default: the "
                         "sampler's level, else the coarsest)")
     parser.add_argument("--metadata", help="slide_id,... CSV whose columns colour the map (default: the "

@@ -122,7 +122,8 @@ def feature_bags(task: SlideTask, *, cap: int | None = None, seed: int = 0,
     drawn as `extract_bags` draws them)."""
     assert task.features is not None, "a task over feature files"
     bags = []
-    for slide_id in tqdm(task.slide_ids, desc=f"{task.name} bags", unit="slide", disable=not progress):
+    for slide_id in progress_bar(task.slide_ids, desc=f"{task.name} bags", unit="slide",
+                                 disable=not progress):
         file = task.features[slide_id]
         rows = capped_rows(np.arange(file.num_rows), slide_id, cap, seed)
         bags.append(file.bag(None if len(rows) == file.num_rows else rows))
