@@ -14,11 +14,11 @@ from test_train import tiny_cfg
 from dinov2_patho.dirlock import LOCK, DirectoryInUse
 from dinov2_patho.train.trainer import run_training
 
-# another process holding DIR/.lock as a run does: flock, then its line (no torch import: fast)
+# another process holding DIR/.lock as a run does: lockf, then its line (no torch import: fast)
 HOLDER = """
 import fcntl, os, sys
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.write(fd, f"holder: pid {os.getpid()}".encode())
 print("held", flush=True)
 sys.stdin.read()
