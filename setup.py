@@ -45,6 +45,7 @@ setup(
         "matplotlib",  # eval's results plot
         "pyyaml",  # config errors (yaml.YAMLError); omegaconf brings it, but we import it
         "safetensors",  # .safetensors checkpoints (timm brings it, but we import it)
+        "huggingface_hub",  # hf-hub:ORG/NAME backbones, local cache only (timm brings it; we import it)
     ],
     extras_require={
         "wsi": ["openslide-python>=1.3", "openslide-bin>=4.0", "tiffslide>=2.4", "tifffile", "imagecodecs"],

@@ -13,6 +13,7 @@ import torch
 
 from dinov2_patho.cli import main
 from dinov2_patho.curation import embed as embed_mod
+from dinov2_patho.curation.folders import tile_index_dir
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.backbone import load_backbone
 from dinov2_patho.eval.hub import PRESETS, normalisation
@@ -104,7 +105,7 @@ def test_curate_embed_with_a_model_saved_by_timm(cohort, tmp_path):
     manifest = json.loads((emb / "manifest.json").read_text())
     assert matrix.shape[1] == 32 and manifest["settings"]["tiles"]["normalisation"]["mean"] == [0.5] * 3
     assert manifest["settings"]["tiles"]["normalisation"]["mean"] != list(IMAGENET_MEAN)
-    tile, _ = embed_mod.tile_dataset(tiles, str(slides), None, {})[0]
+    tile, _ = embed_mod.tile_dataset(tile_index_dir(tiles), str(slides), None, {})[0]
     x = (tile.float()[None] / 255 - 0.5) / 0.5  # the saved config's normalisation
     with torch.no_grad():
         cls = saved.forward_features(x)[0, 0].numpy()
