@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2_patho.curation import embed, tissue
+from dinov2_patho.curation.config import load_curation_config
+from dinov2_patho.curation.embed import embed_tiles
+from dinov2_patho.curation.tissue import tissue_tiles
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.data.slides import SlideRegistry
@@ -35,12 +37,6 @@ from dinov2_patho.eval.backbone import load_backbone
 from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TARGET = 0.9
-
-
-def parse(module, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def reference(tiles_dir: Path, slides: Path, arch: str, model_kwargs: dict, batch_size: int) -> None:
@@ -62,10 +58,10 @@ def reference(tiles_dir: Path, slides: Path, arch: str, model_kwargs: dict, batc
 
 def ours(tiles_dir: Path, out: Path, arch: str, model_kwargs: dict, batch_size: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    argv = ["--tiles", str(tiles_dir), "--out", str(out), "--arch", arch, "--no-progress",
-            f"embed.batch_size={batch_size}", "embed.num_workers=0", "embed.device=cpu",
-            *(f"embed.model.{k}={v}" for k, v in model_kwargs.items())]
-    assert embed.run(parse(embed, argv)) == 0
+    config = load_curation_config(overrides=[f"embed.batch_size={batch_size}", "embed.num_workers=0",
+                                             "embed.device=cpu",
+                                             *(f"embed.model.{k}={v}" for k, v in model_kwargs.items())])
+    embed_tiles(tiles_dir, out, arch=arch, config=config, progress=False)
 
 
 def cpu_seconds(fn) -> float:
@@ -93,8 +89,8 @@ def main() -> int:
         tmp = Path(tmp)
         cohort = make_cohort(tmp / "cohort", num_slides=slides_n, seed=0)
         tiles_dir = tmp / "tiles"
-        assert tissue.run(parse(tissue, ["--slides", str(cohort.slides_dir), "--out", str(tiles_dir),
-                                         "--no-progress", "tiles.workers=1"])) == 0
+        tissue_tiles(cohort.slides_dir, tiles_dir, config=load_curation_config(overrides=["tiles.workers=1"]),
+                     progress=False)
         n = len(TileIndex.open(tiles_dir / "index"))
         ref_t, our_t = [], []
         for _ in range(rounds):

@@ -75,7 +75,7 @@ def load() -> str:
 
 def run_ours(npy: Path, out: Path, overrides: list[str]) -> tuple[float, list[float]]:
     from dinov2_patho.curation.config import load_curation_config
-    from dinov2_patho.curation.hierarchy import build_tree
+    from dinov2_patho.curation.hierarchy import build_levels
     from dinov2_patho.curation.tree import ClusterTree
 
     levels = [{"clusters": 1000, "resampling_steps": 11, "sample_per_cluster": 50, "strategy": "closest"},
@@ -84,7 +84,7 @@ def run_ours(npy: Path, out: Path, overrides: list[str]) -> tuple[float, list[fl
     cfg.levels = levels
     x = np.load(npy, mmap_mode="r")
     start = time.perf_counter()
-    build_tree(x, npy, out, cfg, progress=False, log=lambda *_: None)
+    build_levels(x, npy, out, cfg, progress=False, log=lambda *_: None)
     seconds = time.perf_counter() - start
     tree = ClusterTree.open(out)
     cents = [np.asarray(tree.array(k, "centroids")) for k in (1, 2)]

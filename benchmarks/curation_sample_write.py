@@ -36,7 +36,7 @@ import sys, time, json
 import numpy as np
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
-from dinov2_patho.curation.sampling import balanced_subset
+from dinov2_patho.curation.sampling import balanced_rows
 tree = ClusterTree.open(sys.argv[1])
 out = {{}}
 t, cpu = time.perf_counter(), time.process_time()
@@ -44,7 +44,7 @@ check_tree(tree, progress=False)
 out["check_s"], out["check_cpu_s"] = time.perf_counter() - t, time.process_time() - cpu
 for strategy in ("random", "closest"):
     t, cpu = time.perf_counter(), time.process_time()
-    rows = balanced_subset(tree, tree.num_points // 4, strategy, 0, progress=False).rows
+    rows = balanced_rows(tree, tree.num_points // 4, strategy, 0, progress=False).rows
     out[strategy + "_s"], out[strategy + "_cpu_s"] = time.perf_counter() - t, time.process_time() - cpu
 out["peak_rss"] = {_HWM}
 print(json.dumps(out))

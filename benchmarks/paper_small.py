@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.curation.pipeline import run_command, tree_agreement
+from dinov2_patho.curation.pipeline import tree_agreement
+from dinov2_patho.curation.sampling import balanced_subset
 from dinov2_patho.demo import (
     DEMO_SLIDES,
     class_groups,
@@ -80,8 +81,7 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds
     num_tiles = len(TileIndex.open(second.index))
     subset = out / "subset.npy"
     if rounds == 2 and not subset.is_file():
-        run_command("curate", "sample", "--tree", str(second.tree), "--target",
-                    str(round(SUBSET_SHARE * num_tiles)), "--seed", str(seed), "--out", str(subset))
+        balanced_subset(second.tree, round(SUBSET_SHARE * num_tiles), subset, seed=seed)
     for arm in ARMS if rounds == 2 else ():
         arm_cfg = train_config(second.index, cohort.slides_dir, seed,
                                [*arm_overrides(arm, subset), *overrides])

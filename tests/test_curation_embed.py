@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dinov2_patho.curation import cli as curate_cli
 from dinov2_patho.curation import embed as embed_mod
-from dinov2_patho.curation import tissue
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
@@ -32,14 +32,15 @@ SMALL = ("--arch", ARCH, *(f"embed.model.{k}={v}" for k, v in TINY.items()), "em
          "embed.num_workers=0", "embed.device=cpu", "embed.checkpoint_seconds=0")
 
 
-def parse(module, argv: list[str]) -> argparse.Namespace:
+def parse(action: str, argv: list[str]) -> argparse.Namespace:
+    """`dinov2-patho curate ACTION ARGV` parsed."""
     parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(argv)
+    curate_cli.add_arguments(parser)
+    return parser.parse_args([action, *argv])
 
 
 def curate_embed(tiles: Path, out: Path, *extra: str) -> int:
-    return embed_mod.run(parse(embed_mod, ["--tiles", str(tiles), "--out", str(out), "--no-progress",
+    return curate_cli.run(parse("embed", ["--tiles", str(tiles), "--out", str(out), "--no-progress",
                                            *SMALL, *extra]))
 
 
@@ -50,7 +51,7 @@ def tiles_dir(cohort, tmp_path_factory) -> Path:
     for sid in cohort.slide_ids[:3]:
         os.symlink(cohort.slide_path(sid), slides / cohort.slide_path(sid).name)
     out = tmp_path_factory.mktemp("embed_tiles") / "tiles"
-    assert tissue.run(parse(tissue, ["--slides", str(slides), "--out", str(out), "--no-progress",
+    assert curate_cli.run(parse("tiles", ["--slides", str(slides), "--out", str(out), "--no-progress",
                                      "tiles.workers=1"])) == 0
     return out
 
@@ -146,7 +147,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    assert embed_mod.run(parse(embed_mod, argv)) == 0
+    assert curate_cli.run(parse("embed", argv)) == 0
     os._exit(0)  # passed: skip interpreter teardown, where gloo's threads can abort a finished worker
 
 
@@ -166,7 +167,7 @@ def test_a_log_of_curate_embed_holds_lines_not_carriage_returns(tiles_dir, clean
     """stderr to a file (SLURM, nohup, CI): whole progress lines. --tiles is the folder's tiles.csv here."""
     log = tmp_path / "embed.log"
     with open(log, "w") as f, contextlib.redirect_stderr(f):
-        assert embed_mod.run(parse(embed_mod, ["--tiles", str(tiles_dir / "tiles.csv"),
+        assert curate_cli.run(parse("embed", ["--tiles", str(tiles_dir / "tiles.csv"),
                                                "--out", str(tmp_path / "emb"), *SMALL])) == 0
     text = log.read_bytes().decode()  # read_text turns each \r into \n
     assert "\r" not in text and "curate embed (rank 0/1)" in text, text
@@ -223,7 +224,7 @@ def test_stale_manifest_or_unfinished_run_is_refused(tiles_dir, clean_run, tmp_p
 def test_embeddings_of_another_tile_list_are_refused(tiles_dir, clean_run, tmp_path):
     other = tmp_path / "tiles"
     slides = json.loads((tiles_dir / "tiles.json").read_text())["slides"]
-    assert tissue.run(parse(tissue, ["--slides", slides, "--out", str(other), "--no-progress",
+    assert curate_cli.run(parse("tiles", ["--slides", slides, "--out", str(other), "--no-progress",
                                      "tiles.workers=1", "tiles.min_tissue_fraction=0.95"])) == 0
     assert len(tile_rows(other)) != len(tile_rows(tiles_dir))
     with pytest.raises(UserError, match=r"manifest\.json: embeddings of different settings "
@@ -279,7 +280,7 @@ def test_the_summary_names_a_runs_teacher_not_the_arch_default(tiles_dir, cohort
                  f"data.slides={cohort.slides_dir}", *TINY_RUN, "train.iterations=1", "train.num_workers=0",
                  "--no-progress", "--output-dir", str(run)]) == 0
     capsys.readouterr()
-    assert embed_mod.run(parse(embed_mod, ["--tiles", str(tiles_dir), "--out", str(tmp_path / "emb"),
+    assert curate_cli.run(parse("embed", ["--tiles", str(tiles_dir), "--out", str(tmp_path / "emb"),
                                            "--no-progress", "--backbone", str(run), "embed.batch_size=16",
                                            "embed.num_workers=0", "embed.device=cpu"])) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]

@@ -20,7 +20,7 @@ from sklearn.metrics import adjusted_rand_score
 from dinov2_patho.cli import main
 from dinov2_patho.curation import hierarchy
 from dinov2_patho.curation.config import load_curation_config
-from dinov2_patho.curation.hierarchy import build_tree, select_per_cluster
+from dinov2_patho.curation.hierarchy import build_levels, select_per_cluster
 from dinov2_patho.curation.kmeans import Points
 from dinov2_patho.curation.tree import ClusterTree, level_dir
 from dinov2_patho.errors import UserError
@@ -47,7 +47,7 @@ def planted_blobs(seed: int = 0, parents: int = 6, children: int = 4, per_child:
 
 
 def build(x: np.ndarray, out: Path, cfg) -> ClusterTree:
-    build_tree(x, Path("x.npy"), out, cfg, progress=False, log=lambda *_: None)
+    build_levels(x, Path("x.npy"), out, cfg, progress=False, log=lambda *_: None)
     return ClusterTree.open(out)
 
 
@@ -257,7 +257,7 @@ def _rank_worker(rank: int, init_file: str, npy: str, out: str) -> None:
     try:
         x = np.load(npy, mmap_mode="r")
         for name, levels in DISTRIBUTED_TREES.items():
-            build_tree(x, Path(npy), Path(out) / name, kmeans_cfg(levels), progress=False,
+            build_levels(x, Path(npy), Path(out) / name, kmeans_cfg(levels), progress=False,
                        log=lambda *_: None)
             dist.barrier()
         Path(out, f"shards_{rank}.json").write_text(json.dumps(shards))

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from dinov2_patho.curation import cli as curate_cli
 from dinov2_patho.curation import tissue
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
@@ -22,9 +23,9 @@ from dinov2_patho.errors import UserError
 
 def curate_tiles(slides: Path, out: Path, *extra: str) -> int:
     parser = argparse.ArgumentParser()
-    tissue.add_arguments(parser)
-    args = ["--slides", str(slides), "--out", str(out), "--no-progress", *extra]
-    return tissue.run(parser.parse_args(args))
+    curate_cli.add_arguments(parser)
+    args = ["tiles", "--slides", str(slides), "--out", str(out), "--no-progress", *extra]
+    return curate_cli.run(parser.parse_args(args))
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.cli import main
-from dinov2_patho.curation.sampling import balanced_subset
+from dinov2_patho.curation.sampling import balanced_rows
 from dinov2_patho.curation.tree import ClusterTree, level_dir, write_level, write_manifest
 from dinov2_patho.curation.tree_check import check_tree
 from dinov2_patho.curation.write import write_clusters
@@ -70,12 +70,12 @@ def test_balanced_subset_properties(tree_params, data, strategy, seed):
     with tempfile.TemporaryDirectory() as root:
         tree = make_tree(Path(root), num_points, clusters, tree_seed, skew)
         target = data.draw(st.integers(1, num_points), label="target")
-        rows = balanced_subset(tree, target, strategy, seed, progress=False).rows
+        rows = balanced_rows(tree, target, strategy, seed, progress=False).rows
         assert rows.dtype == np.int64 and rows.size == target
         assert (np.diff(rows) > 0).all()  # sorted, no duplicates
         assert rows[0] >= 0 and rows[-1] < num_points
         check_balanced(tree, rows)
-        again = balanced_subset(tree, target, strategy, seed, progress=False).rows
+        again = balanced_rows(tree, target, strategy, seed, progress=False).rows
         np.testing.assert_array_equal(rows, again)
         if strategy == "closest":  # within each leaf cluster, no unpicked tile is closer than a picked one
             labels, dist = tree.tile_labels(1), np.asarray(tree.array(1, "distances"))
@@ -92,7 +92,7 @@ def test_water_level_on_a_known_tree(tmp_path):
     assignment = np.repeat(np.arange(4), [1, 2, 10, 10])
     write_level(tmp_path, 1, np.zeros((4, 2)), assignment, np.arange(23, dtype=np.float32))
     write_manifest(tmp_path, 23, [4])
-    subset = balanced_subset(ClusterTree.open(tmp_path), 15, "closest", 0, progress=False)
+    subset = balanced_rows(ClusterTree.open(tmp_path), 15, "closest", 0, progress=False)
     assert subset.counts[0].tolist() == [1, 2, 6, 6]
     assert subset.rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 13, 14, 15, 16, 17, 18]
 
@@ -102,7 +102,7 @@ def test_random_pick_is_not_the_closest(tmp_path):
     write_level(tmp_path, 1, np.zeros((1, 2)), np.zeros(1000, np.int64), np.arange(1000, dtype=np.float32))
     write_manifest(tmp_path, 1000, [1])
     tree = ClusterTree.open(tmp_path)
-    picks = [balanced_subset(tree, 100, "random", seed, progress=False).rows for seed in range(5)]
+    picks = [balanced_rows(tree, 100, "random", seed, progress=False).rows for seed in range(5)]
     assert all(350 < p.mean() < 650 for p in picks)  # the closest 100 would average 49.5
     assert len({tuple(p) for p in picks}) == 5
 

@@ -1,9 +1,12 @@
 """The curation config: packaged `configs/curation/default.yaml` <- a config file <- dot-list
-overrides, as for training. One section per action: tiles, embed, kmeans, sample."""
+overrides, as for training. One section per action: tiles, embed, kmeans, sample.
+
+Every action function (`tissue_tiles`, `embed_tiles`, `build_tree`, `balanced_subset`) takes the whole
+config (`load_curation_config(...)`; None: the packaged defaults) and checks it before any work.
+"""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,18 +16,12 @@ from dinov2_patho.config_files import load_config
 
 DEFAULTS = "curation/default.yaml"
 OPEN_KEYS = ("embed.model",)  # free-form backbone kwargs
+TOKENS = ("cls", "patch_mean", "cls+patch_mean")  # embed.token: what of the backbone's output is a tile's row
+STRATEGIES = ("random", "closest")  # sample.strategy: members of a level-1 cluster taken into a subset
 
 
 def load_curation_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     return load_config(DEFAULTS, config_file, overrides, open_keys=OPEN_KEYS)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config-file` and trailing `key.path=value` overrides, for every curate action."""
-    parser.add_argument("--config-file", help="curation config over configs/curation/default.yaml "
-                                              "(t1.yaml, t2.yaml, cpu_smoke.yaml are shipped)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. kmeans.seed=1 tiles.min_tissue_fraction=0.6")
 
 
 INTEGERS = {  # key: minimum
@@ -39,9 +36,7 @@ OPTIONAL = ("tiles.mpp_override", "kmeans.max_points_per_centroid")
 
 def check_curation_values(cfg: DictConfig) -> None:
     """A one-line ConfigError for the first value outside its domain, before any action's work."""
-    from dinov2_patho.curation.embed import TOKENS
     from dinov2_patho.curation.kmeans import ENGINES
-    from dinov2_patho.curation.sampling import STRATEGIES
     from dinov2_patho.distributed import DEVICES
     from dinov2_patho.eval.features import AMP_DTYPES
     from dinov2_patho.models.weights import FORMATS
@@ -61,8 +56,8 @@ def check_curation_values(cfg: DictConfig) -> None:
                         "kmeans.device": DEVICES, "sample.strategy": STRATEGIES})
 
 
-def config_from_args(args: argparse.Namespace) -> DictConfig:
-    """The action's config, its values checked (kmeans.levels: by `parse_levels`)."""
-    cfg = load_curation_config(args.config_file, args.overrides)
+def curation_config(config: DictConfig | None = None) -> DictConfig:
+    """`config` (None: the packaged defaults), its values checked (kmeans.levels: by `parse_levels`)."""
+    cfg = load_curation_config() if config is None else config
     check_curation_values(cfg)
     return cfg

@@ -19,7 +19,6 @@ missing row (with the same world size; a different one starts unfinished shards 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -27,31 +26,26 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dinov2_patho.curation.config import add_config_arguments, config_from_args
-from dinov2_patho.curation.folders import (
-    BACKBONE_HELP,
-    EMBEDDINGS,
-    TILES_HELP,
-    tile_index_dir,
-    tile_settings,
-)
+from dinov2_patho.curation.config import curation_config
+from dinov2_patho.curation.folders import EMBEDDINGS, tile_index_dir, tile_settings
 from dinov2_patho.curation.tissue import SETTINGS
-from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.jsonfile import first_difference, read_json
 from dinov2_patho.logging import get_logger
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 SLIDES, MANIFEST = "slides.csv", "manifest.json"
 RUN, PROGRESS, PARTIAL = "run.json", "progress", "embeddings.partial.npy"
-TOKENS = ("cls", "patch_mean", "cls+patch_mean")
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
@@ -125,29 +119,17 @@ def normalise_on_device(mean: tuple[float, ...], std: tuple[float, ...]):
     return apply
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiles", required=True, type=Path, help=TILES_HELP)
-    parser.add_argument("--slides", help=f"{SLIDES_HELP} (default: the one `curate tiles` read)")
-    parser.add_argument("--out", required=True, type=Path, help="EMB_DIR: embeddings.npy, slides.csv, "
-                                                                "manifest.json")
-    parser.add_argument("--backbone", help=BACKBONE_HELP)
-    parser.add_argument("--arch", default="vit_small", help="our backbone name, timm/<model name>, "
-                                                            "local-dir:PATH or hf-hub:ORG/NAME (offline)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser)
-
-
-def _settings(args: argparse.Namespace, cfg: Any, tiles: dict[str, Any], num_rows: int, dim: int,
-              fingerprint: str, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+def _settings(backbone_path: str | Path | None, arch: str, cfg: Any, tiles: dict[str, Any], num_rows: int,
+              dim: int, fingerprint: str, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from dinov2_patho.data.readers import TILE_PX, TILE_UM
 
-    backbone = None if args.backbone is None else Path(args.backbone).resolve()
+    backbone = None if backbone_path is None else Path(backbone_path).resolve()
     return {
         "backbone": {"path": None if backbone is None else str(backbone),
                      "weights_sha256": None if backbone is None else weights_sha256(backbone),
-                     "arch": args.arch, "weights_format": cfg.weights_format,
+                     "arch": arch, "weights_format": cfg.weights_format,
                      "model": OmegaConf.to_container(cfg.model, resolve=True),
                      "seed": cfg.seed if backbone is None else None, "token": cfg.token},
         "tiles": {"um": TILE_UM, "px": TILE_PX, "mpp_override": tiles.get("mpp_override"),
@@ -157,7 +139,14 @@ def _settings(args: argparse.Namespace, cfg: Any, tiles: dict[str, Any], num_row
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None = None,
+                backbone: str | Path | None = None, arch: str = "vit_small", config: DictConfig | None = None,
+                progress: bool = True) -> Path:
+    """`curate embed`: the backbone's features of every tile of `tiles` (a `curate tiles` folder or a tile
+    index) into OUT (module docstring), sharded over the ranks under torchrun; resumed, or nothing to do
+    when OUT already holds them. `slides`: default the folder `curate tiles` read; `backbone`: a run,
+    checkpoint or weights file (None: `arch` at random init, seeded); `config`: the curation config (its
+    `embed` section; None: the packaged defaults). Returns OUT's embeddings.npy."""
     import torch
     from omegaconf import OmegaConf
 
@@ -167,31 +156,32 @@ def run(args: argparse.Namespace) -> int:
     from dinov2_patho.eval.features import feature_dim, fill_features
     from dinov2_patho.eval.hub import check_token, normalisation
 
-    cfg = config_from_args(args).embed
-    index_dir, out = tile_index_dir(args.tiles), Path(args.out)
+    cfg = curation_config(config).embed
+    backbone = None if backbone is None else str(backbone)
+    index_dir, out, tiles_arg = tile_index_dir(tiles), Path(out), tiles
     tiles = tile_settings(index_dir)
-    slides = args.slides or tiles.get("slides")
+    slides = slides or tiles.get("slides")
     if slides is None:
-        raise UserError(f"--tiles {args.tiles}: no {SETTINGS} of `curate tiles` naming the slides; "
+        raise UserError(f"--tiles {tiles_arg}: no {SETTINGS} of `curate tiles` naming the slides; "
                         "pass --slides")
-    dataset = tile_dataset(index_dir, slides, tiles.get("mpp_override"), tiles)
+    dataset = tile_dataset(index_dir, str(slides), tiles.get("mpp_override"), tiles)
     index = dataset.index
     n = len(index)
     with distributed_context(cfg.device, "embed.device") as ctx:
         model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
         # seeded: a random-init baseline has the same weights on every rank and every run
-        backbone = load_backbone(args.backbone, args.arch, cfg.weights_format, seed=int(cfg.seed),
-                                 **model_kwargs).to(ctx.device)
-        check_token(backbone, cfg.token, "embed.token")
-        mean, std = normalisation(backbone)
+        model = load_backbone(backbone, arch, cfg.weights_format, seed=int(cfg.seed),
+                              **model_kwargs).to(ctx.device)
+        check_token(model, cfg.token, "embed.token")
+        mean, std = normalisation(model)
         on_device = normalise_on_device(mean, std)
-        dim = feature_dim(backbone, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
+        dim = feature_dim(model, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
         fingerprint = broadcast_object(tile_list_fingerprint(index_dir) if ctx.is_main else None, ctx)
-        settings = _settings(args, cfg, tiles, n, dim, fingerprint, mean, std)
+        settings = _settings(backbone, arch, cfg, tiles, n, dim, fingerprint, mean, std)
         if check_settings(out, settings):
             if ctx.is_main:
                 print(f"curate embed: {out} already holds these embeddings ({n} x {dim}); nothing to do")
-            return 0
+            return out / EMBEDDINGS
         with exclusive_directory(out, "curate embed", ctx):  # one writer: a second run stops
             if ctx.is_main:
                 _prepare(out, settings, n, dim)
@@ -205,10 +195,10 @@ def run(args: argparse.Namespace) -> int:
                 rows = np.memmap(out / PARTIAL, np.float16, "r+", offset=full.offset + start * dim * 2,
                                  shape=(stop - start, dim))
                 del full
-                fill_features(backbone, torch.utils.data.Subset(dataset, range(start, stop)),
+                fill_features(model, torch.utils.data.Subset(dataset, range(start, stop)),
                               {"embeddings": (rows, cfg.token)}, out / PROGRESS / f"rows_{start}_{stop}.json",
                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              progress=not args.no_progress and ctx.is_main, unit="tile",
+                              progress=progress and ctx.is_main, unit="tile",
                               desc=f"curate embed (rank {ctx.rank}/{ctx.world_size})", amp=cfg.amp,
                               on_device=on_device, checkpoint_seconds=cfg.checkpoint_seconds)
                 del rows
@@ -216,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
             if ctx.is_main:
                 _finish(out, index, settings, ctx.world_size)
                 print(f"curate embed: {n} tiles x {dim} ({cfg.token}, "
-                      f"{backbone_label(args.backbone, args.arch, backbone)}) -> {out / EMBEDDINGS}")
-    return 0
+                      f"{backbone_label(backbone, arch, model)}) -> {out / EMBEDDINGS}")
+    return out / EMBEDDINGS
 
 
 def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> None:

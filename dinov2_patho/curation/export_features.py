@@ -6,7 +6,6 @@ Patho-Bench reads. The coords come from the tile list the embeddings were made f
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,7 @@ import numpy as np
 
 from dinov2_patho.curation.embed import EMBEDDINGS, MANIFEST, SLIDES, tile_list_fingerprint
 from dinov2_patho.curation.feature_files import feature_file_name, write_feature_file
-from dinov2_patho.curation.folders import (
-    EMBEDDINGS_HELP,
-    TILES_HELP,
-    embeddings_file,
-    tile_index_dir,
-    tiles_folder,
-)
+from dinov2_patho.curation.folders import embeddings_file, tile_index_dir, tiles_folder
 from dinov2_patho.curation.tissue import INDEX, SLIDES_CSV
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import TILE_PX
@@ -29,15 +22,6 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.jsonfile import read_json
 from dinov2_patho.progress import progress_bar
 from dinov2_patho.textfile import open_text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, type=Path,
-                        help=f"{EMBEDDINGS_HELP} (of `curate embed` or `curate import`)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for one <slide_id>.h5 per slide")
-    parser.add_argument("--tiles", type=Path, help=f"the tiles the embeddings were made from, {TILES_HELP} "
-                                                   "(default: EMB_DIR/index, from `curate import`)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def tile_list_of(emb_dir: Path, tiles: Path | None, manifest: dict[str, Any]) -> TileIndex:
@@ -69,18 +53,23 @@ def level0_tile_px(tiles: Path | None) -> dict[str, int]:
         return {r["slide_id"]: int(r["tile_px"]) for r in rows if r["tile_px"]}
 
 
-def run(args: argparse.Namespace) -> int:
-    emb_dir, out = embeddings_file(args.embeddings).parent, Path(args.out)
+def export_features(embeddings: str | Path, out: str | Path, *, tiles: str | Path | None = None,
+                    progress: bool = True) -> Path:
+    """`curate export`: the EMB_DIR `embeddings` (of `curate embed` or `curate import`) -> one trident-style
+    OUT/<slide_id>.h5 per slide. `tiles`: the tile list the embeddings were made from (default: EMB_DIR's
+    own index/, from `curate import`). Returns OUT."""
+    emb_dir, out = embeddings_file(embeddings).parent, Path(out)
+    tiles = None if tiles is None else Path(tiles)
     manifest = read_json(emb_dir / MANIFEST, "embeddings manifest", "finish `curate embed` / `curate import` "
                          "there first", shape={"num_rows": int, "settings": dict})
-    index = tile_list_of(emb_dir, args.tiles, manifest)
-    tile_px = level0_tile_px(None if args.tiles is None else tiles_folder(tile_index_dir(args.tiles)))
+    index = tile_list_of(emb_dir, tiles, manifest)
+    tile_px = level0_tile_px(None if tiles is None else tiles_folder(tile_index_dir(tiles)))
     embeddings = np.load(emb_dir / EMBEDDINGS, mmap_mode="r")
     slide_number = {name: i for i, name in enumerate(index.slide_names)}
     with open_text(emb_dir / SLIDES) as f:
         slides = [(r["slide_id"], int(r["start_row"]), int(r["end_row"])) for r in csv.DictReader(f)]
     out.mkdir(parents=True, exist_ok=True)
-    for slide_id, a, b in progress_bar(slides, desc="curate export", unit="slide", disable=args.no_progress):
+    for slide_id, a, b in progress_bar(slides, desc="curate export", unit="slide", disable=not progress):
         path = out / feature_file_name(slide_id, str(emb_dir / SLIDES))
         # pop: a slide listed twice would overwrite its own file
         if (index.slides(slice(a, b)) != slide_number.pop(slide_id, -1)).any():
@@ -91,4 +80,4 @@ def run(args: argparse.Namespace) -> int:
             attrs["patch_size_level0"] = tile_px[slide_id]
         write_feature_file(path, embeddings[a:b], np.stack(index.coords(slice(a, b)), 1), attrs)
     print(f"curate export: {len(slides)} slides, {manifest['num_rows']} tiles -> {out}/<slide_id>.h5")
-    return 0
+    return out

@@ -18,7 +18,6 @@ one GPU, ~20 s on 128); rank 0 writes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -26,14 +25,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from dinov2_patho.curation import tree
-from dinov2_patho.curation.config import add_config_arguments, config_from_args
-from dinov2_patho.curation.folders import EMBEDDINGS_HELP, TILES_HELP, embeddings_file, tile_index_dir
+from dinov2_patho.curation.config import curation_config
+from dinov2_patho.curation.folders import embeddings_file, tile_index_dir
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key, uniform01
 from dinov2_patho.io import atomic_path, atomic_write_text
@@ -41,9 +40,12 @@ from dinov2_patho.jsonfile import first_difference
 from dinov2_patho.logging import get_logger
 from dinov2_patho.textfile import open_text
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 LEVEL_KEYS = {"clusters", "split", "iterations", "init", "resampling_steps", "sample_per_cluster", "strategy",
               "min_mean_cluster_size"}
-logger = get_logger(__name__)  # `log` is build_tree's printer
+logger = get_logger(__name__)  # `log` is build_levels' printer
 
 STEPS_DIR = "steps"  # per-level checkpoints of finished resampling steps, removed once the level is done
 STEPS_INPUTS = "inputs.json"  # in STEPS_DIR: the level record (config, embeddings) the steps are of
@@ -342,9 +344,10 @@ def level_record(spec: LevelSpec, cfg: Any) -> dict[str, Any]:
             "warm_resampling": bool(cfg.warm_resampling)}
 
 
-def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progress: bool = True,
-               log=print) -> list[dict[str, Any]]:
-    """Build (or resume) the tree in `out`; returns one summary per level (on rank 0)."""
+def build_levels(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progress: bool = True,
+                 log=print) -> list[dict[str, Any]]:
+    """Build (or resume) the tree of `embeddings` in `out` by the `kmeans` section `cfg`; returns one
+    summary per level (on rank 0)."""
     from dinov2_patho.curation.kmeans import Points
 
     specs = scale_levels(parse_levels(cfg.levels), len(embeddings), str(source))
@@ -392,33 +395,31 @@ def build_tree(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, progre
     return summaries
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help=f"{EMBEDDINGS_HELP}, or an (N, D) .npy")
-    parser.add_argument("--out", required=True, help="tree directory (resumed when it holds finished levels)")
-    parser.add_argument("--tiles", help=f"the tiles the embeddings were made from, {TILES_HELP} "
-                                        "(row counts must match)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
+def build_tree(embeddings: str | Path, out: str | Path, *, tiles: str | Path | None = None,
+               config: DictConfig | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """`curate kmeans`: the hierarchical k-means tree of `embeddings` (a `curate embed` folder or an (N, D)
+    .npy) in OUT, sharded over the ranks under torchrun, resumed at the first unfinished level. `tiles`:
+    the tile list the embeddings were made from (row counts must match); `config`: the curation config
+    (its `kmeans` section; None: the packaged defaults, which have no levels). Returns one summary per
+    level (on rank 0; [] on the others)."""
     from dinov2_patho.dirlock import exclusive_directory
     from dinov2_patho.distributed import distributed_context
 
-    cfg = config_from_args(args).kmeans
-    embeddings, source = open_embeddings(args.embeddings, args.tiles)
-    specs = scale_levels(parse_levels(cfg.levels), len(embeddings), str(source))  # fail before any work
-    out = Path(args.out)
+    cfg = curation_config(config).kmeans
+    array, source = open_embeddings(embeddings, tiles)
+    specs = scale_levels(parse_levels(cfg.levels), len(array), str(source))  # fail before any work
+    out = Path(out)
+    summaries: list[dict[str, Any]] = []
     with distributed_context(cfg.device, "kmeans.device") as ctx:
-        check_finite(embeddings, source, int(cfg.chunk_rows), not args.no_progress and ctx.is_main)
+        check_finite(array, source, int(cfg.chunk_rows), progress and ctx.is_main)
         with exclusive_directory(out, "curate kmeans", ctx):
             if ctx.is_main:
-                print(f"curate kmeans: {len(embeddings)} x {embeddings.shape[1]} {embeddings.dtype} from "
+                print(f"curate kmeans: {len(array)} x {array.shape[1]} {array.dtype} from "
                       f"{source}; levels {[s.total_clusters for s in specs]}; engine {cfg.engine}, "
                       f"{ctx.world_size} rank(s)")
-            show = not args.no_progress and ctx.is_main
-            summaries = build_tree(embeddings, source, out, cfg, progress=show,
-                                   log=print if ctx.is_main else lambda *_: None)
+            show = progress and ctx.is_main
+            summaries = build_levels(array, source, out, cfg, progress=show,
+                                     log=print if ctx.is_main else lambda *_: None)
             if ctx.is_main:
                 atomic_write_text(out / "kmeans_summary.json", json.dumps(summaries, indent=1))
-    return 0
+    return summaries

@@ -15,7 +15,6 @@ at the first file not done; a directory of another folder's import is refused, n
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -45,14 +44,6 @@ PROGRESS = "progress.json"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", required=True, type=Path,
-                        help="folder of <slide_id>.h5 (trident/CLAM: features [N, D], coords [N, 2])")
-    parser.add_argument("--out", required=True, type=Path, help="EMB_DIR: embeddings.npy, slides.csv, "
-                                                                "manifest.json, tiles.csv, index/")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def files_fingerprint(files: list[FeatureFile]) -> str:
     """sha256 over each file's slide id, shape, size and modification time: a changed folder (a file
     added, removed or rewritten) is another fingerprint, without reading 670 GB to tell."""
@@ -63,21 +54,23 @@ def files_fingerprint(files: list[FeatureFile]) -> str:
     return h.hexdigest()
 
 
-def run(args: argparse.Namespace) -> int:
+def import_features(features: str | Path, out: str | Path, *, progress: bool = True) -> Path:
+    """`curate import`: a folder of trident / CLAM `<slide_id>.h5` feature files -> OUT as `curate embed`
+    writes it (embeddings.npy, slides.csv, manifest.json), with the tile list of their coords (tiles.csv,
+    index/), resumed after a kill. Returns OUT's embeddings.npy."""
     from dinov2_patho.data.index import build_index
     from dinov2_patho.progress import progress_bar
 
-    files = open_feature_folder(args.features)
-    out: Path = args.out
+    files = open_feature_folder(features)
+    out = Path(out)
     n, dim = sum(f.num_rows for f in files), files[0].dim
-    settings = {"features": {"path": str(Path(args.features).resolve()), "files": len(files),
+    settings = {"features": {"path": str(Path(features).resolve()), "files": len(files),
                              "fingerprint": files_fingerprint(files)},
                 "tiles": {"num_rows": n, "from": "coords"}, "dim": dim}
     if check_settings(out, settings):
         print(f"curate import: {out} already holds these features ({n} x {dim}); nothing to do")
-        return 0
+        return out / EMBEDDINGS
     done = _prepare(out, settings, n, dim)
-    progress = not args.no_progress
     if not (out / INDEX / "manifest.json").is_file():
         _write_tiles(out / TILES_CSV, files, progress)
         build_index(out / TILES_CSV, out / INDEX, progress=progress)
@@ -99,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     _finish(out, files, settings)
     print(f"curate import: {len(files)} slides, {n} tiles x {dim} -> {out / EMBEDDINGS}; tile list "
           f"{out / INDEX} (the --tiles of `curate write`)")
-    return 0
+    return out / EMBEDDINGS
 
 
 def _float16(x: np.ndarray, f: FeatureFile, first_row: int) -> np.ndarray:

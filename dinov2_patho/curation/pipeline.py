@@ -1,6 +1,7 @@
 """The curation chain in one call, as the demo and benchmarks run it: slides -> `curate tiles` ->
-`curate embed` -> `curate kmeans` -> `curate write`, each stage through its own command (the same
-parser and code a user runs) and skipped when its output is complete, so a rerun resumes.
+`curate embed` -> `curate kmeans` -> `curate write`, each stage the function its command calls
+(`tissue_tiles`, `embed_tiles`, `build_tree`, `write_tree`), skipped when its output is complete, so a
+rerun resumes.
 
 `tree_agreement` scores a written tree against known per-tile labels (the synthetic cohort's
 planted tissue types): adjusted Rand index and normalised mutual information per level.
@@ -9,7 +10,6 @@ planted tissue types): adjusted Rand index and normalised mutual information per
 from __future__ import annotations
 
 import csv
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +19,6 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
 from dinov2_patho.textfile import open_text
-
-
-def run_command(*argv: str) -> None:
-    """Run `dinov2-patho ARGV...` in this process; a UserError reaches the caller as raised."""
-    from dinov2_patho.cli import COMMANDS, build_parser
-
-    args = build_parser(argv[0]).parse_args(list(argv))
-    importlib.import_module(COMMANDS[argv[0]][0]).run(args)
 
 
 @dataclass(frozen=True)
@@ -66,26 +58,27 @@ def curate(slides: str | Path, out: str | Path, *, config_file: str | Path,
     """Curate the slides of `slides` into `out`: tiles/, embeddings/, tree/, clusters/ (CSV + index).
     `backbone`: a checkpoint or training run to embed with (None: `arch` at random init). `tiles`:
     reuse another curation's tile list instead of detecting tissue again (re-curation)."""
+    from dinov2_patho.curation.config import load_curation_config
+    from dinov2_patho.curation.embed import embed_tiles
+    from dinov2_patho.curation.hierarchy import build_tree
+    from dinov2_patho.curation.tissue import tissue_tiles
+    from dinov2_patho.curation.write import write_tree
+
     c = Curation(Path(out))
-    quiet = () if progress else ("--no-progress",)
-    config = ("--config-file", str(config_file))
+    config = load_curation_config(config_file, overrides)
     if tiles is not None:
         c_tiles = Path(tiles)
     else:
         c_tiles = c.tiles
         if not (c_tiles / "index" / "manifest.json").is_file():
-            run_command("curate", "tiles", "--slides", str(slides), "--out", str(c_tiles), *quiet, *config,
-                        *overrides)
+            tissue_tiles(slides, c_tiles, config=config, progress=progress)
     if not (c.embeddings / "manifest.json").is_file():
-        with_backbone = () if backbone is None else ("--backbone", str(backbone))
-        run_command("curate", "embed", "--tiles", str(c_tiles), "--slides", str(slides), "--out",
-                    str(c.embeddings), "--arch", arch, *with_backbone, *quiet, *config, *overrides)
+        embed_tiles(c_tiles, c.embeddings, slides=slides, backbone=backbone, arch=arch, config=config,
+                    progress=progress)
     if not (c.tree / "manifest.json").is_file():
-        run_command("curate", "kmeans", "--embeddings", str(c.embeddings), "--out", str(c.tree), *quiet,
-                    *config, *overrides)
+        build_tree(c.embeddings, c.tree, config=config, progress=progress)
     if not (c.index / "manifest.json").is_file():
-        run_command("curate", "write", "--tiles", str(c_tiles), "--tree", str(c.tree), "--out",
-                    str(c.clusters), *quiet)
+        write_tree(c_tiles, c.tree, c.clusters, progress=progress)
     return c
 
 

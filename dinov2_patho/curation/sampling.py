@@ -10,21 +10,23 @@ bincounts, cumsums), never a Python loop over clusters or tiles.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dinov2_patho.curation.config import add_config_arguments, config_from_args
+from dinov2_patho.curation.config import STRATEGIES, curation_config
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.progress import progress_bar
 
-STRATEGIES = ("random", "closest")
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 _PICK_CHUNK = 1 << 23  # members sorted per step by the random pick: bounded memory at 350M tiles
 
 
@@ -115,8 +117,8 @@ def pick_members(tree: ClusterTree, counts: np.ndarray, strategy: str, rng: np.r
     return np.sort(np.asarray(members[np.sort(np.concatenate(positions))], dtype=np.int64))
 
 
-def balanced_subset(tree: ClusterTree, target: int, strategy: str = "random", seed: int = 0,
-                    progress: bool = True) -> BalancedSubset:
+def balanced_rows(tree: ClusterTree, target: int, strategy: str = "random", seed: int = 0,
+                  progress: bool = True) -> BalancedSubset:
     """`target` distinct tile row ids, balanced over the tree top down (see the module docstring)."""
     if strategy not in STRATEGIES:
         raise UserError(f"sample strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -161,34 +163,27 @@ def format_summary(levels: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tree", required=True, help="cluster tree directory (from `curate kmeans`)")
-    parser.add_argument("--target", required=True, type=int, help="tiles in the subset")
-    parser.add_argument("--out", required=True, help="subset .npy of sorted int64 tile row ids (a JSON "
-                                                     "summary is written beside it)")
-    parser.add_argument("--strategy", choices=STRATEGIES,
-                        help="tiles within a level-1 cluster: random, or closest to its centroid "
-                             "(default: sample.strategy)")
-    parser.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args).sample
-    strategy = args.strategy or str(cfg.strategy)
-    seed = int(cfg.seed if args.seed is None else args.seed)
-    tree = ClusterTree.open(args.tree)
-    check_tree(tree, progress=not args.no_progress)
-    subset = balanced_subset(tree, args.target, strategy, seed, progress=not args.no_progress)
-    out = Path(args.out)
+def balanced_subset(tree: str | Path, target: int, out: str | Path, *, strategy: str | None = None,
+                    seed: int | None = None, config: DictConfig | None = None,
+                    progress: bool = True) -> BalancedSubset:
+    """`curate sample`: a hierarchical balanced subset of `target` tiles of the cluster tree `tree`
+    (`curate kmeans`'s folder) -> OUT, a .npy of sorted int64 row ids (`data.subset=OUT`), and its
+    summary beside it (.json). `strategy` (random | closest) and `seed`: default the config's
+    `sample` section (None: the packaged defaults)."""
+    cfg = curation_config(config).sample
+    strategy = strategy or str(cfg.strategy)
+    seed = int(cfg.seed if seed is None else seed)
+    cluster_tree = ClusterTree.open(tree)
+    check_tree(cluster_tree, progress=progress)
+    subset = balanced_rows(cluster_tree, target, strategy, seed, progress=progress)
+    out = Path(out)
     levels = summary(subset)
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.save(f, subset.rows)
     atomic_write_text(out.with_suffix(".json"), json.dumps(
-        {"tree": str(Path(args.tree).resolve()), "target": args.target, "strategy": strategy, "seed": seed,
+        {"tree": str(Path(tree).resolve()), "target": target, "strategy": strategy, "seed": seed,
          "levels": levels}, indent=1))
     print(format_summary(levels))
-    print(f"{out}: {subset.rows.size:,} of {tree.num_points:,} tiles; train on them with data.subset={out} "
-          "and data.index=<the index `curate write` made from this tree>")
-    return 0
+    print(f"{out}: {subset.rows.size:,} of {cluster_tree.num_points:,} tiles; train on them with "
+          f"data.subset={out} and data.index=<the index `curate write` made from this tree>")
+    return subset

@@ -15,24 +15,25 @@ A slide that cannot be read is reported in slides.csv and the summary, and has n
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dinov2_patho.curation.config import add_config_arguments, config_from_args
-from dinov2_patho.data.slides import SLIDES_HELP
+from dinov2_patho.curation.config import curation_config
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.jsonfile import read_json
 from dinov2_patho.logging import get_logger
 from dinov2_patho.slide_files import check_distinct_case
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = get_logger(__name__)
 
@@ -200,44 +201,38 @@ def write_report(path: Path, reports: list[SlideTiles]) -> None:
         w.writerows(r.report_row() for r in reports)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slides", required=True, help=SLIDES_HELP)
-    parser.add_argument("--out", required=True, type=Path, help="TILES_DIR: tiles.csv, index/, slides.csv")
-    parser.add_argument("--workers", type=int, help="processes over slides (default tiles.workers)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
+def tissue_tiles(slides: str | Path, out: str | Path, *, config: DictConfig | None = None,
+                 progress: bool = True) -> list[SlideTiles]:
+    """`curate tiles`: the tissue tiles of every slide of `slides` (a folder or a `slide_id,path` CSV) into
+    OUT (tiles.csv, index/, slides.csv, tiles.json); `config`: the curation config (its `tiles` section;
+    None: the packaged defaults). Returns one report per slide (status, tiles, tissue fraction, ...)."""
     from dinov2_patho.data.index import build_index
     from dinov2_patho.data.slides import SlideRegistry
 
-    if args.workers is not None:  # an override like any other, checked with them
-        args.overrides = [*args.overrides, f"tiles.workers={args.workers}"]
-    tiles_cfg = config_from_args(args).tiles
-    registry = SlideRegistry.from_spec(args.slides)
+    tiles_cfg = curation_config(config).tiles
+    registry = SlideRegistry.from_spec(slides)
     if len(registry) == 0:
-        raise UserError(f"{args.slides}: no slides found")
-    check_distinct_case(registry.slide_ids(), str(args.slides))  # before any slide is read, not at the end
-    out: Path = args.out
+        raise UserError(f"{slides}: no slides found")
+    check_distinct_case(registry.slide_ids(), str(slides))  # before any slide is read, not at the end
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reports = write_tiles(out / TILES_CSV, detect_all(registry, tiles_cfg, not args.no_progress))
+    reports = write_tiles(out / TILES_CSV, detect_all(registry, tiles_cfg, progress))
     write_report(out / SLIDES_CSV, reports)
     errors = [r for r in reports if r.status == "error"]
     total = sum(r.num_tiles for r in reports)
     summary = (f"curate tiles: {len(reports)} slides ({len(reports) - len(errors)} ok, "
                f"{len(errors)} unreadable and skipped), {total} tiles -> {out}")
     if total == 0:
-        raise UserError(f"{args.slides}: no tissue tile in any of {len(reports)} slides "
+        raise UserError(f"{slides}: no tissue tile in any of {len(reports)} slides "
                         f"({len(errors)} unreadable; see {out / SLIDES_CSV})")
-    build_index(out / TILES_CSV, out / INDEX, progress=not args.no_progress)
-    settings = {"slides": str(Path(args.slides).resolve()), "tiles": total, "slides_total": len(reports),
+    build_index(out / TILES_CSV, out / INDEX, progress=progress)
+    settings = {"slides": str(Path(slides).resolve()), "tiles": total, "slides_total": len(reports),
                 "slides_unreadable": len(errors), **{k: tiles_cfg[k] for k in tiles_cfg}}
     atomic_write_text(out / SETTINGS, json.dumps(settings, indent=1))
     for r in errors:
         print(f"unreadable slide {r.slide_id}: {r.reason}")
     print(summary)
-    return 0
+    return reports
 
 
 def read_settings(out: Path) -> dict[str, Any]:

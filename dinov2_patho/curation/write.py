@@ -8,14 +8,13 @@ from `build_index`, the one reader of that format, so both outputs describe the 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from dinov2_patho.curation.folders import TILES_HELP, tile_index_dir
+from dinov2_patho.curation.folders import tile_index_dir
 from dinov2_patho.curation.tree import MANIFEST as TREE_MANIFEST
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
@@ -74,18 +73,14 @@ def _write_csv(path: Path, tile_list: TileIndex, tree: ClusterTree, progress: bo
                 bar.update(chunk.stop - chunk.start)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiles", required=True, help=f"{TILES_HELP} (its rows are the tree's points)")
-    parser.add_argument("--tree", required=True, help="cluster tree directory (from `curate kmeans`)")
-    parser.add_argument("--out", required=True, help=f"output directory: {CSV_NAME} and {INDEX_NAME}/")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    index = write_clusters(args.tiles, args.tree, args.out, progress=not args.no_progress)
-    out = Path(args.out)
+def write_tree(tiles: str | Path, tree: str | Path, out: str | Path, *, progress: bool = True) -> TileIndex:
+    """`curate write`: the tile list `tiles` (a `curate tiles` folder or a tile index) and the cluster tree
+    `tree` (`curate kmeans`'s folder) -> OUT/clusters.csv and the tile index OUT/index a training samples
+    by (`sampler.name=cluster_stratified sampler.level=K data.index=OUT/index`). Returns that index."""
+    index = write_clusters(tiles, tree, out, progress=progress)
+    out = Path(out)
     print(f"{out / CSV_NAME}: {len(index):,} tiles, levels 1..{index.num_levels} "
           f"({', '.join(f'{index.num_clusters(k):,}' for k in range(1, index.num_levels + 1))} clusters)")
     print(f"{out / INDEX_NAME}: train on it with data.index={out / INDEX_NAME} "
           "sampler.name=cluster_stratified sampler.level=K")
-    return 0
+    return index
