@@ -249,7 +249,7 @@ def test_logs_go_to_stderr_so_stdout_holds_only_results(capsys):
 def test_a_level_of_an_index_without_levels_says_it_has_none(tmp_path):
     from dinov2_patho.data.index import TileIndex
     from dinov2_patho.data.index_ingest import build
-    from dinov2_patho.report.mosaic import parse_level
+    from dinov2_patho.data.mosaic import parse_level
 
     csv = tmp_path / "tiles.csv"
     csv.write_text("slide_id,tile_x,tile_y\ns,0,0\ns,224,0\n")

@@ -18,10 +18,11 @@ from PIL import Image
 from test_train import _patch_step, tiny_cfg
 
 from dinov2_patho.cli import main
+from dinov2_patho.data import mosaic
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.report import COLUMNS, write_tables
-from dinov2_patho.report import batches, mosaic, write_report
+from dinov2_patho.report import batches, write_report
 from dinov2_patho.report.figures import MAX_POINTS, downsample
 from dinov2_patho.report.page import PANELS, Panel, render
 from dinov2_patho.samplers import build_sampler

@@ -1,4 +1,4 @@
-"""HDF5 tile store: pre-extracted tiles, one file per slide, and the `dinov2-patho tiles` command.
+"""HDF5 tile store: pre-extracted tiles, one file per slide (`dinov2-patho tiles extract`).
 
 `<store>/<slide_id>.h5` holds
 - `tiles`: uint8 [N, 224, 224, 3], raw (uncompressed), one chunk per tile;
@@ -10,7 +10,6 @@ per slide: a slide whose file exists with the expected coordinates is skipped.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -20,7 +19,6 @@ import h5py
 import numpy as np
 
 from dinov2_patho.data.readers import (
-    BACKENDS,
     TILE_PX,
     TILE_UM,
     HandleCache,
@@ -28,7 +26,7 @@ from dinov2_patho.data.readers import (
     TileReadError,
     TileSource,
 )
-from dinov2_patho.data.slides import SLIDES_HELP, SlideNotFoundError, SlideRegistry
+from dinov2_patho.data.slides import SlideNotFoundError, SlideRegistry
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
 from dinov2_patho.logging import get_logger
@@ -38,7 +36,6 @@ from dinov2_patho.slide_files import slide_path
 log = get_logger(__name__)
 
 SUFFIX = ".h5"
-PREVIEW_BY = ("random", "slide", "cluster")
 
 
 def _key(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -178,124 +175,22 @@ def extract_tiles(index: Any, source: TileSource, out_dir: str | Path, *,
     return written
 
 
-# --- `dinov2-patho tiles` ----------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True)
-    ext = sub.add_parser("extract", help="write the index's tiles into per-slide HDF5 files (resumable)")
-    ext.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
-    ext.add_argument("--slides", required=True, help=SLIDES_HELP)
-    ext.add_argument("--out", required=True, help="tile store directory")
-    ext.add_argument("--backend", default="openslide", choices=BACKENDS, help="whole-slide reader")
-    ext.add_argument("--fallback", default="tiffslide", choices=(*BACKENDS, "none"),
-                     help="reader tried when --backend cannot open a slide")
-    ext.add_argument("--mpp-override", type=float, default=None, help="um/px for every slide")
-    ext.add_argument("--slide-id", action="append", default=None, help="only this slide (repeatable)")
-    ext.add_argument("--workers", type=int, default=1, help="processes, one slide each at a time")
-    ext.add_argument("--overwrite", action="store_true", help="rewrite slides whose files exist")
-    ext.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pre = sub.add_parser("preview", help="an image grid of tiles, one row per slide, cluster or random draw, "
-                         "read as training reads them (112 um at level 0, resized)")
-    pre.add_argument("--index", required=True, help="tile index directory (`dinov2-patho index build`)")
-    pre.add_argument("--slides", help=SLIDES_HELP)
-    pre.add_argument("--tile-store", help="read from this tile store (`tiles extract`) instead of the slides")
-    pre.add_argument("--out", required=True, help="image file to write, in the format its suffix says "
-                                                  "(.png, .jpg, .webp, ...)")
-    pre.add_argument("--by", default="random", choices=PREVIEW_BY,
-                     help="one row per slide, per cluster of --level, or of random rows (default)")
-    pre.add_argument("--rows", type=int, default=8, help="rows of the grid (slides, clusters or draws)")
-    pre.add_argument("--cols", type=int, default=8, help="tiles per row")
-    pre.add_argument("--level", default=None,
-                     help="--by cluster: tree level, 1..K or level_K (default: the coarsest)")
-    pre.add_argument("--cluster", action="append", default=None,
-                     help="--by cluster: this cluster id, as in the CSV (repeatable; default: the largest)")
-    pre.add_argument("--slide-id", action="append", default=None,
-                     help="--by slide: this slide (repeatable; default: --rows random slides)")
-    pre.add_argument("--tile-px", type=int, default=112, help="side of each tile in the grid, px")
-    pre.add_argument("--seed", type=int, default=0, help="seed of the random choices")
-    pre.add_argument("--backend", default="openslide", choices=BACKENDS, help="whole-slide reader")
-    pre.add_argument("--fallback", default="tiffslide", choices=(*BACKENDS, "none"),
-                     help="reader tried when --backend cannot open a slide")
-    pre.add_argument("--mpp-override", type=float, default=None, help="um/px for every slide")
-    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
+def extract_tile_store(index: str | Path, slides: str | Path, out: str | Path, *, backend: str = "openslide",
+                       fallback: str | None = "tiffslide", mpp_override: float | None = None,
+                       slide_ids: Iterable[str] | None = None, workers: int = 1, overwrite: bool = False,
+                       progress: bool = True) -> dict[str, int]:
+    """`tiles extract`: every tile of the tile index `index` (or of `slide_ids`), read from `slides` (a
+    folder or a `slide_id,path` CSV) by `backend` (`fallback` where it cannot open a slide), into the
+    tile store OUT, one HDF5 file per slide, over `workers` processes; resumed per slide. Returns
+    slide_id -> tiles written (0 for a slide already complete)."""
     from dinov2_patho.data.index import TileIndex
 
-    if args.action == "preview":
-        return _preview(args)
-    index = TileIndex.open(args.index)
-    source = SlideTileSource(SlideRegistry.from_spec(args.slides), backend=args.backend,
-                             fallback=None if args.fallback == "none" else args.fallback,
-                             mpp_override=args.mpp_override, mpp_key="--mpp-override")
-    written = extract_tiles(index, source, args.out, slide_ids=args.slide_id, overwrite=args.overwrite,
-                            workers=args.workers, progress=not args.no_progress)
+    tile_index = TileIndex.open(index)
+    source = SlideTileSource(SlideRegistry.from_spec(slides), backend=backend, fallback=fallback,
+                             mpp_override=mpp_override, mpp_key="--mpp-override")
+    written = extract_tiles(tile_index, source, out, slide_ids=slide_ids, overwrite=overwrite,
+                            workers=workers, progress=progress)
     done = sum(1 for n in written.values() if n)
     print(f"{done} slides extracted ({sum(written.values())} tiles), {len(written) - done} already complete, "
-          f"in {args.out}")
-    return 0
-
-
-def _preview(args: argparse.Namespace) -> int:
-    from dinov2_patho.data.dataset import build_tile_source
-    from dinov2_patho.data.index import TileIndex
-    from dinov2_patho.report import mosaic
-
-    if args.rows < 1 or args.cols < 1 or args.tile_px < 8:
-        raise UserError(f"--rows and --cols must be >= 1 and --tile-px >= 8, got {args.rows}, {args.cols}, "
-                        f"{args.tile_px}")
-    image_format = _image_format(args.out)
-    index = TileIndex.open(args.index)
-    source = build_tile_source({"backend": "hdf5" if args.tile_store else args.backend, "slides": args.slides,
-                                "tile_store": args.tile_store, "mpp_override": args.mpp_override,
-                                "fallback": None if args.fallback == "none" else args.fallback},
-                                mpp_key="--mpp-override")
-    rng = np.random.default_rng(args.seed)
-    if args.by == "slide":
-        slides = args.slide_id or [index.slide_names[i] for i in
-                                   mosaic.sample_rows(len(index.slide_names), args.rows, rng)]
-        index.select_slides(slides)  # an unknown slide is an error naming it
-        groups = mosaic.slide_groups(index, slides, args.cols, args.seed)
-    elif args.by == "cluster":
-        level = mosaic.parse_level(index, args.level or index.num_levels)
-        codes = _cluster_codes(index, level, args.cluster, args.rows)
-        groups = mosaic.cluster_groups(index, level, codes, args.cols, args.seed)
-    else:
-        groups = mosaic.random_groups(index, args.rows, args.cols, args.seed)
-    grid = mosaic.read_grid(index, source, groups, args.tile_px, progress=not args.no_progress)
-    with atomic_path(args.out) as tmp:
-        mosaic.draw_grid(grid, args.tile_px).save(tmp, format=image_format)
-    tiles = sum(len(g.row_ids) for g in groups)
-    print(f"{args.out}: {len(groups)} rows, {tiles} tiles by {args.by}"
-          + (f"; {len(grid.errors)} unreadable (red), first: {grid.errors[0]}" if grid.errors else ""))
-    return 0
-
-
-def _image_format(path: str | Path) -> str:
-    """The PIL format that writes `path`, by its suffix (.jpg wrote PNG bytes once), or a UserError."""
-    from PIL import Image
-
-    Image.init()
-    suffix = Path(path).suffix.lower()
-    image_format = Image.registered_extensions().get(suffix)
-    if image_format not in Image.SAVE:
-        raise UserError(f"--out {path}: cannot write an image with suffix {suffix or '(none)'!r}; give "
-                        f".png, .jpg, .webp, ...")
-    return image_format
-
-
-def _cluster_codes(index: Any, level: int, clusters: list[str] | None, rows: int) -> np.ndarray:
-    """Level codes of the cluster ids given (as in the CSV), or of the `rows` largest clusters."""
-    from dinov2_patho.report.mosaic import largest_and_smallest
-
-    if not clusters:
-        return largest_and_smallest(index.cluster_sizes(level), rows)[0]
-    code_of = {int(v): c for c, v in enumerate(index.cluster_values(level).tolist())}
-    codes = []
-    for cluster in clusters:
-        if not cluster.lstrip("-").isdigit() or int(cluster) not in code_of:
-            raise UserError(f"--cluster {cluster}: no such cluster at {index.level_names[level - 1]} of "
-                            f"{index.path} ({len(code_of)} clusters)")
-        codes.append(code_of[int(cluster)])
-    return np.array(codes, np.int64)
+          f"in {out}")
+    return written

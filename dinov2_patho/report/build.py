@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 from dinov2_patho.config_files import read_yaml, to_container
 from dinov2_patho.data.dataset import build_tile_source
 from dinov2_patho.data.index import TileIndex
+from dinov2_patho.data.mosaic import parse_level
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
 from dinov2_patho.report import batches, embedding, evaluation, training, tree
-from dinov2_patho.report.mosaic import parse_level
 from dinov2_patho.report.page import Panel, render
 from dinov2_patho.train.checkpoint import CHECKPOINTS
 

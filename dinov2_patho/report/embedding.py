@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_patho.data.mosaic import read_thumbnails, sample_rows
 from dinov2_patho.data.readers import TileSource
 from dinov2_patho.errors import UserError
 from dinov2_patho.report.figures import image_uri
-from dinov2_patho.report.mosaic import read_thumbnails, sample_rows
 from dinov2_patho.textfile import open_text
 
 

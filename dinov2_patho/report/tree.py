@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_patho.data.mosaic import cluster_groups, draw_grid, largest_and_smallest, read_grid
 from dinov2_patho.data.readers import TileSource
 from dinov2_patho.report.figures import figure_uri, image_uri, pyplot
-from dinov2_patho.report.mosaic import cluster_groups, draw_grid, largest_and_smallest, read_grid
 
 
 def level_rows(index: Any) -> list[list[str]]:

@@ -1,13 +1,14 @@
 """Tile grids: rows of tiles chosen by slide, by cluster or at random, read through the tile dataset.
 
-`dinov2-patho tiles preview` and the report's cluster mosaics both draw with this module, so what a
-user previews is what the report (and training) sees: tiles of 112 um read at level 0 and resized
-to 224 px by the configured tile source, then shrunk to thumbnails.
+`dinov2-patho tiles preview` (`preview_tiles`) and the report's cluster mosaics both draw with this
+module, so what a user previews is what the report (and training) sees: tiles of 112 um read at level 0
+and resized to 224 px by the configured tile source, then shrunk to thumbnails.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +18,14 @@ from dinov2_patho.data.dataset import TileDataset
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import TileReadError, TileSource
 from dinov2_patho.errors import UserError
+from dinov2_patho.io import atomic_path
 from dinov2_patho.progress import progress_bar
 
 # Level columns are scanned in chunks: a 350M-row index must not materialise per-cluster row lists.
 _SCAN_CHUNK = 1 << 22
 _LABEL_PX = 150
 _UNREADABLE_RGB = (200, 60, 60)
+PREVIEW_BY = ("random", "slide", "cluster")
 
 
 @dataclass
@@ -149,3 +152,72 @@ def draw_grid(grid: TileGrid, px: int, *, gap: int = 2) -> Image.Image:
         for c, tile in enumerate(tiles):
             image.paste(Image.fromarray(tile), (_LABEL_PX + c * (px + gap), top))
     return image
+
+
+def preview_tiles(index: str | Path, out: str | Path, *, slides: str | Path | None = None,
+                  tile_store: str | Path | None = None, by: str = "random", rows: int = 8, cols: int = 8,
+                  level: int | str | None = None, clusters: list[str] | None = None,
+                  slide_ids: list[str] | None = None, tile_px: int = 112, seed: int = 0,
+                  backend: str = "openslide", fallback: str | None = "tiffslide",
+                  mpp_override: float | None = None, progress: bool = True) -> TileGrid:
+    """`tiles preview`: an image grid (OUT, in the format its suffix says) of tiles of the tile index
+    `index`, read as training reads them from `slides` or the tile store `tile_store`: `rows` rows of
+    `cols` tiles, one row per slide (`by="slide"`: `slide_ids`, default random ones), per cluster of
+    `level` (`by="cluster"`: `clusters` as in the CSV, default the largest) or of random rows. Returns
+    the grid drawn."""
+    from dinov2_patho.data.dataset import build_tile_source
+
+    if by not in PREVIEW_BY:
+        raise UserError(f"--by {by}: choose one of {', '.join(PREVIEW_BY)}")
+    if rows < 1 or cols < 1 or tile_px < 8:
+        raise UserError(f"--rows and --cols must be >= 1 and --tile-px >= 8, got {rows}, {cols}, "
+                        f"{tile_px}")
+    image_format = _image_format(out)
+    tile_index = TileIndex.open(index)
+    source = build_tile_source({"backend": "hdf5" if tile_store else backend, "slides": slides,
+                                "tile_store": tile_store, "mpp_override": mpp_override,
+                                "fallback": fallback}, mpp_key="--mpp-override")
+    rng = np.random.default_rng(seed)
+    if by == "slide":
+        chosen = slide_ids or [tile_index.slide_names[i] for i in
+                               sample_rows(len(tile_index.slide_names), rows, rng)]
+        tile_index.select_slides(chosen)  # an unknown slide is an error naming it
+        groups = slide_groups(tile_index, chosen, cols, seed)
+    elif by == "cluster":
+        at = parse_level(tile_index, level or tile_index.num_levels)
+        codes = _cluster_codes(tile_index, at, clusters, rows)
+        groups = cluster_groups(tile_index, at, codes, cols, seed)
+    else:
+        groups = random_groups(tile_index, rows, cols, seed)
+    grid = read_grid(tile_index, source, groups, tile_px, progress=progress)
+    with atomic_path(out) as tmp:
+        draw_grid(grid, tile_px).save(tmp, format=image_format)
+    tiles = sum(len(g.row_ids) for g in groups)
+    print(f"{out}: {len(groups)} rows, {tiles} tiles by {by}"
+          + (f"; {len(grid.errors)} unreadable (red), first: {grid.errors[0]}" if grid.errors else ""))
+    return grid
+
+
+def _image_format(path: str | Path) -> str:
+    """The PIL format that writes `path`, by its suffix (.jpg wrote PNG bytes once), or a UserError."""
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format not in Image.SAVE:
+        raise UserError(f"--out {path}: cannot write an image with suffix {suffix or '(none)'!r}; give "
+                        f".png, .jpg, .webp, ...")
+    return image_format
+
+
+def _cluster_codes(index: Any, level: int, clusters: list[str] | None, rows: int) -> np.ndarray:
+    """Level codes of the cluster ids given (as in the CSV), or of the `rows` largest clusters."""
+    if not clusters:
+        return largest_and_smallest(index.cluster_sizes(level), rows)[0]
+    code_of = {int(v): c for c, v in enumerate(index.cluster_values(level).tolist())}
+    codes = []
+    for cluster in clusters:
+        if not cluster.lstrip("-").isdigit() or int(cluster) not in code_of:
+            raise UserError(f"--cluster {cluster}: no such cluster at {index.level_names[level - 1]} of "
+                            f"{index.path} ({len(code_of)} clusters)")
+        codes.append(code_of[int(cluster)])
+    return np.array(codes, np.int64)
