@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinov2_patho.backbones.load import load_backbone
+from dinov2_patho.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from dinov2_patho.curation.config import load_curation_config
 from dinov2_patho.curation.embed import embed_tiles
 from dinov2_patho.curation.tissue import tissue_tiles
@@ -33,8 +35,6 @@ from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.data.synthetic import make_cohort
-from dinov2_patho.eval.backbone import load_backbone
-from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TARGET = 0.9
 

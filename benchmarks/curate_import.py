@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.curation.feature_files import write_feature_file
+from dinov2_patho.data.feature_files import write_feature_file
 
 PAPER_TILES = 349_664_180
 

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from eva_session import EVA_SESSION, pct, run_eva
 
+from dinov2_patho.backbones.features import extract_features
+from dinov2_patho.backbones.preprocess import Preprocess
 from dinov2_patho.data.synthetic import make_cohort
 from dinov2_patho.eval.benchmarks import build_benchmark
-from dinov2_patho.eval.features import extract_features
 from dinov2_patho.eval.heads import LinearProbeConfig, linear_probe
 from dinov2_patho.eval.metrics import balanced_accuracy
-from dinov2_patho.eval.preprocess import Preprocess
 from dinov2_patho.models import build_backbone
 
 # Run by eva's own interpreter. eva's `eva fit --config` YAML route fails in that venv: its

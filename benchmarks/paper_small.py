@@ -63,9 +63,9 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds
     With rounds=1: the demo's training (round_1) and the random initialisation only."""
     import torch
 
+    from dinov2_patho.backbones.teacher import teacher_backbone
     from dinov2_patho.data.index import TileIndex
-    from dinov2_patho.train.export import teacher_backbone
-    from dinov2_patho.train.student import build_student_backbone
+    from dinov2_patho.models.student import build_student_backbone
     from dinov2_patho.train.trainer import run_training
 
     done = out / "results.json"

@@ -1,4 +1,4 @@
-"""Benchmark-image preprocessing (eval.preprocess.Preprocess) at 2 torch threads against 1.
+"""Benchmark-image preprocessing (backbones.preprocess.Preprocess) at 2 torch threads against 1.
 
     .venv/bin/python benchmarks/preprocess_threads.py [--quick]
 
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from dinov2_patho.eval.preprocess import Preprocess
+from dinov2_patho.backbones.preprocess import Preprocess
 
 LIMIT = 1.5
 

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("dinov2_patho.curation.cli", "curation: tissue tiles, embeddings, k-means tree, subsets"),
     "sampler": ("dinov2_patho.samplers.cli", "dump a sampler's batches and telemetry; its cache"),
     "train": ("dinov2_patho.train.cli", "DINOv2 pretraining (torchrun-aware)"),
-    "export": ("dinov2_patho.train.export", "export a teacher backbone to DINOv2 hub / timm format"),
+    "export": ("dinov2_patho.backbones.cli", "export a teacher backbone to DINOv2 hub / timm format"),
     "eval": ("dinov2_patho.eval.cli", "linear probe, kNN, logreg on tile benchmarks; MIL on slide tasks"),
     "launch": ("dinov2_patho.run.cli", "submit train, eval or curate jobs to SLURM with submitit"),
     "report": ("dinov2_patho.report.cli", "a run's report as one self-contained HTML page (no server)"),

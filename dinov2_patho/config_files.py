@@ -9,6 +9,7 @@ consumes them validates them.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -168,3 +169,46 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     from dinov2_patho.io import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+# --- value domains: one-line errors naming the dotted key (training, evaluation and curation tables) ---
+
+Domain = tuple[str, Callable[[float], bool]]
+
+POSITIVE: Domain = ("must be > 0", lambda v: v > 0)
+NON_NEGATIVE: Domain = ("must be >= 0", lambda v: v >= 0)
+UNIT: Domain = ("must be in [0, 1]", lambda v: 0 <= v <= 1)
+UNIT_OPEN: Domain = ("must be in [0, 1)", lambda v: 0 <= v < 1)
+UNIT_HALF_OPEN: Domain = ("must be in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_domains(cfg: DictConfig, numbers: dict[str, Domain], integers: dict[str, int],
+                  optional: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError for the first value (by dotted key) outside its domain; `optional` keys may
+    also be null (each config's own tables: train/config_values.py, eval/runner.py, ...)."""
+    for key, (why, ok) in numbers.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in optional:
+            continue
+        if not _is_number(value) or not ok(value):
+            raise ConfigError(f"{key}={value!r}: {why if _is_number(value) else 'must be a number'}"
+                              + (" (or null)" if key in optional else ""))
+    for key, minimum in integers.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}"
+                              + (" (or null)" if key in optional else ""))
+
+
+def check_choices(cfg: DictConfig, choices: dict[str, Sequence[str]]) -> None:
+    """Raise ConfigError for the first value (by dotted key) that is not one of its choices."""
+    for key, valid in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(valid)}")

@@ -164,10 +164,10 @@ def run_demo(output_dir: str | Path, *, num_slides: int = DEMO_SLIDES, seed: int
     """Run the whole method in `output_dir`. Returns {"summary": the training summary, "agreement":
     {embedding: tree_agreement rows}, "groups": common/rare classes, "trained" / "random_init":
     {"tiles": tile benchmark result, "slides": slide task result}, "report": its path or None}."""
+    from dinov2_patho.backbones.teacher import teacher_backbone
     from dinov2_patho.curation.pipeline import Curation, tree_agreement
     from dinov2_patho.data.synthetic import Cohort
-    from dinov2_patho.train.export import teacher_backbone
-    from dinov2_patho.train.student import build_student_backbone
+    from dinov2_patho.models.student import build_student_backbone
     from dinov2_patho.train.trainer import run_training
 
     out = Path(output_dir)

@@ -1,9 +1,11 @@
-"""Atomic writes: a reader never sees a half-written file or directory, a crash never leaves one."""
+"""Atomic writes: a reader never sees a half-written file or directory, a crash never leaves one; and
+a file's sha256 (`sha256_file`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -129,3 +131,11 @@ def _rename_dir(tmp: Path, path: Path, keep_existing: bool) -> None:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

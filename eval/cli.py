@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dinov2_patho.config_files import load_config, save_config
-from dinov2_patho.curation.folders import BACKBONE_HELP, TILES_HELP
+from dinov2_patho.data.folders import BACKBONE_HELP, TILES_HELP
 from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import setup_logging
@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .backbone import backbone_record, load_backbone
+    from dinov2_patho.backbones.load import backbone_record, load_backbone
+
     from .runner import DEFAULTS, OPEN_KEYS, check_eval_values, run_benchmarks
 
     if args.action == "slide":
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_slide(args: argparse.Namespace) -> int:
-    from .backbone import backbone_record, load_backbone
+    from dinov2_patho.backbones.load import backbone_record, load_backbone
+
     from .slide.runner import DEFAULTS, OPEN_KEYS, check_slide_values, run_slide_tasks
 
     overrides = list(args.overrides)

@@ -13,17 +13,16 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from dinov2_patho.config_files import ConfigError, merge_over_defaults
+from dinov2_patho.backbones.features import check_cache_manifest, extract_features, weights_hash
+from dinov2_patho.backbones.hub import normalisation
+from dinov2_patho.backbones.load import frozen
+from dinov2_patho.backbones.preprocess import Preprocess
+from dinov2_patho.config_files import NON_NEGATIVE, POSITIVE, ConfigError, check_domains, merge_over_defaults
 from dinov2_patho.io import atomic_path
 from dinov2_patho.logging import get_logger
-from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE, check_domains
 
-from .backbone import frozen
 from .benchmarks import Benchmark, BenchmarkError, build_benchmark
-from .features import check_cache_manifest, extract_features, weights_hash
 from .heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
-from .hub import normalisation
-from .preprocess import Preprocess
 from .report import write_results
 
 log = get_logger(__name__)

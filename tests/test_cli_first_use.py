@@ -270,7 +270,7 @@ def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys, under,
 
 
 def test_results_record_no_arch_for_a_runs_teacher(tmp_path):
-    from dinov2_patho.eval.backbone import backbone_record
+    from dinov2_patho.backbones.load import backbone_record
 
     run = tmp_path / "run"
     run.mkdir()

@@ -34,8 +34,8 @@ def test_every_option_has_help_and_help_shows_percent_signs_once(command):
 
 def test_path_flags_mean_one_thing_in_every_command():
     """--tiles, --embeddings, --slides and --backbone take the same things wherever they appear (their
-    help is the one text of curation/folders.py and data/slides.py), at least twice each."""
-    from dinov2_patho.curation.folders import BACKBONE_HELP, EMBEDDINGS_HELP, TILES_HELP
+    help is the one text of data/folders.py and data/slides.py), at least twice each."""
+    from dinov2_patho.data.folders import BACKBONE_HELP, EMBEDDINGS_HELP, TILES_HELP
     from dinov2_patho.data.slides import SLIDES_HELP
 
     meaning = {"--tiles": TILES_HELP, "--embeddings": EMBEDDINGS_HELP, "--slides": SLIDES_HELP,

@@ -79,8 +79,8 @@ def test_rows_align_with_the_tile_list(tiles_dir, clean_run):
     for (sid, a, b), nxt in zip(ranges, [*ranges[1:], None]):
         assert {r[0] for r in rows[a:b]} == {sid} and (nxt is None or nxt[1] == b)
     # Row i is the embedding of tile i of the list: recompute a few from the slide pixels.
-    from dinov2_patho.eval.backbone import load_backbone
-    from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from dinov2_patho.backbones.load import load_backbone
+    from dinov2_patho.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     model = load_backbone(None, ARCH, seed=0, **TINY)  # embed.seed: the random-init baseline
     slides = json.loads((tiles_dir / "tiles.json").read_text())["slides"]
@@ -198,7 +198,7 @@ def test_stale_manifest_or_unfinished_run_is_refused(tiles_dir, clean_run, tmp_p
         curate_embed(tiles_dir, clean_run, "embed.seed=1")
     assert {p.name: p.read_bytes() for p in clean_run.iterdir()} == before
     # Weights from a file: other weights under the same path are another backbone.
-    from dinov2_patho.eval.backbone import load_backbone
+    from dinov2_patho.backbones.load import load_backbone
 
     weights = tmp_path / "uni_like.pth"
     torch.save(load_backbone(None, ARCH, seed=1, **TINY).state_dict(), weights)

@@ -405,7 +405,7 @@ def test_kmeans_tiles_takes_the_curate_tiles_folder_or_a_file_in_it(tmp_path, ca
 
 
 def test_tiles_flag_forms_resolve_to_one_index(tmp_path):
-    from dinov2_patho.curation.folders import tile_index_dir
+    from dinov2_patho.data.folders import tile_index_dir
 
     folder = tiles_folder(tmp_path / "tiles", 3)
     for form in (folder, folder / "tiles.csv", folder / "index"):

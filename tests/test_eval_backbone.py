@@ -11,9 +11,9 @@ import torch
 from test_eval_run import folder_benchmark
 from test_train import tiny_cfg
 
+from dinov2_patho.backbones.load import frozen, load_backbone
 from dinov2_patho.cli import main
 from dinov2_patho.errors import UserError
-from dinov2_patho.eval.backbone import frozen, load_backbone
 from dinov2_patho.models import BACKBONES
 
 TINY_EVAL = ["preprocess.size=32", "heads.linear.n_runs=1", "heads.linear.max_steps=20", "heads.knn.k=[1]",
@@ -102,8 +102,8 @@ def test_the_backbone_and_feature_engine_load_without_the_heads_and_sklearn():
     import subprocess
     import sys
 
-    code = ("import sys, dinov2_patho.eval.backbone, dinov2_patho.eval.features, "
-            "dinov2_patho.eval.preprocess; "
+    code = ("import sys, dinov2_patho.backbones.load, dinov2_patho.backbones.features, "
+            "dinov2_patho.backbones.preprocess; "
             "heavy = sorted(m for m in ('sklearn', 'dinov2_patho.eval.runner') if m in sys.modules); "
             "from dinov2_patho.eval import run_benchmarks; print(heavy, run_benchmarks.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from dinov2_patho.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.benchmarks import BenchmarkError, build_benchmark
-from dinov2_patho.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 def image(path, value=0, size=(20, 16)):

@@ -7,8 +7,8 @@ from test_damaged_files import DAMAGES, damage
 from torch import nn
 from torch.utils.data import Dataset
 
+from dinov2_patho.backbones.features import embed, extract_features, load_features
 from dinov2_patho.errors import UserError
-from dinov2_patho.eval.features import embed, extract_features, load_features
 from dinov2_patho.eval.heads import LinearProbeConfig, knn_classify, linear_probe, logistic_regression
 from dinov2_patho.eval.heads.knn import knn_probs
 from dinov2_patho.eval.heads.linear import _balanced_accuracy, predict_proba, train_linear_probe

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.cli import main
-from dinov2_patho.curation import feature_files
-from dinov2_patho.curation.feature_files import feature_file_name
+from dinov2_patho.data import feature_files
+from dinov2_patho.data.feature_files import feature_file_name
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.slide.planted_features import make_planted_features

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from dinov2_patho.backbones.hub import PRESETS, normalisation
+from dinov2_patho.backbones.load import load_backbone
+from dinov2_patho.backbones.preprocess import IMAGENET_MEAN
 from dinov2_patho.cli import main
 from dinov2_patho.curation import embed as embed_mod
-from dinov2_patho.curation.folders import tile_index_dir
+from dinov2_patho.data.folders import tile_index_dir
 from dinov2_patho.errors import UserError
-from dinov2_patho.eval.backbone import load_backbone
-from dinov2_patho.eval.hub import PRESETS, normalisation
-from dinov2_patho.eval.preprocess import IMAGENET_MEAN
 from dinov2_patho.models.weights import import_timm
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -113,7 +113,7 @@ def test_curate_embed_with_a_model_saved_by_timm(cohort, tmp_path):
 
 
 def test_train_init_takes_hub_names(tmp_path, monkeypatch):
-    from dinov2_patho.eval.hub import saved_weights
+    from dinov2_patho.backbones.hub import saved_weights
     from dinov2_patho.train.config import load_train_config
 
     monkeypatch.chdir(tmp_path)

@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dinov2_patho.curation import embed, tissue, tree
+from dinov2_patho.backbones.features import MANIFEST, check_cache_manifest, rows_done, write_rows_done
+from dinov2_patho.curation import embed, tree
+from dinov2_patho.data import folders
 from dinov2_patho.data.index import TileIndex, build_index
 from dinov2_patho.data.index_format import Manifest
 from dinov2_patho.errors import UserError
-from dinov2_patho.eval.features import MANIFEST, check_cache_manifest, rows_done, write_rows_done
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.jsonfile import JsonFileError, read_json
 from dinov2_patho.report import training as report_training
@@ -71,10 +72,10 @@ def _case(name: str, tmp: Path) -> Case:
         embed._prepare(tmp, SETTINGS, 2, 4)
         return Case(tmp / embed.RUN, lambda: embed.check_settings(tmp, SETTINGS))
     if name == "tile settings":
-        atomic_write_text(tmp / tissue.SETTINGS, json.dumps(
+        atomic_write_text(tmp / folders.SETTINGS, json.dumps(
             {"slides": "/data/slides", "tiles": 40, "mpp_override": None, "backend": "openslide",
              "fallback": "tiffslide", "workers": 2}, indent=1))
-        return Case(tmp / tissue.SETTINGS, lambda: tissue.read_settings(tmp))
+        return Case(tmp / folders.SETTINGS, lambda: folders.read_settings(tmp))
     if name == "feature progress":
         write_rows_done(tmp / "progress.json", 5)
         return Case(tmp / "progress.json", lambda: rows_done(tmp / "progress.json", 8))
@@ -211,7 +212,7 @@ def test_missing_files_are_named(tmp_path):
         case.path.unlink()
         with pytest.raises(JsonFileError, match=f"{case.path}: missing, no "):
             case.read()
-    assert tissue.read_settings(tmp_path) == {} and metrics_log.read_metrics(tmp_path / "none.jsonl") == []
+    assert folders.read_settings(tmp_path) == {} and metrics_log.read_metrics(tmp_path / "none.jsonl") == []
 
 
 def test_optional_keys_and_numbers(tmp_path):

@@ -138,7 +138,7 @@ def test_registry_directory_skips_hidden_files_and_refuses_an_unsafe_name(tmp_pa
 
 
 def test_feature_files_name_slides_by_the_same_rule(tmp_path):
-    from dinov2_patho.curation.feature_files import feature_file_name, open_feature_folder
+    from dinov2_patho.data.feature_files import feature_file_name, open_feature_folder
 
     assert feature_file_name("<!--<script>", "here") == "<!--<script>.h5"
     with pytest.raises(UserError, match=r"labels.csv:2: slide id '\.\./x' holds a path separator"):

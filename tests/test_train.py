@@ -379,10 +379,10 @@ def test_two_process_gloo_ranks_take_disjoint_slices_and_stay_identical(cohort, 
 
 
 def test_export_teacher_loads_in_timm_and_dinov2_format(cohort, cohort_index, tmp_path):
+    from dinov2_patho.backbones.teacher import export_teacher, teacher_backbone
     from dinov2_patho.models import load_pretrained
+    from dinov2_patho.models.student import build_student_backbone
     from dinov2_patho.models.weights import import_timm
-    from dinov2_patho.train.export import export_teacher, teacher_backbone
-    from dinov2_patho.train.student import build_student_backbone
 
     cfg = tiny_cfg(cohort, cohort_index, "train.iterations=2", "train.num_workers=0")
     trainer_mod.run_training(cfg, tmp_path / "run")

@@ -99,9 +99,9 @@ def test_fsdp_shards_parameters_and_follows_ddp(runs):
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_has_ddp_format_resumes_exactly_and_exports(runs, tmp_path):
+    from dinov2_patho.backbones.teacher import export_teacher, teacher_backbone
     from dinov2_patho.models import load_pretrained
     from dinov2_patho.train.checkpoint import find_latest, iteration_of, load_checkpoint
-    from dinov2_patho.train.export import export_teacher, teacher_backbone
 
     out, ranks = runs
     # the stopped run checkpointed at 2, the second call resumed from there

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dinov2_patho.curation.config import STRATEGIES
-from dinov2_patho.curation.folders import BACKBONE_HELP, EMBEDDINGS_HELP, TILES_HELP
+from dinov2_patho.data.folders import BACKBONE_HELP, EMBEDDINGS_HELP, TILES_HELP
 from dinov2_patho.data.slides import SLIDES_HELP
 
 

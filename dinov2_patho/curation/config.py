@@ -36,17 +36,17 @@ OPTIONAL = ("tiles.mpp_override", "kmeans.max_points_per_centroid")
 
 def check_curation_values(cfg: DictConfig) -> None:
     """A one-line ConfigError for the first value outside its domain, before any action's work."""
-    from dinov2_patho.curation.kmeans import ENGINES
-    from dinov2_patho.distributed import DEVICES
-    from dinov2_patho.eval.features import AMP_DTYPES
-    from dinov2_patho.models.weights import FORMATS
-    from dinov2_patho.train.config_values import (
+    from dinov2_patho.backbones.features import AMP_DTYPES
+    from dinov2_patho.config_files import (
         NON_NEGATIVE,
         POSITIVE,
         UNIT_HALF_OPEN,
         check_choices,
         check_domains,
     )
+    from dinov2_patho.curation.kmeans import ENGINES
+    from dinov2_patho.distributed import DEVICES
+    from dinov2_patho.models.weights import FORMATS
 
     numbers = {"tiles.min_tissue_fraction": UNIT_HALF_OPEN, "tiles.mpp_override": POSITIVE,
                "embed.checkpoint_seconds": NON_NEGATIVE, "kmeans.tol": NON_NEGATIVE}

@@ -12,7 +12,7 @@ EMB_DIR holds:
     embeddings.partial.npy  while running: the rows so far, renamed to embeddings.npy once complete,
                      so no reader ever takes an unfinished matrix for embeddings
 
-Rank r of W embeds rows [N r / W, N (r + 1) / W) through the feature engine (eval/features.py),
+Rank r of W embeds rows [N r / W, N (r + 1) / W) through the feature engine (backbones/features.py),
 writing into its slice of the one preallocated .npy; a killed run resumes each shard at its first
 missing row (with the same world size; a different one starts unfinished shards over).
 """
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dinov2_patho.curation.config import curation_config
-from dinov2_patho.curation.folders import EMBEDDINGS, tile_index_dir, tile_settings
-from dinov2_patho.curation.tissue import SETTINGS
+from dinov2_patho.data.folders import EMBEDDINGS, SETTINGS, tile_index_dir, tile_settings
+from dinov2_patho.data.index import tile_list_fingerprint
 from dinov2_patho.errors import UserError
-from dinov2_patho.io import atomic_path, atomic_write_text
+from dinov2_patho.io import atomic_path, atomic_write_text, sha256_file
 from dinov2_patho.jsonfile import first_difference, read_json
 from dinov2_patho.logging import get_logger
 
@@ -48,14 +48,6 @@ SLIDES, MANIFEST = "slides.csv", "manifest.json"
 RUN, PROGRESS, PARTIAL = "run.json", "progress", "embeddings.partial.npy"
 
 
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_sha256(path: Path) -> str:
     """sha256 of a weights file, or over the files of a training run / checkpoint directory."""
     if path.is_file():
@@ -63,16 +55,6 @@ def weights_sha256(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f"{f.relative_to(path)}:{sha256_file(f)}".encode())
-    return h.hexdigest()
-
-
-def tile_list_fingerprint(index_dir: Path) -> str:
-    """sha256 over the index's slide names, coordinates and slide offsets: a changed tile list is a
-    different fingerprint, whatever its row count."""
-    h = hashlib.sha256()
-    for name in ("slides.json", "xy.npy", "slide_offsets.npy", "slide.npy"):
-        if (index_dir / name).is_file():
-            h.update(sha256_file(index_dir / name).encode())
     return h.hexdigest()
 
 
@@ -107,18 +89,6 @@ def tile_dataset(index_dir: Path, slides: str, mpp_override: float | None, tiles
     return TileDataset(index, source)
 
 
-def normalise_on_device(mean: tuple[float, ...], std: tuple[float, ...]):
-    """uint8 [B, 3, H, W] -> ImageNet-normalised float, on the batch's device."""
-    import torch
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
-        return (x.float() - m) / s
-
-    return apply
-
-
 def _settings(backbone_path: str | Path | None, arch: str, cfg: Any, tiles: dict[str, Any], num_rows: int,
               dim: int, fingerprint: str, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
     from omegaconf import OmegaConf
@@ -150,11 +120,12 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
     import torch
     from omegaconf import OmegaConf
 
+    from dinov2_patho.backbones.features import feature_dim, fill_features
+    from dinov2_patho.backbones.hub import check_token, normalisation
+    from dinov2_patho.backbones.load import backbone_label, load_backbone
+    from dinov2_patho.backbones.preprocess import normalise_on_device
     from dinov2_patho.dirlock import exclusive_directory
     from dinov2_patho.distributed import barrier, broadcast_object, distributed_context
-    from dinov2_patho.eval.backbone import backbone_label, load_backbone
-    from dinov2_patho.eval.features import feature_dim, fill_features
-    from dinov2_patho.eval.hub import check_token, normalisation
 
     cfg = curation_config(config).embed
     backbone = None if backbone is None else str(backbone)
@@ -242,7 +213,7 @@ def _slide_runs(index: Any) -> Iterator[tuple[int, int, int]]:
 def _finish(out: Path, index: Any, settings: dict[str, Any], world_size: int) -> None:
     """Check every shard is complete, then embeddings.npy, slides.csv, manifest.json (last); drop the run
     state."""
-    from dinov2_patho.eval.features import rows_done
+    from dinov2_patho.backbones.features import rows_done
 
     n = settings["tiles"]["num_rows"]
     for rank in range(world_size):

@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from dinov2_patho.curation.embed import EMBEDDINGS, MANIFEST, SLIDES, tile_list_fingerprint
-from dinov2_patho.curation.feature_files import feature_file_name, write_feature_file
-from dinov2_patho.curation.folders import embeddings_file, tile_index_dir, tiles_folder
-from dinov2_patho.curation.tissue import INDEX, SLIDES_CSV
-from dinov2_patho.data.index import TileIndex
+from dinov2_patho.curation.embed import EMBEDDINGS, MANIFEST, SLIDES
+from dinov2_patho.data.feature_files import feature_file_name, write_feature_file
+from dinov2_patho.data.folders import INDEX, SLIDES_CSV, embeddings_file, tile_index_dir, tiles_folder
+from dinov2_patho.data.index import TileIndex, tile_list_fingerprint
 from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.jsonfile import read_json

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from dinov2_patho.curation import tree
 from dinov2_patho.curation.config import curation_config
-from dinov2_patho.curation.folders import embeddings_file, tile_index_dir
+from dinov2_patho.data.folders import embeddings_file, tile_index_dir
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key, uniform01
 from dinov2_patho.io import atomic_path, atomic_write_text

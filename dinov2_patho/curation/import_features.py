@@ -34,8 +34,8 @@ from dinov2_patho.curation.embed import (
     SLIDES,
     check_settings,
 )
-from dinov2_patho.curation.feature_files import FeatureFile, open_feature_folder
-from dinov2_patho.curation.tissue import INDEX, TILES_CSV
+from dinov2_patho.data.feature_files import FeatureFile, open_feature_folder
+from dinov2_patho.data.folders import INDEX, TILES_CSV
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.jsonfile import read_json

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dinov2_patho.curation.config import curation_config
+from dinov2_patho.data.folders import INDEX, SETTINGS, SLIDES_CSV, TILES_CSV
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
-from dinov2_patho.jsonfile import read_json
 from dinov2_patho.logging import get_logger
 from dinov2_patho.slide_files import check_distinct_case
 
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-TILES_CSV, SLIDES_CSV, SETTINGS, INDEX = "tiles.csv", "slides.csv", "tiles.json", "index"
-SETTINGS_SHAPE = {"slides": str, "mpp_override": float | None, "backend": str | None, "fallback": str | None}
 REPORT_COLUMNS = ("slide_id", "status", "reason", "tiles", "tissue_fraction", "mpp", "tile_px", "width",
                   "height")
 
@@ -233,12 +231,3 @@ def tissue_tiles(slides: str | Path, out: str | Path, *, config: DictConfig | No
         print(f"unreadable slide {r.slide_id}: {r.reason}")
     print(summary)
     return reports
-
-
-def read_settings(out: Path) -> dict[str, Any]:
-    """The settings `curate tiles` wrote in OUT ({} for a tile index made otherwise)."""
-    path = Path(out) / SETTINGS
-    if not path.is_file():
-        return {}
-    return read_json(path, "tile list settings", "rerun `dinov2-patho curate tiles` into that directory",
-                     shape=SETTINGS_SHAPE)

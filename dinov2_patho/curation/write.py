@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from dinov2_patho.curation.folders import tile_index_dir
 from dinov2_patho.curation.tree import MANIFEST as TREE_MANIFEST
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
+from dinov2_patho.data.folders import tile_index_dir
 from dinov2_patho.data.index import TileIndex, build_index
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path

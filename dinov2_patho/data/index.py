@@ -6,6 +6,7 @@ of the kept rows, in order).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from dinov2_patho.data.index_format import (
 from dinov2_patho.data.index_ingest import build
 from dinov2_patho.data.index_source import read_text_table
 from dinov2_patho.errors import UserError
+from dinov2_patho.io import sha256_file
 from dinov2_patho.jsonfile import JsonFileError, read_json
 from dinov2_patho.readback import load_npy
 
@@ -346,3 +348,13 @@ class TileIndex:
             "bytes_per_row": disk / max(len(self), 1) if disk else None,
             "levels": levels,
         }
+
+
+def tile_list_fingerprint(index_dir: Path) -> str:
+    """sha256 over the index's slide names, coordinates and slide offsets: a changed tile list is a
+    different fingerprint, whatever its row count."""
+    h = hashlib.sha256()
+    for name in ("slides.json", "xy.npy", "slide_offsets.npy", "slide.npy"):
+        if (index_dir / name).is_file():
+            h.update(sha256_file(index_dir / name).encode())
+    return h.hexdigest()

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dinov2_patho.checkpoint_files import CHECKPOINTS
 from dinov2_patho.config_files import read_yaml, to_container
 from dinov2_patho.data.dataset import build_tile_source
 from dinov2_patho.data.index import TileIndex
@@ -19,7 +20,6 @@ from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
 from dinov2_patho.report import batches, embedding, evaluation, training, tree
 from dinov2_patho.report.page import Panel, render
-from dinov2_patho.train.checkpoint import CHECKPOINTS
 
 log = get_logger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dinov2_patho.curation.folders import EMBEDDINGS_HELP
+from dinov2_patho.data.folders import EMBEDDINGS_HELP
 from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
 from dinov2_patho.report.build import write_report

@@ -20,7 +20,7 @@ from dinov2_patho.textfile import open_text
 def load_embeddings(path: str | Path, index: Any) -> np.ndarray:
     """The [N, D] embeddings memory-mapped (a .npy, or a `curate embed` directory), checked against the
     index's row count."""
-    from dinov2_patho.curation.folders import embeddings_file
+    from dinov2_patho.data.folders import embeddings_file
 
     path = embeddings_file(path)
     try:

@@ -19,7 +19,7 @@ NOT_FINISHED = 3
 
 def training_progress(output_dir: str | Path) -> tuple[int, int]:
     """(iteration of the latest checkpoint, 0 without one; train.iterations of the run)."""
-    from dinov2_patho.train.checkpoint import CHECKPOINTS, find_latest, iteration_of
+    from dinov2_patho.checkpoint_files import CHECKPOINTS, find_latest, iteration_of
 
     output_dir = Path(output_dir)
     config = output_dir / "config.yaml"

@@ -10,7 +10,8 @@ A checkpoint is built in `.iter_XXXXXXXX.partial/` and renamed into place once e
 rank has written its part; `latest` moves only after that rename, and pruning to the
 last K runs after that, so a kill at any instant leaves `latest` naming a complete
 checkpoint. `iter_N` holds the state after N completed iterations: a resumed run starts
-at iteration N.
+at iteration N. The names and the reading of one file are `checkpoint_files.py`'s, shared with the
+backbone loader.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,51 +26,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinov2_patho.checkpoint_files import (
+    CHECKPOINTS,  # noqa: F401  (the trainer's ckpt.CHECKPOINTS)
+    LATEST,
+    SHARED_FILE,
+    SHARED_KEYS,
+    CheckpointError,
+    checkpoint_name,
+    find_latest,
+    iteration_of,
+    list_checkpoints,
+    load_file,
+    to_storable,
+)
 from dinov2_patho.distributed import DistContext, barrier, broadcast_object
-from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_dir, atomic_write_text
 from dinov2_patho.logging import get_logger
-from dinov2_patho.readback import DamagedFileError, load_state
 
 log = get_logger(__name__)
-
-CHECKPOINTS = "checkpoints"  # the folder of a run directory that holds them
-LATEST = "latest"
-SHARED_FILE = "state.pt"
-_NAME = re.compile(r"^iter_(\d{8,})$")
-_NDARRAY = "__ndarray__"
-
-
-class CheckpointError(UserError):
-    pass
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:08d}"
-
-
-def to_storable(obj: Any) -> Any:
-    """numpy arrays and scalars as tensors and Python numbers, so that the checkpoint
-    loads with `torch.load(weights_only=True)`."""
-    if isinstance(obj, np.ndarray):
-        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: to_storable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_storable(v) for v in obj)
-    return obj
-
-
-def from_storable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {_NDARRAY}:
-            return obj[_NDARRAY].numpy()
-        return {k: from_storable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(from_storable(v) for v in obj)
-    return obj
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -90,36 +63,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
-
-
-def find_latest(root: str | Path) -> Path | None:
-    """The checkpoint `latest` names; without a pointer (a kill between the rename and
-    the pointer update), the newest complete one."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        path = root / name
-        if not _NAME.match(name) or not (path / SHARED_FILE).is_file():
-            raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint in {root}")
-        return path
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
-def iteration_of(path: Path) -> int:
-    match = _NAME.match(path.name)
-    if match is None:
-        raise CheckpointError(f"{path} is not a checkpoint directory (iter_NNNNNNNN)")
-    return int(match.group(1))
 
 
 def _save_file(obj: Any, path: Path) -> None:
@@ -157,21 +100,6 @@ def save_checkpoint(root: str | Path, iteration: int, shared: dict[str, Any] | N
             shutil.rmtree(old, ignore_errors=True)
     barrier(ctx)
     return final
-
-
-SHARED_KEYS = ("iteration", "model")  # what every shared state holds; a training run's also its "config"
-
-
-def load_file(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One checkpoint file (a dict holding `keys`), or a CheckpointError naming it and what is wrong."""
-    try:
-        # mmap: every rank reads the shared file; pages are shared, not copied per rank (ViT-g: ~18 GB)
-        obj = load_state(path, "checkpoint file", "", keys=keys, mmap=True)
-        if not isinstance(obj, dict):
-            raise DamagedFileError(f"{path}: not a checkpoint file: it holds a {type(obj).__name__}")
-    except DamagedFileError as e:
-        raise CheckpointError(str(e)) from None
-    return from_storable(obj)
 
 
 Loaded = tuple[Path, dict[str, Any], dict[str, Any] | None]

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2_patho.config_files import ConfigError, load_config, read_yaml
+from dinov2_patho.config_files import ConfigError, check_choices, check_domains, load_config, read_yaml
 from dinov2_patho.distributed import DEVICES
 from dinov2_patho.errors import UserError
 from dinov2_patho.registry import did_you_mean
 from dinov2_patho.samplers import build as sampler_build
 from dinov2_patho.samplers.base import HISTORY as SAMPLER_HISTORY
 from dinov2_patho.train import config_schema
-from dinov2_patho.train.config_values import check_choices, check_domains, check_values
+from dinov2_patho.train.config_values import check_values
 
 DEFAULTS = "train/default.yaml"
 # the chosen sampler's options are validated by its options dataclass (_check_sampler)
@@ -34,7 +34,7 @@ PATH_KEYS = ("data.index", "data.subset", "data.slides", "data.tile_store", "sam
 
 def absolute(path: str) -> str:
     """`path` made absolute; a hub name's folder too (local-dir:PATH), a hub repo (hf-hub:ORG/NAME) kept."""
-    from dinov2_patho.eval.hub import HF_HUB, LOCAL_DIR
+    from dinov2_patho.backbones.hub import HF_HUB, LOCAL_DIR
 
     if path.startswith(HF_HUB):
         return path

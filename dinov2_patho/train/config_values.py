@@ -2,34 +2,34 @@
 momentum above 1) is a one-line error naming the key, before any model or worker starts.
 
 Keys are the config's business (train/config.py); this module only says which values each
-numeric key may take. Crops and augmentation are checked by `AugmentConfig` itself. On
-resume, `check_resume_config` names the keys whose values changed since the checkpoint.
+numeric key may take (the domains and their checker are config_files.py's, shared with evaluation and
+curation). Crops and augmentation are checked by `AugmentConfig` itself. On resume,
+`check_resume_config` names the keys whose values changed since the checkpoint.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2_patho.config_files import ConfigError
+from dinov2_patho.config_files import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    UNIT_HALF_OPEN,
+    UNIT_OPEN,
+    ConfigError,
+    Domain,
+    check_domains,
+)
 from dinov2_patho.data.augment import AugmentConfig
 from dinov2_patho.logging import get_logger
 from dinov2_patho.models import BACKBONES
+from dinov2_patho.models.student import SIZE_KEYS
 from dinov2_patho.train.config_schema import migrate
-from dinov2_patho.train.student import SIZE_KEYS
 
 log = get_logger(__name__)
-
-Domain = tuple[str, Callable[[float], bool]]
-
-POSITIVE: Domain = ("must be > 0", lambda v: v > 0)
-NON_NEGATIVE: Domain = ("must be >= 0", lambda v: v >= 0)
-UNIT: Domain = ("must be in [0, 1]", lambda v: 0 <= v <= 1)
-UNIT_OPEN: Domain = ("must be in [0, 1)", lambda v: 0 <= v < 1)
-UNIT_HALF_OPEN: Domain = ("must be in (0, 1]", lambda v: 0 < v <= 1)
 
 NUMBERS: dict[str, Domain] = {
     "optim.base_lr": POSITIVE,
@@ -73,38 +73,6 @@ INTEGERS: dict[str, int] = {  # key: minimum
 OPTIONAL_INTEGERS: dict[str, int] = {
     "data.max_skipped": 0,
 }
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_domains(cfg: DictConfig, numbers: dict[str, Domain], integers: dict[str, int],
-                  optional: tuple[str, ...] = ()) -> None:
-    """Raise ConfigError for the first value (by dotted key) outside its domain; `optional` keys may
-    also be null (training: the tables above; evaluation: its own)."""
-    for key, (why, ok) in numbers.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None and key in optional:
-            continue
-        if not _is_number(value) or not ok(value):
-            raise ConfigError(f"{key}={value!r}: {why if _is_number(value) else 'must be a number'}"
-                              + (" (or null)" if key in optional else ""))
-    for key, minimum in integers.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None and key in optional:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}"
-                              + (" (or null)" if key in optional else ""))
-
-
-def check_choices(cfg: DictConfig, choices: dict[str, Sequence[str]]) -> None:
-    """Raise ConfigError for the first value (by dotted key) that is not one of its choices."""
-    for key, valid in choices.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in valid:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(valid)}")
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -21,7 +21,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 from dinov2_patho.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2_patho.models import DINOHead, load_pretrained
-from dinov2_patho.train.student import build_student_backbone
+from dinov2_patho.models.student import build_student_backbone
 
 log = get_logger(__name__)
 
@@ -124,7 +124,7 @@ class SSLMetaArch(nn.Module):
         backbone = build_student_backbone(cfg)
         weights = cfg.student.get("pretrained_weights")
         if weights:
-            from dinov2_patho.eval.hub import is_hub_name, saved_weights
+            from dinov2_patho.backbones.hub import is_hub_name, saved_weights
 
             load_pretrained(backbone, saved_weights(weights) if is_hub_name(weights) else weights)
         return backbone

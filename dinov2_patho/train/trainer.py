@@ -39,6 +39,7 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.eval import run_benchmarks
 from dinov2_patho.eval.slide import runner as slide_runner
 from dinov2_patho.logging import get_logger, setup_logging
+from dinov2_patho.models.student import build_student_backbone
 from dinov2_patho.samplers import StepBatchSampler, build_sampler, subset_view
 from dinov2_patho.train import checkpoint as ckpt
 from dinov2_patho.train import fsdp
@@ -50,7 +51,6 @@ from dinov2_patho.train.metrics_log import METRICS_FILE, MetricsWriter, read_met
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
 from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype
-from dinov2_patho.train.student import build_student_backbone
 
 log = get_logger(__name__)
 

@@ -3,7 +3,7 @@
 `<cache>/manifest.json` records what the features are of (backbone name and a sha256 of its
 weights, the tile list's fingerprint, the slides' mpp override, token, cap and normalisation);
 a cache whose manifest differs is refused naming the first difference, never reused. Each slide's
-bag is filled by the project's one feature engine (`eval.features.fill_features`, uint8 tiles
+bag is filled by the project's one feature engine (`backbones.features.fill_features`, uint8 tiles
 normalised on the device) into `<cache>/slides/<slide_id>/`: `rows.npy` (the tile rows of the
 index, written first), `features.npy` (float32 [n, D] of the token) and `progress.json`, which
 makes an interrupted extraction resume and marks the bag complete when it reaches n. A task over
@@ -23,8 +23,17 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from dinov2_patho.curation.embed import normalise_on_device, tile_list_fingerprint
-from dinov2_patho.curation.feature_files import feature_file_name, write_feature_file
+from dinov2_patho.backbones.features import (
+    check_cache_manifest,
+    feature_dim,
+    fill_features,
+    rows_done,
+    weights_hash,
+)
+from dinov2_patho.backbones.hub import normalisation
+from dinov2_patho.backbones.preprocess import normalise_on_device
+from dinov2_patho.data.feature_files import feature_file_name, write_feature_file
+from dinov2_patho.data.index import tile_list_fingerprint
 from dinov2_patho.data.readers import TILE_PX
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path
@@ -33,8 +42,6 @@ from dinov2_patho.progress import progress_bar
 from dinov2_patho.readback import DamagedFileError, load_npy, rebuilding
 from dinov2_patho.slide_files import slide_path
 
-from ..features import check_cache_manifest, feature_dim, fill_features, rows_done, weights_hash
-from ..hub import normalisation
 from .tasks import SlideTask
 
 

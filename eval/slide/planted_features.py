@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.curation.feature_files import write_feature_file
+from dinov2_patho.data.feature_files import write_feature_file
 
 SPLITS = (("train", 0.5), ("val", 0.2), ("test", 0.3))
 

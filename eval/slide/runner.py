@@ -12,15 +12,14 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dinov2_patho.config_files import merge_over_defaults
+from dinov2_patho.backbones.hub import check_token
+from dinov2_patho.backbones.load import frozen
+from dinov2_patho.config_files import NON_NEGATIVE, POSITIVE, merge_over_defaults
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
-from dinov2_patho.train.config_values import NON_NEGATIVE, POSITIVE
 
-from ..backbone import frozen
 from ..heads.abmil import AbmilConfig, abmil
 from ..heads.logreg import logistic_regression
-from ..hub import check_token
 from ..report import format_score, write_results
 from ..runner import LISTS as TILE_LISTS
 from ..runner import check_eval_values, group_folds, mean_over_folds

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.curation.feature_files import FeatureFile, open_feature_folder
-from dinov2_patho.curation.folders import tile_index_dir
+from dinov2_patho.data.feature_files import FeatureFile, open_feature_folder
+from dinov2_patho.data.folders import tile_index_dir
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError

@@ -1,4 +1,6 @@
-"""`dinov2-patho export`: the teacher backbone of a training checkpoint, for downstream use.
+"""A training run's teacher backbone: rebuilt from a checkpoint (`teacher_backbone`, what evaluation and
+`curate embed` load for a run directory), or exported for downstream use (`export_teacher`, the
+`dinov2-patho export` command).
 
     dinov2-patho export --checkpoint RUN_DIR_OR_CHECKPOINT --output-dir OUT [--format dinov2 timm]
 
@@ -11,7 +13,6 @@ such as SwiGLU's `mlp_layer`, is written as its import path, e.g. "timm.layers.S
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -19,12 +20,12 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinov2_patho import checkpoint_files as ckpt
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.logging import get_logger
 from dinov2_patho.models import load_pretrained, to_dinov2_state_dict, to_timm_state_dict
+from dinov2_patho.models.student import build_student_backbone
 from dinov2_patho.models.weights import timm_model_kwargs
-from dinov2_patho.train import checkpoint as ckpt
-from dinov2_patho.train.student import build_student_backbone
 
 log = get_logger(__name__)
 
@@ -86,19 +87,3 @@ def export_teacher(checkpoint: str | Path, output_dir: str | Path,
                   for k, v in timm_model_kwargs(vit).items()}
         atomic_write_text(written["timm_kwargs"], json.dumps(kwargs, indent=1))
     return written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a checkpoint directory (iter_N) or a training output directory (its latest)")
-    parser.add_argument("--output-dir", required=True, metavar="DIR",
-                        help="where teacher_backbone_dinov2.pth / teacher_backbone_timm.pth go")
-    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
-                        help="dinov2: DINOv2 hub layout (our ViT, torch.hub's dinov2 models); timm: timm's "
-                             "VisionTransformer, with timm_model_kwargs.json (default: both)")
-
-
-def run(args: argparse.Namespace) -> int:
-    for kind, path in export_teacher(args.checkpoint, args.output_dir, tuple(args.format)).items():
-        print(f"{kind}: {path}")
-    return 0

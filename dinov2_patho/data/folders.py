@@ -4,22 +4,26 @@
   (`curate write`'s OUT/index, `index build`'s);
 - `--embeddings`: a finished `curate embed` folder or its embeddings.npy, or any (N, D) .npy;
 - `--slides`: a slide folder or a `slide_id,path` CSV (`SlideRegistry.from_spec`);
-- `--backbone`: a training run or checkpoint folder, or a weights file (`eval.backbone.load_backbone`).
+- `--backbone`: a training run or checkpoint folder, or a weights file (`backbones.load.load_backbone`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from dinov2_patho.curation.tissue import INDEX, TILES_CSV, read_settings
 from dinov2_patho.data.index_format import MANIFEST as INDEX_MANIFEST
 from dinov2_patho.errors import UserError
+from dinov2_patho.jsonfile import read_json
 
 # the flags' help, in every command's parser
 TILES_HELP = "a `curate tiles` folder, its tiles.csv or its index/, or a tile index directory"
 EMBEDDINGS_HELP = "a `curate embed` folder or its embeddings.npy"
 BACKBONE_HELP = ("a training run or checkpoint folder (its teacher, at its own size: no --arch needed), "
                  "or a weights file (ours, DINOv2 hub or timm); omit for a random-init baseline")
+# a `curate tiles` folder (curation/tissue.py)
+TILES_CSV, SLIDES_CSV, SETTINGS, INDEX = "tiles.csv", "slides.csv", "tiles.json", "index"
+SETTINGS_SHAPE = {"slides": str, "mpp_override": float | None, "backend": str | None, "fallback": str | None}
 EMBEDDINGS = "embeddings.npy"  # of `curate embed`'s folder, renamed from its .partial.npy once complete
 
 
@@ -56,3 +60,12 @@ def embeddings_file(path: str | Path, flag: str = "--embeddings") -> Path:
     if not path.is_file():
         raise UserError(f"{flag} {path} does not exist (a .npy file or a `curate embed` folder)")
     return path
+
+
+def read_settings(out: Path) -> dict[str, Any]:
+    """The settings `curate tiles` wrote in OUT ({} for a tile index made otherwise)."""
+    path = Path(out) / SETTINGS
+    if not path.is_file():
+        return {}
+    return read_json(path, "tile list settings", "rerun `dinov2-patho curate tiles` into that directory",
+                     shape=SETTINGS_SHAPE)

@@ -1,5 +1,5 @@
 """Images to backbone input: 224 px, normalised float tensors (ImageNet's mean / std unless the
-backbone has its own, `eval.hub.normalisation`).
+backbone has its own, `backbones.hub.normalisation`).
 
 `target_mpp=None` is eva's `ResizeAndCrop`: shorter side to 224, centre crop, whatever
 the scan resolution. With a `target_mpp` (say 0.5, our pretraining tiles' 112 µm field)
@@ -42,3 +42,15 @@ class Preprocess:
         # slower with 2 threads on 2 shared cores (benchmarks/preprocess_threads.py)
         x = (np.asarray(pil, np.float32) / 255.0 - np.float32(self.mean)) / np.float32(self.std)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def normalise_on_device(mean: tuple[float, ...], std: tuple[float, ...]):
+    """uint8 [B, 3, H, W] -> ImageNet-normalised float, on the batch's device."""
+    import torch
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+        return (x.float() - m) / s
+
+    return apply

@@ -19,10 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from dinov2_patho.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
-
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 log = get_logger(__name__)
 

@@ -14,11 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinov2_patho.backbones.hub import build_hub_backbone, is_hub_name
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 from dinov2_patho.registry import did_you_mean
-
-from .hub import build_hub_backbone, is_hub_name
 
 log = get_logger(__name__)
 
@@ -103,7 +102,7 @@ def load_backbone(path: str | Path | None, arch: str = "vit_small", weights_form
 def _build(path: str | Path | None, arch: str, weights_format: str, **model_kwargs: Any) -> nn.Module:
     run = _training_run(path)
     if run is not None:
-        from dinov2_patho.train.export import teacher_backbone
+        from dinov2_patho.backbones.teacher import teacher_backbone
 
         if model_kwargs:
             raise UserError(f"backbone.model: {path} is a training run, built from its own config; "
