@@ -51,7 +51,7 @@ def _check_model_kwargs(arch: str, model_kwargs: dict[str, Any]) -> None:
 
 def _training_run(path: str | Path | None) -> Path | None:
     """A run or checkpoint directory (or a checkpoint's state file, taken as its directory)."""
-    from dinov2_patho.train.checkpoint import SHARED_FILE
+    from dinov2_patho.checkpoint_files import SHARED_FILE
 
     if path is None:
         return None
