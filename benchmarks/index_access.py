@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.data.index_format import UINT24, LevelMeta, Manifest, encode_xy
+from dinov2_patho.data.index.format import UINT24, LevelMeta, Manifest, encode_xy
 
 FULL_ROWS = 349_664_180
 SLIDES = 37_096

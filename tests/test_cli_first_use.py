@@ -74,7 +74,7 @@ def test_report_refuses_a_missing_path_it_was_given(tmp_path, capsys, option, me
 
 @pytest.mark.parametrize("content", [None, "slide_id,tile_x,tile_y,tissue_type\ns,0,0,a\n"])
 def test_index_build_of_a_bad_csv_draws_no_progress_bar(tmp_path, capsys, content):
-    from dinov2_patho.data.index_ingest import build
+    from dinov2_patho.data.index.ingest import build
 
     csv = tmp_path / "clusters.csv"
     if content is not None:
@@ -102,7 +102,7 @@ def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, unbuffered):
     import subprocess
     import sys
 
-    from dinov2_patho.data.index_ingest import build
+    from dinov2_patho.data.index.ingest import build
 
     csv = tmp_path / "clusters.csv"
     csv.write_text("slide_id,tile_x,tile_y,level_1\ns,0,0,1\ns,224,0,2\n")
@@ -248,7 +248,7 @@ def test_logs_go_to_stderr_so_stdout_holds_only_results(capsys):
 
 def test_a_level_of_an_index_without_levels_says_it_has_none(tmp_path):
     from dinov2_patho.data.index import TileIndex
-    from dinov2_patho.data.index_ingest import build
+    from dinov2_patho.data.index.ingest import build
     from dinov2_patho.data.mosaic import parse_level
 
     csv = tmp_path / "tiles.csv"

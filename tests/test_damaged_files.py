@@ -13,7 +13,7 @@ import torch
 
 from dinov2_patho.cli import main
 from dinov2_patho.data.index import build_index
-from dinov2_patho.data.index_format import Manifest, index_files
+from dinov2_patho.data.index.format import Manifest, index_files
 from dinov2_patho.readback import DamagedFileError, load_npy, load_state
 
 

@@ -343,9 +343,9 @@ def test_cohort_index(cohort, cohort_index):
 
 def test_hash_collisions_are_checked_on_exact_tiles(tmp_path, monkeypatch):
     """Duplicates are confirmed on (slide, x, y): with every hash equal, only true repeats are dropped."""
-    from dinov2_patho.data import index_ingest
+    from dinov2_patho.data.index import scratch
 
-    monkeypatch.setattr(index_ingest, "tile_hash", lambda s, x, y: np.zeros(x.size, np.uint64))
+    monkeypatch.setattr(scratch, "tile_hash", lambda s, x, y: np.zeros(x.size, np.uint64))
     rows = [("a", 0, 0, 1), ("a", 0, 224, 1), ("b", 0, 0, 2), ("a", 0, 224, 3), ("c", 5, 5, 1)]
     index = build_index(write_csv(tmp_path / "c.csv", rows, 1), tmp_path / "idx", dedupe=True, progress=False)
     check_round_trip(index, [rows[i] for i in (0, 1, 2, 4)], 1)
@@ -353,7 +353,7 @@ def test_hash_collisions_are_checked_on_exact_tiles(tmp_path, monkeypatch):
 
 def test_cluster_values_leaving_the_lookup_table_midway(tmp_path, monkeypatch):
     """Small values first (lookup table), then huge ones in later blocks (sorted table): same ids."""
-    from dinov2_patho.data import index_source
+    from dinov2_patho.data.index import source as index_source
 
     monkeypatch.setattr(index_source, "CSV_BLOCK_SIZE", 1 << 12)
     rows = [("s", i, 0, i % 50 if i < 1000 else (i % 70) * 2**40 + i % 3) for i in range(2000)]
@@ -366,7 +366,7 @@ def test_cluster_values_leaving_the_lookup_table_midway(tmp_path, monkeypatch):
     ([("s0", 0, 0, 5), ("s1", 1 << 24, 0, -3), ("s0", 224, 0, 5)], "int32", False, True),
 ])
 def test_the_format_module_defines_every_file_and_manifest_key(tmp_path, rows, coords, grouped, stored):
-    from dinov2_patho.data.index_format import Manifest, index_files
+    from dinov2_patho.data.index.format import Manifest, index_files
 
     index = build_index(write_csv(tmp_path / "c.csv", rows, 1), tmp_path / "idx", progress=False)
     manifest = Manifest.read(tmp_path / "idx")
@@ -380,7 +380,7 @@ def test_the_format_module_defines_every_file_and_manifest_key(tmp_path, rows, c
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, (1 << 24) - 1), st.integers(0, (1 << 24) - 1)), max_size=50))
 def test_uint24_codec_round_trips(pairs):
-    from dinov2_patho.data.index_format import UINT24, decode_xy, encode_xy
+    from dinov2_patho.data.index.format import UINT24, decode_xy, encode_xy
 
     x, y = (np.array([p[i] for p in pairs], np.int32) for i in (0, 1))
     encoded = encode_xy(UINT24, x, y)
@@ -393,7 +393,7 @@ def test_format_names_are_imported_from_the_format_module():
     """Nothing reaches into the ingest for a name that the format module defines."""
     import ast
 
-    from dinov2_patho.data import index_format
+    from dinov2_patho.data.index import format as index_format
 
     root = Path(__file__).resolve().parents[1]
     format_names = {n for n in vars(index_format) if not n.startswith("_")}
@@ -401,7 +401,7 @@ def test_format_names_are_imported_from_the_format_module():
     for package in ("dinov2_patho", "samplers", "eval"):
         for path in sorted((root / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("index_ingest"):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("index.ingest"):
                     found += [f"{path.relative_to(root)}: {a.name}" for a in node.names
                               if a.name in format_names]
     assert not found

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from dinov2_patho.curation import embed
-from dinov2_patho.data import index as index_module
 from dinov2_patho.data.index import TileIndex
-from dinov2_patho.data.index_format import (
+from dinov2_patho.data.index import tile_index as index_module
+from dinov2_patho.data.index.format import (
     SLIDE_OFFSETS,
     SLIDES,
     UINT24,

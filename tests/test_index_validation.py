@@ -8,8 +8,8 @@ import json
 import pytest
 
 from dinov2_patho.cli import main
-from dinov2_patho.data import index_source
 from dinov2_patho.data.index import build_index
+from dinov2_patho.data.index import source as index_source
 from dinov2_patho.errors import UserError
 
 HEADER = "slide_id,tile_x,tile_y,level_1,level_2\n"

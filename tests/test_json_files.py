@@ -19,7 +19,7 @@ from dinov2_patho.backbones.features import MANIFEST, check_cache_manifest, rows
 from dinov2_patho.curation import embed, tree
 from dinov2_patho.data import folders
 from dinov2_patho.data.index import TileIndex, build_index
-from dinov2_patho.data.index_format import Manifest
+from dinov2_patho.data.index.format import Manifest
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.jsonfile import JsonFileError, read_json

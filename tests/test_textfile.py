@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dinov2_patho.cli import main
-from dinov2_patho.data.index_source import iter_batches, read_text_table
+from dinov2_patho.data.index.source import iter_batches, read_text_table
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.slide.tasks import read_labels

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dinov2_patho.data.index_format import MANIFEST as INDEX_MANIFEST
+from dinov2_patho.data.index.format import MANIFEST as INDEX_MANIFEST
 from dinov2_patho.errors import UserError
 from dinov2_patho.jsonfile import read_json
 

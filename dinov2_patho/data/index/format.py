@@ -1,5 +1,5 @@
 """The tile index on disk, defined once: file names, manifest, dtypes and the coordinate codec,
-for the writer (index_ingest), the reader (index) and the checks.
+for the writer (ingest.py), the reader (tile_index.py) and the checks.
 
 An index is a directory; `manifest.json` is written last, so its presence marks a complete index:
 - `xy.npy`: per-row coordinates, uint8 [N, 6] (x, y as little-endian 24-bit, when every coordinate is

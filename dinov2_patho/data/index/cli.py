@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dinov2_patho.data.index import TileIndex, build_index
+from dinov2_patho.data.index.tile_index import TileIndex, build_index
 from dinov2_patho.logging import setup_logging
 
 

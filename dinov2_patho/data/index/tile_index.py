@@ -1,6 +1,6 @@
 """TileIndex: the clustering CSV, ingested once, read as memory maps; views select rows without copying.
 
-The files on disk are defined in index_format.py; row i is data row i of the CSV (after `--dedupe`,
+The files on disk are defined in format.py; row i is data row i of the CSV (after `--dedupe`,
 of the kept rows, in order).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.data.index_format import (
+from dinov2_patho.data.index.format import (
     REBUILD,
     SLIDE,
     SLIDE_OFFSETS,
@@ -25,8 +25,8 @@ from dinov2_patho.data.index_format import (
     level_sizes_file,
     level_values_file,
 )
-from dinov2_patho.data.index_ingest import build
-from dinov2_patho.data.index_source import read_text_table
+from dinov2_patho.data.index.ingest import build
+from dinov2_patho.data.index.source import read_text_table
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import sha256_file
 from dinov2_patho.jsonfile import JsonFileError, read_json
@@ -123,7 +123,7 @@ class TileIndex:
 
     @property
     def manifest(self) -> dict:
-        """The manifest as stored (see index_format.Manifest)."""
+        """The manifest as stored (see format.Manifest)."""
         return self._store.manifest.as_dict()
 
     # --- per-row data ---------------------------------------------------------------------------

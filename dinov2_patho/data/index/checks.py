@@ -7,23 +7,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dinov2_patho.data.index_source import row_error
-from dinov2_patho.hashing import splitmix64
+from dinov2_patho.data.index.source import row_error
 from dinov2_patho.logging import get_logger
 
 if TYPE_CHECKING:
-    from dinov2_patho.data.index_ingest import Scratch
+    from dinov2_patho.data.index.scratch import Scratch
 
 log = get_logger(__name__)
-
-HASH_RECORD = np.dtype([("h", "<u8"), ("row", "<u8")])
-
-
-def tile_hash(slide: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """A uint64 per (slide, x, y): equal tiles hash equal (a candidate duplicate, then confirmed)."""
-    key = (x.astype(np.uint64) << np.uint64(32)) | y.astype(np.uint64)
-    return splitmix64(key ^ splitmix64(slide))
-
 
 def find_duplicates(
     src: Path, scratch: Scratch, num_rows: int, slide_names: list[str], *, dedupe: bool, csv_lines: bool
