@@ -23,7 +23,7 @@ from dinov2_patho.data.index.format import Manifest
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.jsonfile import JsonFileError, read_json
-from dinov2_patho.report import training as report_training
+from dinov2_patho.report import run as report_run
 from dinov2_patho.train import metrics_log
 
 
@@ -88,11 +88,11 @@ def _case(name: str, tmp: Path) -> Case:
         return Case(path, lambda: metrics_log.read_metrics(path), lines=True)
     if name == "metrics (report)":
         path = _metrics(tmp)
-        return Case(path, lambda: _columns(report_training.read_metrics(tmp)), lines=True)
+        return Case(path, lambda: _columns(report_run.read_metrics(tmp)), lines=True)
     raise KeyError(name)
 
 
-def _columns(metrics: report_training.Metrics) -> list[dict[str, float]]:
+def _columns(metrics: report_run.Metrics) -> list[dict[str, float]]:
     """The report's columns as records (the numeric keys), to compare with the records written."""
     keys = sorted(metrics.columns)
     return [{k: float(metrics.columns[k][i]) for k in keys} for i in range(len(metrics))]
@@ -239,7 +239,7 @@ def test_a_bad_line_before_the_last_is_an_error_naming_it(tmp_path):
                          (b'{"lr": 0.1}', "no key 'iteration'"), (b'{"iteration": 1.0}', "not an integer"),
                          (b"\xff\xfe", "invalid UTF-8 byte 0xff at byte offset")]:
         path.write_bytes(b"\n".join([lines[0], bad, *lines[2:]]))
-        for read in (lambda: metrics_log.read_metrics(path), lambda: report_training.read_metrics(tmp_path)):
+        for read in (lambda: metrics_log.read_metrics(path), lambda: report_run.read_metrics(tmp_path)):
             with pytest.raises(UserError) as raised:
                 read()
             message = str(raised.value)
@@ -275,7 +275,7 @@ def test_resume_after_a_kill_mid_line_drops_that_line_with_a_warning(cohort, coh
     path = tmp_path / metrics_log.METRICS_FILE
     whole = path.read_bytes()
     path.write_bytes(whole + whole.split(b"\n")[1][:30])  # the kill cut the record of iteration 2
-    report = report_training.read_metrics(tmp_path)
+    report = report_run.read_metrics(tmp_path)
     assert report.columns["iteration"].tolist() == [0, 1]
     assert report.notes == [f"{path}: last line 3 is incomplete (a run killed while writing it); left out"]
 
@@ -292,4 +292,4 @@ def test_resume_after_a_kill_mid_line_drops_that_line_with_a_warning(cohort, coh
 def test_report_and_trainer_read_the_same_records(tmp_path):
     records = metrics_log.read_metrics(_metrics(tmp_path))
     assert [r["iteration"] for r in records] == [0, 1, 2]
-    assert _columns(report_training.read_metrics(tmp_path)) == _as_read("metrics (report)", records)
+    assert _columns(report_run.read_metrics(tmp_path)) == _as_read("metrics (report)", records)

@@ -221,7 +221,7 @@ def test_evaluation_hook_runs_benchmarks_on_the_teacher(cohort, cohort_index, tm
     assert [(r["iteration"], r["eval_iteration"], r["eval/bach/knn_20"]) for r in curve] \
         == [(-1, 0, 0.1), (1, 2, 0.2), (3, 4, 0.3)]
     # ...and the report reads it apart from the iterations
-    from dinov2_patho.report.training import read_metrics as report_metrics
+    from dinov2_patho.report.run import read_metrics as report_metrics
 
     metrics = report_metrics(tmp_path)
     assert len(metrics) == 4 and list(metrics.evals["iteration"]) == [0, 2, 4]

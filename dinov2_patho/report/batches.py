@@ -10,13 +10,49 @@ import numpy as np
 
 from dinov2_patho.progress import progress_bar
 from dinov2_patho.report.figures import figure_uri, plot_series, pyplot
-from dinov2_patho.report.training import Metrics
+from dinov2_patho.report.page import Panel
+from dinov2_patho.report.run import Metrics, RunInputs
 from dinov2_patho.samplers import SamplerError, build_sampler, subset_view
 from dinov2_patho.samplers.telemetry import TelemetrySummary, batch_stats
 
 TELEMETRY = ("sampler/clusters", "sampler/slides", "sampler/per_cluster_min", "sampler/per_cluster_max")
 SUMMARY_KEYS = ("cluster_coverage", "tile_coverage", "distinct_slides", "balance_entropy",
                 "slides_mean", "per_cluster_min_mean", "per_cluster_max_mean")
+
+
+def fill_panel(panel: Panel, run: RunInputs) -> None:
+    panel.figure(telemetry_figure(run.metrics), "telemetry")
+    index, sampler_cfg, data = run.tile_index, run.config.get("sampler", {}), run.config.get("data", {})
+    if index is None:
+        panel.notes.append(run.index_note)
+    elif sampler_cfg:
+        steps = max(1, min(run.batch_steps, len(run.metrics)))
+        batch = global_batch(run.sessions, run.metrics, run.config)
+        subset = data.get("subset")
+        replays, notes = compare_samplers(index, sampler_cfg, batch, run.level, steps, run.progress,
+                                          subset=subset)
+        panel.notes += notes
+        if replays:
+            level_name = index.level_names[run.level - 1]
+            which = ("The run's sampler and a uniform sampler over the same index" if subset is None else
+                     f"The run's sampler over its data.subset {subset} and a uniform sampler over the "
+                     "whole index")
+            panel.text(f"{which}, replayed here for their "
+                       f"first {steps} batches of {batch} tiles; clusters at "
+                       f"{level_name}.")
+            panel.figure(comparison_figure(replays, level_name), "comparison")
+            panel.table(summary_rows(replays))
+
+
+def global_batch(sessions: list[dict[str, Any]], metrics: Metrics, config: dict[str, Any]) -> int:
+    """The run's global batch: as its log says, else from its throughput, else its config's per-GPU one."""
+    for event in reversed(sessions):
+        if "global_batch" in event:
+            return int(event["global_batch"])
+    samples, seconds = metrics.get("samples_per_s"), metrics.get("iter_time")
+    if samples is not None and seconds is not None:
+        return int(round(samples[0] * seconds[0]))
+    return int(config.get("train", {}).get("batch_size_per_gpu", 1))
 
 
 @dataclass

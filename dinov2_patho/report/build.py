@@ -1,5 +1,6 @@
-"""`write_report`: gather a run's panels and write the page. A partial run gets what exists; each
-missing input is a note in its panel, each wrong one a one-line error."""
+"""`write_report`: gather a run's inputs, let each panel's module fill its panel, write the page. A
+partial run gets what exists; each missing input is a note in its panel, each wrong one a one-line
+error."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from dinov2_patho.checkpoint_files import CHECKPOINTS
 from dinov2_patho.config_files import read_yaml, to_container
 from dinov2_patho.data.dataset import build_tile_source
 from dinov2_patho.data.index import TileIndex
@@ -19,22 +17,13 @@ from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_write_text
 from dinov2_patho.logging import get_logger
 from dinov2_patho.report import batches, embedding, evaluation, training, tree
-from dinov2_patho.report.page import Panel, render
+from dinov2_patho.report.page import PANELS, Panel, render
+from dinov2_patho.report.run import RunInputs, read_metrics, read_sessions
 
 log = get_logger(__name__)
 
-MOSAIC_PX = 64
-MAP_THUMB_PX = 64
-
-
-def _global_batch(sessions: list[dict[str, Any]], metrics: training.Metrics, config: dict[str, Any]) -> int:
-    for event in reversed(sessions):
-        if "global_batch" in event:
-            return int(event["global_batch"])
-    samples, seconds = metrics.get("samples_per_s"), metrics.get("iter_time")
-    if samples is not None and seconds is not None:
-        return int(round(samples[0] * seconds[0]))
-    return int(config.get("train", {}).get("batch_size_per_gpu", 1))
+PANEL_MODULES = {"training": training, "batches": batches, "tree": tree, "embedding": embedding,
+                 "evaluation": evaluation}  # page.PANELS' keys -> the module that fills each
 
 
 def _tile_source(data: dict[str, Any], slides: str | Path | None, notes: list[str]):
@@ -71,25 +60,28 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
     for eval_dir in eval_dirs:
         if not Path(eval_dir).is_dir():
             raise UserError(f"eval directory {eval_dir} does not exist")
-    metrics = training.read_metrics(run_dir)
-    panels = {key: Panel(key) for key in ("training", "batches", "tree", "embedding", "evaluation")}
+    run = _gather(run_dir, index, slides, embeddings, level, metadata, eval_dirs, map_points=map_points,
+                  mosaic_clusters=mosaic_clusters, tiles_per_cluster=tiles_per_cluster,
+                  batch_steps=batch_steps, seed=seed, progress=progress)
+    panels = {key: Panel(key) for key, _ in PANELS}
+    for key, panel in panels.items():
+        PANEL_MODULES[key].fill_panel(panel, run)
+    subtitle = (f"{run_dir.resolve()} · {len(run.metrics):,} iterations logged · written "
+                f"{time.strftime('%Y-%m-%d %H:%M')}")
+    atomic_write_text(out, render(f"dinov2-patho report: {run_dir.name}", subtitle, panels))
+    log.info("report %s written in %.1f s", out, time.perf_counter() - t0)
+    return Path(out)
+
+
+def _gather(run_dir: Path, index: str | Path | None, slides: str | Path | None, embeddings: str | Path | None,
+            level: int | str | None, metadata: str | Path | None,
+            eval_dirs: Sequence[str | Path], **options: Any) -> RunInputs:
+    """The run's metrics, sessions and config, and the index, level, embeddings and tile source the panels
+    draw from (a mismatch fails here, before any panel's work); `options`: the panels' own."""
+    metrics = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
     config = to_container(read_yaml(config_path)) if config_path.is_file() else {}
-
-    # a. training
-    a = panels["training"]
-    a.notes += metrics.notes
-    sessions = training.read_sessions(run_dir)
-    checkpoints = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("iter_*"))
-    a.table([["", ""], *training.run_facts(metrics, config, sessions, checkpoints)], header=False)
-    for name, uri in training.training_figures(metrics).items():
-        a.figure(uri, name)
-    if config:
-        a.preformatted("resolved config (config.yaml)", OmegaConf.to_yaml(OmegaConf.create(config)))
-    else:
-        a.notes.append(f"no config.yaml in {run_dir}")
-
-    # the index, the level, the tiles
+    sessions = read_sessions(run_dir)
     data = config.get("data", {})
     sampler_cfg = config.get("sampler", {})
     index_path = index if index is not None else data.get("index")
@@ -107,76 +99,11 @@ def write_report(run_dir: str | Path, out: str | Path, *, index: str | Path | No
     emb = None
     if embeddings is not None and tile_index is not None:
         emb = embedding.load_embeddings(embeddings, tile_index)  # a mismatch fails before any work
-    source = _tile_source(data, slides, panels["tree"].notes) if tile_index is not None else None
+    source_notes: list[str] = []
+    source = _tile_source(data, slides, source_notes) if tile_index is not None else None
     if metadata is None:
         metadata = sampler_cfg.get("metadata_csv")
-
-    # b. batches
-    b = panels["batches"]
-    b.figure(batches.telemetry_figure(metrics), "telemetry")
-    if tile_index is None:
-        b.notes.append(note)
-    elif sampler_cfg:
-        steps = max(1, min(batch_steps, len(metrics)))
-        global_batch = _global_batch(sessions, metrics, config)
-        subset = data.get("subset")
-        replays, notes = batches.compare_samplers(tile_index, sampler_cfg, global_batch, level, steps,
-                                                  progress, subset=subset)
-        b.notes += notes
-        if replays:
-            which = ("The run's sampler and a uniform sampler over the same index" if subset is None else
-                     f"The run's sampler over its data.subset {subset} and a uniform sampler over the "
-                     "whole index")
-            b.text(f"{which}, replayed here for their "
-                   f"first {steps} batches of {global_batch} tiles; clusters at "
-                   f"{tile_index.level_names[level - 1]}.")
-            b.figure(batches.comparison_figure(replays, tile_index.level_names[level - 1]), "comparison")
-            b.table(batches.summary_rows(replays))
-
-    # c. the tree
-    c = panels["tree"]
-    if tile_index is None:
-        c.notes.append(note)
-    else:
-        c.table(tree.level_rows(tile_index))
-        c.figure(tree.size_figure(tile_index), "cluster sizes")
-        if source is not None:
-            images, errors = tree.mosaics(tile_index, source, level, mosaic_clusters, tiles_per_cluster,
-                                          MOSAIC_PX, seed, progress)
-            c.notes += errors[:5]
-            for name, uri in images.items():
-                c.heading(f"{name} clusters of {tile_index.level_names[level - 1]}")
-                c.figure(uri, f"{name} clusters")
-
-    # d. embedding map
-    d = panels["embedding"]
-    if embeddings is None:
-        d.notes.append("no embeddings given (--embeddings: `curate embed`'s embeddings.npy or its directory)")
-    elif emb is None:
-        d.notes.append(note)
-    else:
-        errors: list[str] = []
-        d.embedding_map(embedding.embedding_map(tile_index, emb, source, points=map_points, seed=seed,
-                                                metadata_csv=metadata, thumb_px=MAP_THUMB_PX, errors=errors,
-                                                progress=progress))
-        d.notes += errors[:5]
-        if source is None:
-            d.notes.append("no tile source: points show no tile (give --slides)")
-
-    # e. evaluation
-    e = panels["evaluation"]
-    found = evaluation.find_results([run_dir, *map(Path, eval_dirs)])
-    if not found:
-        e.notes.append(f"no evaluation results (results.csv of `eval run`) under {run_dir}"
-                       + "".join(f" or {p}" for p in eval_dirs))
-    for directory in found:
-        for name, rows, plot in evaluation.result_tables(directory):
-            e.heading(f"{directory} / {name} (scores in %)")
-            e.table(rows)
-            e.figure(plot, name)
-
-    subtitle = (f"{run_dir.resolve()} · {len(metrics):,} iterations logged · written "
-                f"{time.strftime('%Y-%m-%d %H:%M')}")
-    atomic_write_text(out, render(f"dinov2-patho report: {run_dir.name}", subtitle, panels))
-    log.info("report %s written in %.1f s", out, time.perf_counter() - t0)
-    return Path(out)
+    return RunInputs(run_dir=run_dir, metrics=metrics, config=config, sessions=sessions,
+                     tile_index=tile_index, index_note=note, level=level, embeddings=embeddings, emb=emb,
+                     source=source, source_notes=source_notes, metadata=metadata, eval_dirs=eval_dirs,
+                     **options)

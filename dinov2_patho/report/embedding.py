@@ -14,7 +14,27 @@ from dinov2_patho.data.mosaic import read_thumbnails, sample_rows
 from dinov2_patho.data.readers import TileSource
 from dinov2_patho.errors import UserError
 from dinov2_patho.report.figures import image_uri
+from dinov2_patho.report.page import Panel
+from dinov2_patho.report.run import RunInputs
 from dinov2_patho.textfile import open_text
+
+MAP_THUMB_PX = 64
+
+
+def fill_panel(panel: Panel, run: RunInputs) -> None:
+    if run.embeddings is None:
+        panel.notes.append("no embeddings given (--embeddings: `curate embed`'s embeddings.npy or its "
+                           "directory)")
+    elif run.emb is None:
+        panel.notes.append(run.index_note)
+    else:
+        errors: list[str] = []
+        panel.embedding_map(embedding_map(run.tile_index, run.emb, run.source, points=run.map_points,
+                                          seed=run.seed, metadata_csv=run.metadata, thumb_px=MAP_THUMB_PX,
+                                          errors=errors, progress=run.progress))
+        panel.notes += errors[:5]
+        if run.source is None:
+            panel.notes.append("no tile source: points show no tile (give --slides)")
 
 
 def load_embeddings(path: str | Path, index: Any) -> np.ndarray:

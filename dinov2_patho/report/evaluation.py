@@ -6,9 +6,23 @@ import base64
 import csv
 from pathlib import Path
 
+from dinov2_patho.report.page import Panel
+from dinov2_patho.report.run import RunInputs
 from dinov2_patho.textfile import open_text
 
 SCORES = ("balanced_accuracy", "balanced_accuracy_std", "macro_f1", "auroc", "kappa", "quadratic_kappa")
+
+
+def fill_panel(panel: Panel, run: RunInputs) -> None:
+    found = find_results([run.run_dir, *map(Path, run.eval_dirs)])
+    if not found:
+        panel.notes.append(f"no evaluation results (results.csv of `eval run`) under {run.run_dir}"
+                           + "".join(f" or {p}" for p in run.eval_dirs))
+    for directory in found:
+        for name, rows, plot in result_tables(directory):
+            panel.heading(f"{directory} / {name} (scores in %)")
+            panel.table(rows)
+            panel.figure(plot, name)
 
 
 def find_results(roots: list[Path]) -> list[Path]:

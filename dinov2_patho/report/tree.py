@@ -9,6 +9,27 @@ import numpy as np
 from dinov2_patho.data.mosaic import cluster_groups, draw_grid, largest_and_smallest, read_grid
 from dinov2_patho.data.readers import TileSource
 from dinov2_patho.report.figures import figure_uri, image_uri, pyplot
+from dinov2_patho.report.page import Panel
+from dinov2_patho.report.run import RunInputs
+
+MOSAIC_PX = 64
+
+
+def fill_panel(panel: Panel, run: RunInputs) -> None:
+    panel.notes += run.source_notes
+    index = run.tile_index
+    if index is None:
+        panel.notes.append(run.index_note)
+        return
+    panel.table(level_rows(index))
+    panel.figure(size_figure(index), "cluster sizes")
+    if run.source is not None:
+        images, errors = mosaics(index, run.source, run.level, run.mosaic_clusters, run.tiles_per_cluster,
+                                 MOSAIC_PX, run.seed, run.progress)
+        panel.notes += errors[:5]
+        for name, uri in images.items():
+            panel.heading(f"{name} clusters of {index.level_names[run.level - 1]}")
+            panel.figure(uri, f"{name} clusters")
 
 
 def level_rows(index: Any) -> list[list[str]]:
