@@ -28,9 +28,8 @@ import torch
 
 from dinov2_patho.backbones.load import load_backbone
 from dinov2_patho.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from dinov2_patho.curation.config import load_curation_config
-from dinov2_patho.curation.embed import embed_tiles
-from dinov2_patho.curation.tissue import tissue_tiles
+from dinov2_patho.curation.embed import EmbedConfig, embed_tiles
+from dinov2_patho.curation.tissue import TilesConfig, tissue_tiles
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.data.slides import SlideRegistry
@@ -58,9 +57,7 @@ def reference(tiles_dir: Path, slides: Path, arch: str, model_kwargs: dict, batc
 
 def ours(tiles_dir: Path, out: Path, arch: str, model_kwargs: dict, batch_size: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    config = load_curation_config(overrides=[f"embed.batch_size={batch_size}", "embed.num_workers=0",
-                                             "embed.device=cpu",
-                                             *(f"embed.model.{k}={v}" for k, v in model_kwargs.items())])
+    config = EmbedConfig(batch_size=batch_size, num_workers=0, device="cpu", model=dict(model_kwargs))
     embed_tiles(tiles_dir, out, arch=arch, config=config, progress=False)
 
 
@@ -89,8 +86,7 @@ def main() -> int:
         tmp = Path(tmp)
         cohort = make_cohort(tmp / "cohort", num_slides=slides_n, seed=0)
         tiles_dir = tmp / "tiles"
-        tissue_tiles(cohort.slides_dir, tiles_dir, config=load_curation_config(overrides=["tiles.workers=1"]),
-                     progress=False)
+        tissue_tiles(cohort.slides_dir, tiles_dir, config=TilesConfig(workers=1), progress=False)
         n = len(TileIndex.open(tiles_dir / "index"))
         ref_t, our_t = [], []
         for _ in range(rounds):

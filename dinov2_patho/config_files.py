@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -25,6 +25,9 @@ from dinov2_patho.registry import did_you_mean
 
 class ConfigError(UserError):
     pass
+
+
+T = TypeVar("T")
 
 
 def packaged_config(relpath: str) -> Path:
@@ -102,6 +105,40 @@ def check_keys(cfg: DictConfig, reference: DictConfig, source: str, open_keys: I
 Migration = Callable[[DictConfig, DictConfig, str], DictConfig]
 
 
+def _file_layer(config_file: str | Path | DictConfig | None, shipped_dir: Path, source: str | None,
+                ) -> list[tuple[str, DictConfig]]:
+    """The config file's layer, named (none without one): a file path, or a config already read."""
+    if isinstance(config_file, DictConfig):
+        return [(source or "config", config_file)]
+    if config_file is None:
+        return []
+    shipped = shipped_dir / Path(config_file).name
+    if not Path(config_file).is_file() and shipped.is_file():  # `--config-file t1.yaml` outside the repo
+        raise ConfigError(f"config file {config_file} does not exist; the shipped one is {shipped}")
+    return [(str(config_file), read_yaml(config_file))]
+
+
+def _merge_layers(cfg: DictConfig, layers: list[tuple[str, DictConfig]], open_keys: Iterable[str],
+                  moved: Mapping[str, str] | None) -> DictConfig:
+    """`layers` merged over `cfg` in order, each key checked against `cfg`'s; a ??? a layer leaves
+    unset is an error naming the key and the layer."""
+    required: dict[str, str] = {}  # key -> the layer that marked it ??? (mandatory)
+    for source, layer in layers:
+        check_keys(layer, cfg, source, open_keys, moved=moved)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:  # a value of the wrong type for a typed (dataclass) field
+            where = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
+            raise ConfigError(f"{source}: {where}{str(e.msg or e).splitlines()[0]}") from e
+        required = {key: where for key, where in required.items() if not _sets(layer, key)}
+        required.update({key: source for key in OmegaConf.missing_keys(layer)})
+    if required:
+        # a merge keeps the value below a ??? (the default), which would run silently without it
+        key, source = next(iter(required.items()))
+        raise ConfigError(f"{key} is required by {source}: set {key}=... (it is ??? there)")
+    return cfg
+
+
 def load_config(defaults: str | Path, config_file: str | Path | DictConfig | None = None,
                 overrides: Sequence[str] = (), open_keys: Iterable[str] = (),
                 moved: Mapping[str, str] | None = None, migrate: Migration | None = None,
@@ -113,33 +150,26 @@ def load_config(defaults: str | Path, config_file: str | Path | DictConfig | Non
     if not defaults_path.is_file():
         defaults_path = packaged_config(str(defaults))
     cfg = read_yaml(defaults_path)
-    open_keys = tuple(open_keys)
-    layers: list[tuple[str, DictConfig]] = []
-    if isinstance(config_file, DictConfig):
-        layers.append((source or "config", config_file))
-    elif config_file is not None:
-        shipped = defaults_path.parent / Path(config_file).name
-        if not Path(config_file).is_file() and shipped.is_file():  # `--config-file t1.yaml` outside the repo
-            raise ConfigError(f"config file {config_file} does not exist; the shipped one is {shipped}")
-        layers.append((str(config_file), read_yaml(config_file)))
+    layers = _file_layer(config_file, defaults_path.parent, source)
     if layers and migrate is not None:
         layers[0] = (layers[0][0], migrate(layers[0][1], cfg, layers[0][0]))
     if overrides:
         layers.append(("command line", parse_overrides(overrides)))
-    required: dict[str, str] = {}  # key -> the layer that marked it ??? (mandatory)
-    for source, layer in layers:
-        check_keys(layer, cfg, source, open_keys, moved=moved)
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {e}") from e
-        required = {key: where for key, where in required.items() if not _sets(layer, key)}
-        required.update({key: source for key in OmegaConf.missing_keys(layer)})
-    if required:
-        # a merge keeps the value below a ??? (the default), which would run silently without it
-        key, source = next(iter(required.items()))
-        raise ConfigError(f"{key} is required by {source}: set {key}=... (it is ??? there)")
-    return cfg
+    return _merge_layers(cfg, layers, tuple(open_keys), moved)
+
+
+def load_structured(schema: type[T], shipped: str, config_file: str | Path | None = None,
+                    overrides: Sequence[str] = (), open_keys: Iterable[str] = ()) -> T:
+    """A dataclass config: `schema`'s defaults (`OmegaConf.structured`) <- a config file <- dot-list
+    overrides, every key checked against the schema's (an unknown key names the closest valid one),
+    then instantiated, so that each section's `__post_init__` checks its values. `shipped`: the folder
+    of `configs/` whose recipes a bare file name points to ('curation')."""
+    shipped_dir = Path(str(resources.files("dinov2_patho.configs").joinpath(shipped)))
+    layers = _file_layer(config_file, shipped_dir, None)
+    if overrides:
+        layers.append(("command line", parse_overrides(overrides)))
+    merged = _merge_layers(OmegaConf.structured(schema), layers, tuple(open_keys), None)
+    return OmegaConf.to_object(merged)
 
 
 def _sets(layer: DictConfig, key: str) -> bool:
@@ -186,19 +216,29 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_domains(cfg: DictConfig, numbers: dict[str, Domain], integers: dict[str, int],
+def _select(cfg: Any, key: str) -> Any:
+    """The value at dotted `key` of a config, or of a mapping of dataclasses ({"tiles": TilesConfig(...)})."""
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.select(cfg, key)
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, Mapping) else getattr(cfg, part, None)
+    return cfg
+
+
+def check_domains(cfg: DictConfig | Mapping[str, Any], numbers: dict[str, Domain], integers: dict[str, int],
                   optional: tuple[str, ...] = ()) -> None:
     """Raise ConfigError for the first value (by dotted key) outside its domain; `optional` keys may
-    also be null (each config's own tables: train/config_values.py, eval/runner.py, ...)."""
+    also be null (each config's own tables: train/config_values.py, eval/runner.py, ...). `cfg`: a
+    config, or a section's dataclass under its name (its `__post_init__`: {"tiles": self})."""
     for key, (why, ok) in numbers.items():
-        value = OmegaConf.select(cfg, key)
+        value = _select(cfg, key)
         if value is None and key in optional:
             continue
         if not _is_number(value) or not ok(value):
             raise ConfigError(f"{key}={value!r}: {why if _is_number(value) else 'must be a number'}"
                               + (" (or null)" if key in optional else ""))
     for key, minimum in integers.items():
-        value = OmegaConf.select(cfg, key)
+        value = _select(cfg, key)
         if value is None and key in optional:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -206,9 +246,22 @@ def check_domains(cfg: DictConfig, numbers: dict[str, Domain], integers: dict[st
                               + (" (or null)" if key in optional else ""))
 
 
-def check_choices(cfg: DictConfig, choices: dict[str, Sequence[str]]) -> None:
+def check_choices(cfg: DictConfig | Mapping[str, Any], choices: dict[str, Sequence[str]]) -> None:
     """Raise ConfigError for the first value (by dotted key) that is not one of its choices."""
     for key, valid in choices.items():
-        value = OmegaConf.select(cfg, key)
+        value = _select(cfg, key)
         if value not in valid:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(valid)}")
+
+
+def check_section(section: str, values: Any, numbers: dict[str, Domain] | None = None,
+                  integers: dict[str, int] | None = None, optional: tuple[str, ...] = (),
+                  choices: dict[str, Sequence[str]] | None = None) -> None:
+    """`check_domains` and `check_choices` over one section's dataclass (its `__post_init__`), keys being
+    its field names; the errors name the dotted key (`tiles.workers=0: must be an integer >= 1`)."""
+    def dotted(table: dict | None) -> dict:
+        return {f"{section}.{key}": value for key, value in (table or {}).items()}
+
+    nullable = tuple(f"{section}.{key}" for key in optional)
+    check_domains({section: values}, dotted(numbers), dotted(integers), nullable)
+    check_choices({section: values}, dotted(choices))

@@ -85,15 +85,16 @@ def test_index_build_of_a_bad_csv_draws_no_progress_bar(tmp_path, capsys, conten
 
 
 def test_a_shipped_configs_bare_name_points_to_where_it_is(tmp_path, monkeypatch):
-    from dinov2_patho.config_files import ConfigError, load_config, packaged_config
+    from dinov2_patho.config_files import ConfigError, packaged_config
+    from dinov2_patho.curation.config import load_curation_config
 
     monkeypatch.chdir(tmp_path)  # no cpu_smoke.yaml here: the help lists the shipped names
     shipped = packaged_config("curation/cpu_smoke.yaml")
     with pytest.raises(ConfigError, match=re.escape(f"config file cpu_smoke.yaml does not exist; the shipped "
                                                     f"one is {shipped}")):
-        load_config("curation/default.yaml", "cpu_smoke.yaml")
+        load_curation_config("cpu_smoke.yaml")
     with pytest.raises(ConfigError, match="^config file other.yaml does not exist$"):
-        load_config("curation/default.yaml", "other.yaml")
+        load_curation_config("other.yaml")
 
 
 @pytest.mark.parametrize("unbuffered", [True, False])
@@ -356,7 +357,7 @@ def test_train_no_progress_reaches_the_slide_preflight(cohort, cohort_index, tmp
     ("kmeans", "kmeans.init_points_per_centroid=0",
      "kmeans.init_points_per_centroid=0: must be an integer >= 1"),
     ("kmeans", "kmeans.seed=-1", "kmeans.seed=-1: must be an integer >= 0"),
-    ("kmeans", "kmeans.tol=-1", "kmeans.tol=-1: must be >= 0"),
+    ("kmeans", "kmeans.tol=-1", "kmeans.tol=-1.0: must be >= 0"),
     ("kmeans", "sample.strategy=nearest", "sample.strategy='nearest': must be one of random, closest"),
 ])
 def test_curation_values_out_of_their_domain_are_one_line_before_work(tmp_path, capsys, action, override,

@@ -32,7 +32,7 @@ def kmeans_cfg(levels: list[dict], **overrides):
     cfg = load_curation_config().kmeans
     cfg.levels = levels
     for key, value in {"engine": "torch", "device": "cpu", "chunk_rows": 97, **overrides}.items():
-        cfg[key] = value  # a small chunk: several chunks per pass, and one ending short
+        setattr(cfg, key, value)  # a small chunk: several chunks per pass, and one ending short
     return cfg
 
 

@@ -238,7 +238,6 @@ CLAIMED = {
     "train/default.yaml": test_train_defaults_build_vit_large_with_uniform_batches,
     "curation/t1.yaml": test_paper_trees, "curation/t2.yaml": test_paper_trees,
     "curation/cpu_smoke.yaml": test_cpu_smoke_tree_fits_the_synthetic_cohort,
-    "curation/default.yaml": test_curation_defaults_point_to_the_shipped_trees,
     "eval/default.yaml": test_eval_default_is_evas_linear_probe,
     "eval/slide.yaml": test_eval_slide_is_evas_abmil,
 }

@@ -13,15 +13,15 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from dinov2_patho.curation.config import STRATEGIES
+from dinov2_patho.curation.sampling import STRATEGIES
 from dinov2_patho.data.folders import BACKBONE_HELP, EMBEDDINGS_HELP, TILES_HELP
 from dinov2_patho.data.slides import SLIDES_HELP
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config-file` and trailing `key.path=value` overrides, for every curate action."""
-    parser.add_argument("--config-file", help="curation config over configs/curation/default.yaml "
-                                              "(t1.yaml, t2.yaml, cpu_smoke.yaml are shipped)")
+    parser.add_argument("--config-file", help="curation config over the defaults (configs/curation/: "
+                                              "t1.yaml, t2.yaml, cpu_smoke.yaml are shipped)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. kmeans.seed=1 tiles.min_tissue_fraction=0.6")
 
@@ -97,7 +97,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, *extra: str):
-    """The curation config of `--config-file` and the overrides (then `extra` ones)."""
+    """The curation config of `--config-file` and the overrides (then `extra` ones), every section checked."""
     from dinov2_patho.curation.config import load_curation_config
 
     return load_curation_config(args.config_file, [*args.overrides, *extra])
@@ -109,13 +109,13 @@ def _action(module: str, name: str) -> Callable:
 
 def run_tiles(args: argparse.Namespace) -> None:
     workers = () if args.workers is None else (f"tiles.workers={args.workers}",)  # checked with the rest
-    _action("tissue", "tissue_tiles")(args.slides, args.out, config=config_from_args(args, *workers),
+    _action("tissue", "tissue_tiles")(args.slides, args.out, config=config_from_args(args, *workers).tiles,
                                       progress=not args.no_progress)
 
 
 def run_embed(args: argparse.Namespace) -> None:
     _action("embed", "embed_tiles")(args.tiles, args.out, slides=args.slides, backbone=args.backbone,
-                                    arch=args.arch, config=config_from_args(args),
+                                    arch=args.arch, config=config_from_args(args).embed,
                                     progress=not args.no_progress)
 
 
@@ -130,7 +130,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_kmeans(args: argparse.Namespace) -> None:
     _action("hierarchy", "build_tree")(args.embeddings, args.out, tiles=args.tiles,
-                                       config=config_from_args(args), progress=not args.no_progress)
+                                       config=config_from_args(args).kmeans, progress=not args.no_progress)
 
 
 def run_write(args: argparse.Namespace) -> None:
@@ -139,7 +139,7 @@ def run_write(args: argparse.Namespace) -> None:
 
 def run_sample(args: argparse.Namespace) -> None:
     _action("sampling", "balanced_subset")(args.tree, args.target, args.out, strategy=args.strategy,
-                                           seed=args.seed, config=config_from_args(args),
+                                           seed=args.seed, config=config_from_args(args).sample,
                                            progress=not args.no_progress)
 
 

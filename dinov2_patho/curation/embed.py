@@ -25,12 +25,13 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from dinov2_patho.curation.config import curation_config
+from dinov2_patho.config_files import NON_NEGATIVE, check_section
 from dinov2_patho.data.folders import EMBEDDINGS, SETTINGS, tile_index_dir, tile_settings
 from dinov2_patho.data.index import tile_list_fingerprint
 from dinov2_patho.errors import UserError
@@ -38,14 +39,37 @@ from dinov2_patho.io import atomic_path, atomic_write_text, sha256_file
 from dinov2_patho.jsonfile import first_difference, read_json
 from dinov2_patho.logging import get_logger
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
 log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 SLIDES, MANIFEST = "slides.csv", "manifest.json"
 RUN, PROGRESS, PARTIAL = "run.json", "progress", "embeddings.partial.npy"
+TOKENS = ("cls", "patch_mean", "cls+patch_mean")  # what of the backbone's output is a tile's row
+
+
+@dataclass
+class EmbedConfig:
+    """The `embed` section of the curation config (`curate embed`)."""
+
+    token: str = "cls"                # cls | patch_mean | cls+patch_mean (the paper: raw UNI CLS outputs)
+    weights_format: str = "auto"      # as `eval run`: auto | ours | dinov2 | timm
+    model: dict[str, Any] = field(default_factory=dict)  # extra kwargs of our backbone or timm's model
+    seed: int = 0                     # random-init baseline (no --backbone): every rank builds the same model
+    batch_size: int = 128
+    num_workers: int = 2              # DataLoader workers reading tiles (per rank)
+    amp: str = "bf16"                 # autocast on CUDA: bf16 | fp16 | none (CPU runs in float32)
+    device: str = "auto"              # auto: cuda:LOCAL_RANK when available, else cpu
+    checkpoint_seconds: float = 30    # flush rows + record progress at most this often (a kill loses <= this)
+
+    def __post_init__(self) -> None:
+        from dinov2_patho.backbones.features import AMP_DTYPES
+        from dinov2_patho.distributed import DEVICES
+        from dinov2_patho.models.weights import FORMATS
+
+        check_section("embed", self, numbers={"checkpoint_seconds": NON_NEGATIVE},
+                      integers={"seed": 0, "batch_size": 1, "num_workers": 0},
+                      choices={"token": TOKENS, "weights_format": FORMATS, "amp": tuple(AMP_DTYPES),
+                               "device": DEVICES})
 
 
 def weights_sha256(path: Path) -> str:
@@ -89,10 +113,9 @@ def tile_dataset(index_dir: Path, slides: str, mpp_override: float | None, tiles
     return TileDataset(index, source)
 
 
-def _settings(backbone_path: str | Path | None, arch: str, cfg: Any, tiles: dict[str, Any], num_rows: int,
-              dim: int, fingerprint: str, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
+def _settings(backbone_path: str | Path | None, arch: str, cfg: EmbedConfig, tiles: dict[str, Any],
+              num_rows: int, dim: int, fingerprint: str, mean: tuple[float, ...],
+              std: tuple[float, ...]) -> dict[str, Any]:
     from dinov2_patho.data.readers import TILE_PX, TILE_UM
 
     backbone = None if backbone_path is None else Path(backbone_path).resolve()
@@ -100,7 +123,7 @@ def _settings(backbone_path: str | Path | None, arch: str, cfg: Any, tiles: dict
         "backbone": {"path": None if backbone is None else str(backbone),
                      "weights_sha256": None if backbone is None else weights_sha256(backbone),
                      "arch": arch, "weights_format": cfg.weights_format,
-                     "model": OmegaConf.to_container(cfg.model, resolve=True),
+                     "model": dict(cfg.model),
                      "seed": cfg.seed if backbone is None else None, "token": cfg.token},
         "tiles": {"um": TILE_UM, "px": TILE_PX, "mpp_override": tiles.get("mpp_override"),
                   "num_rows": num_rows, "fingerprint": fingerprint,
@@ -110,15 +133,14 @@ def _settings(backbone_path: str | Path | None, arch: str, cfg: Any, tiles: dict
 
 
 def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None = None,
-                backbone: str | Path | None = None, arch: str = "vit_small", config: DictConfig | None = None,
-                progress: bool = True) -> Path:
+                backbone: str | Path | None = None, arch: str = "vit_small",
+                config: EmbedConfig | None = None, progress: bool = True) -> Path:
     """`curate embed`: the backbone's features of every tile of `tiles` (a `curate tiles` folder or a tile
     index) into OUT (module docstring), sharded over the ranks under torchrun; resumed, or nothing to do
     when OUT already holds them. `slides`: default the folder `curate tiles` read; `backbone`: a run,
-    checkpoint or weights file (None: `arch` at random init, seeded); `config`: the curation config (its
-    `embed` section; None: the packaged defaults). Returns OUT's embeddings.npy."""
+    checkpoint or weights file (None: `arch` at random init, seeded); `config`: None for the defaults.
+    Returns OUT's embeddings.npy."""
     import torch
-    from omegaconf import OmegaConf
 
     from dinov2_patho.backbones.features import feature_dim, fill_features
     from dinov2_patho.backbones.hub import check_token, normalisation
@@ -127,7 +149,7 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
     from dinov2_patho.dirlock import exclusive_directory
     from dinov2_patho.distributed import barrier, broadcast_object, distributed_context
 
-    cfg = curation_config(config).embed
+    cfg = EmbedConfig() if config is None else config
     backbone = None if backbone is None else str(backbone)
     index_dir, out, tiles_arg = tile_index_dir(tiles), Path(out), tiles
     tiles = tile_settings(index_dir)
@@ -139,7 +161,7 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
     index = dataset.index
     n = len(index)
     with distributed_context(cfg.device, "embed.device") as ctx:
-        model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+        model_kwargs = dict(cfg.model)
         # seeded: a random-init baseline has the same weights on every rank and every run
         model = load_backbone(backbone, arch, cfg.weights_format, seed=int(cfg.seed),
                               **model_kwargs).to(ctx.device)

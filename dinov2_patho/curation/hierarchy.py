@@ -23,15 +23,15 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
 
+from dinov2_patho.config_files import NON_NEGATIVE, check_section
 from dinov2_patho.curation import tree
-from dinov2_patho.curation.config import curation_config
 from dinov2_patho.data.folders import embeddings_file, tile_index_dir
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key, uniform01
@@ -40,15 +40,39 @@ from dinov2_patho.jsonfile import first_difference
 from dinov2_patho.logging import get_logger
 from dinov2_patho.textfile import open_text
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
 LEVEL_KEYS = {"clusters", "split", "iterations", "init", "resampling_steps", "sample_per_cluster", "strategy",
               "min_mean_cluster_size"}
 logger = get_logger(__name__)  # `log` is build_levels' printer
 
 STEPS_DIR = "steps"  # per-level checkpoints of finished resampling steps, removed once the level is done
 STEPS_INPUTS = "inputs.json"  # in STEPS_DIR: the level record (config, embeddings) the steps are of
+
+
+@dataclass
+class KmeansConfig:
+    """The `kmeans` section of the curation config (`curate kmeans`): hierarchical k-means with
+    resampling (Vo et al. 2024); L2 Lloyd, fp32 compute on fp16 storage."""
+
+    seed: int = 0
+    engine: str = "faiss"             # nearest-centroid kernel: faiss (IndexFlatL2; GPU: faiss-gpu) | torch
+    device: str = "auto"              # auto | cpu | cuda; under torchrun every level is sharded over ranks
+    chunk_rows: int = 65536           # rows read from the memmap per step (memory stays bounded)
+    init_points_per_centroid: int = 64  # k-means++/random init draws from min(M, k * this) sampled points
+    max_points_per_centroid: int | None = None  # None: Lloyd over every point (the reference); N: faiss-style
+    tol: float = 0.0                  # stop Lloyd once a pass lowers the objective by less (relative)
+    warm_resampling: bool = False     # resampled steps start from the previous step's centroids (else fresh)
+    # One entry per level, finest first (`LevelSpec`'s keys, checked by `parse_levels`). Empty: pass
+    # --config-file configs/curation/t1.yaml, t2.yaml or cpu_smoke.yaml.
+    levels: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from dinov2_patho.curation.kmeans import ENGINES
+        from dinov2_patho.distributed import DEVICES
+
+        check_section("kmeans", self, numbers={"tol": NON_NEGATIVE},
+                      integers={"seed": 0, "chunk_rows": 1, "init_points_per_centroid": 1,
+                                "max_points_per_centroid": 1}, optional=("max_points_per_centroid",),
+                      choices={"engine": ENGINES, "device": DEVICES})
 
 
 @dataclass(frozen=True)
@@ -396,16 +420,15 @@ def build_levels(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, prog
 
 
 def build_tree(embeddings: str | Path, out: str | Path, *, tiles: str | Path | None = None,
-               config: DictConfig | None = None, progress: bool = True) -> list[dict[str, Any]]:
+               config: KmeansConfig | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """`curate kmeans`: the hierarchical k-means tree of `embeddings` (a `curate embed` folder or an (N, D)
     .npy) in OUT, sharded over the ranks under torchrun, resumed at the first unfinished level. `tiles`:
-    the tile list the embeddings were made from (row counts must match); `config`: the curation config
-    (its `kmeans` section; None: the packaged defaults, which have no levels). Returns one summary per
-    level (on rank 0; [] on the others)."""
+    the tile list the embeddings were made from (row counts must match); `config`: its levels at least
+    (the defaults have none). Returns one summary per level (on rank 0; [] on the others)."""
     from dinov2_patho.dirlock import exclusive_directory
     from dinov2_patho.distributed import distributed_context
 
-    cfg = curation_config(config).kmeans
+    cfg = KmeansConfig() if config is None else config
     array, source = open_embeddings(embeddings, tiles)
     specs = scale_levels(parse_levels(cfg.levels), len(array), str(source))  # fail before any work
     out = Path(out)

@@ -71,12 +71,12 @@ def curate(slides: str | Path, out: str | Path, *, config_file: str | Path,
     else:
         c_tiles = c.tiles
         if not (c_tiles / "index" / "manifest.json").is_file():
-            tissue_tiles(slides, c_tiles, config=config, progress=progress)
+            tissue_tiles(slides, c_tiles, config=config.tiles, progress=progress)
     if not (c.embeddings / "manifest.json").is_file():
-        embed_tiles(c_tiles, c.embeddings, slides=slides, backbone=backbone, arch=arch, config=config,
+        embed_tiles(c_tiles, c.embeddings, slides=slides, backbone=backbone, arch=arch, config=config.embed,
                     progress=progress)
     if not (c.tree / "manifest.json").is_file():
-        build_tree(c.embeddings, c.tree, config=config, progress=progress)
+        build_tree(c.embeddings, c.tree, config=config.kmeans, progress=progress)
     if not (c.index / "manifest.json").is_file():
         write_tree(c_tiles, c.tree, c.clusters, progress=progress)
     return c

@@ -13,21 +13,30 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dinov2_patho.curation.config import STRATEGIES, curation_config
+from dinov2_patho.config_files import check_section
 from dinov2_patho.curation.tree import ClusterTree
 from dinov2_patho.curation.tree_check import check_tree
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.progress import progress_bar
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
+STRATEGIES = ("random", "closest")
 _PICK_CHUNK = 1 << 23  # members sorted per step by the random pick: bounded memory at 350M tiles
+
+
+@dataclass
+class SampleConfig:
+    """The `sample` section of the curation config (`curate sample`): water-filling down the tree, then
+    within each level-1 cluster `random` members or the `closest` to its centroid."""
+
+    strategy: str = "random"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_section("sample", self, integers={"seed": 0}, choices={"strategy": STRATEGIES})
 
 
 @dataclass
@@ -164,13 +173,13 @@ def format_summary(levels: list[dict]) -> str:
 
 
 def balanced_subset(tree: str | Path, target: int, out: str | Path, *, strategy: str | None = None,
-                    seed: int | None = None, config: DictConfig | None = None,
+                    seed: int | None = None, config: SampleConfig | None = None,
                     progress: bool = True) -> BalancedSubset:
     """`curate sample`: a hierarchical balanced subset of `target` tiles of the cluster tree `tree`
     (`curate kmeans`'s folder) -> OUT, a .npy of sorted int64 row ids (`data.subset=OUT`), and its
-    summary beside it (.json). `strategy` (random | closest) and `seed`: default the config's
-    `sample` section (None: the packaged defaults)."""
-    cfg = curation_config(config).sample
+    summary beside it (.json). `strategy` (random | closest) and `seed`: default `config`'s (None: the
+    defaults)."""
+    cfg = SampleConfig() if config is None else config
     strategy = strategy or str(cfg.strategy)
     seed = int(cfg.seed if seed is None else seed)
     cluster_tree = ClusterTree.open(tree)

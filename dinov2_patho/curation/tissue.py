@@ -18,27 +18,47 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from dinov2_patho.curation.config import curation_config
+from dinov2_patho.config_files import POSITIVE, UNIT_HALF_OPEN, check_section
 from dinov2_patho.data.folders import INDEX, SETTINGS, SLIDES_CSV, TILES_CSV
 from dinov2_patho.errors import UserError
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.logging import get_logger
 from dinov2_patho.slide_files import check_distinct_case
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
 log = get_logger(__name__)
 
 REPORT_COLUMNS = ("slide_id", "status", "reason", "tiles", "tissue_fraction", "mpp", "tile_px", "width",
                   "height")
+
+
+@dataclass
+class TilesConfig:
+    """The `tiles` section of the curation config (`curate tiles`). Tissue = Otsu's threshold on the log
+    saturation of a low-resolution thumbnail (the paper's pipeline, Midnight and Virchow threshold
+    saturation with Otsu), closed, holes up to max_hole_tiles filled."""
+
+    thumbnail_px_per_tile: int = 16   # thumbnail resolution, in pixels per tile side
+    min_saturation: int = 8           # floor on the threshold (0-255; CLAM's fixed threshold)
+    closing_px: int = 5               # morphological closing, square side in thumbnail px (0: none)
+    max_hole_tiles: int = 4           # holes inside tissue up to this area (in tiles) are tissue: fat, tears
+    min_tissue_fraction: float = 0.5  # a tile is kept when at least this fraction of it is tissue
+    mpp_override: float | None = None  # um/px for slides without it in their properties (round(112 / mpp) px)
+    backend: str = "openslide"
+    fallback: str | None = "tiffslide"
+    workers: int = 2                  # processes over slides (1: in this process)
+
+    def __post_init__(self) -> None:
+        check_section("tiles", self,
+                      numbers={"min_tissue_fraction": UNIT_HALF_OPEN, "mpp_override": POSITIVE},
+                      integers={"thumbnail_px_per_tile": 1, "min_saturation": 0, "closing_px": 0,
+                                "max_hole_tiles": 0, "workers": 1}, optional=("mpp_override",))
 
 
 @dataclass
@@ -199,15 +219,15 @@ def write_report(path: Path, reports: list[SlideTiles]) -> None:
         w.writerows(r.report_row() for r in reports)
 
 
-def tissue_tiles(slides: str | Path, out: str | Path, *, config: DictConfig | None = None,
+def tissue_tiles(slides: str | Path, out: str | Path, *, config: TilesConfig | None = None,
                  progress: bool = True) -> list[SlideTiles]:
     """`curate tiles`: the tissue tiles of every slide of `slides` (a folder or a `slide_id,path` CSV) into
-    OUT (tiles.csv, index/, slides.csv, tiles.json); `config`: the curation config (its `tiles` section;
-    None: the packaged defaults). Returns one report per slide (status, tiles, tissue fraction, ...)."""
+    OUT (tiles.csv, index/, slides.csv, tiles.json) by `config` (None: the defaults). Returns one report
+    per slide (status, tiles, tissue fraction, ...)."""
     from dinov2_patho.data.index import build_index
     from dinov2_patho.data.slides import SlideRegistry
 
-    tiles_cfg = curation_config(config).tiles
+    tiles_cfg = TilesConfig() if config is None else config
     registry = SlideRegistry.from_spec(slides)
     if len(registry) == 0:
         raise UserError(f"{slides}: no slides found")
@@ -225,7 +245,7 @@ def tissue_tiles(slides: str | Path, out: str | Path, *, config: DictConfig | No
                         f"({len(errors)} unreadable; see {out / SLIDES_CSV})")
     build_index(out / TILES_CSV, out / INDEX, progress=progress)
     settings = {"slides": str(Path(slides).resolve()), "tiles": total, "slides_total": len(reports),
-                "slides_unreadable": len(errors), **{k: tiles_cfg[k] for k in tiles_cfg}}
+                "slides_unreadable": len(errors), **asdict(tiles_cfg)}
     atomic_write_text(out / SETTINGS, json.dumps(settings, indent=1))
     for r in errors:
         print(f"unreadable slide {r.slide_id}: {r.reason}")
