@@ -78,19 +78,21 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=_GATHER)
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model's and optimizer's unsharded state on rank 0 (collective; empty dicts elsewhere), the
-    optimizer's in `optimizer.state_dict()`'s layout."""
-    model_state = full_state_dict(model)
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's unsharded state on rank 0 (collective; an empty dict elsewhere), in
+    `optimizer.state_dict()`'s layout."""
     optim_state = get_optimizer_state_dict(model, optimizer, options=_GATHER)
-    return model_state, _numbered(optim_state) if optim_state else {}
+    return _numbered(optim_state) if optim_state else {}
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                    optim_state: dict[str, Any]) -> None:
-    """Load a full checkpoint state (every rank passes it) into the sharded model and optimizer:
-    each rank keeps its own shards."""
+def load_full_model_state(model: nn.Module, model_state: dict[str, Any]) -> None:
+    """Load a full model state (every rank passes it) into the sharded model: each rank keeps its shards."""
     set_model_state_dict(model, model_state, options=_SCATTER)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              optim_state: dict[str, Any]) -> None:
+    """Load a full optimizer state (every rank passes it, after the model's) into the sharded optimizer."""
     set_optimizer_state_dict(model, optimizer, _named(optim_state), options=_SCATTER)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import signal
 import threading
 import time
@@ -51,12 +50,12 @@ from dinov2_patho.train.metrics_log import METRICS_FILE, MetricsWriter, read_met
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
 from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype
+from dinov2_patho.train.state import ModelState, OptimizerState, SamplerState, ScalerState
 
 log = get_logger(__name__)
 
 _STOP = threading.Event()
 _RNG_STREAM = 2  # derived_seed stream of the per-rank model RNG (drop path, ...)
-_DDP_PREFIX = re.compile(r"^(student\.[^.]+\.)module\.")
 
 
 class UnreadableSlidesError(UserError):
@@ -181,11 +180,15 @@ class Trainer:
             torch.distributed.broadcast(tensor, src=0)
 
     def _state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state without DDP's `module.` level, as `load_state_dict` before wrapping wants.
-        Under FSDP: unsharded, on rank 0 only (collective)."""
-        if self.fsdp:
-            return fsdp.full_state_dict(self.model)
-        return {_DDP_PREFIX.sub(r"\1", k): v for k, v in self.model.state_dict().items()}
+        """The model's state as a checkpoint holds it (`ModelState`)."""
+        return ModelState(self.model, self.fsdp).state_dict()
+
+    def checkpointed(self, iteration: int) -> dict[str, Any]:
+        """What a checkpoint after `iteration` iterations holds besides its iteration, world size and
+        config: key -> an object with state_dict() / load_state_dict(), in the order saved and loaded."""
+        return {"model": ModelState(self.model, self.fsdp),
+                "optimizer": OptimizerState(self.model, self.optimizer, self.fsdp),
+                "grad_scaler": ScalerState(self.scaler), "sampler": SamplerState(self.sampler, iteration)}
 
     def _preflight(self) -> None:
         """Rank 0 opens every slide the index reaches (cached when clean) and every rank raises its
@@ -243,15 +246,9 @@ class Trainer:
             return 0
         path, shared, rank_state = found
         check_resume_config(shared.get("config") or {}, self.cfg, str(path), force=self.force_resume)
-        if self.fsdp:
-            fsdp.load_full_state(self.model, self.optimizer, shared["model"], shared["optimizer"])
-        else:
-            self.model.load_state_dict(shared["model"])
-            self.optimizer.load_state_dict(shared["optimizer"])
-        if self.scaler is not None and shared.get("grad_scaler") is not None:
-            self.scaler.load_state_dict(shared["grad_scaler"])
-        self.sampler.load_state_dict(shared["sampler"])
         iteration = int(shared["iteration"])
+        for key, part in self.checkpointed(iteration).items():
+            part.load_state_dict(shared.get(key) if key == "grad_scaler" else shared[key])
         if rank_state is not None:
             ckpt.restore_rng_state(rank_state["rng"])
         else:
@@ -264,21 +261,13 @@ class Trainer:
 
     def save(self, iteration: int) -> Path:
         """Checkpoint after `iteration` completed iterations (collective)."""
-        if self.fsdp:
-            model_state, optim_state = fsdp.full_state(self.model, self.optimizer)
-        elif self.ctx.is_main:
-            model_state, optim_state = self._state_dict(), self.optimizer.state_dict()
+        # the collective parts (FSDP's gathers) on every rank, the others on rank 0 only
+        states = {key: part.state_dict() for key, part in self.checkpointed(iteration).items()
+                  if part.collective or self.ctx.is_main}
         shared = None
         if self.ctx.is_main:
-            shared = {
-                "iteration": iteration,
-                "model": model_state,
-                "optimizer": optim_state,
-                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "sampler": self.sampler.state_dict(step=iteration),
-                "world_size": self.ctx.world_size,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-            }
+            shared = {"iteration": iteration, **states, "world_size": self.ctx.world_size,
+                      "config": OmegaConf.to_container(self.cfg, resolve=True)}
         path = ckpt.save_checkpoint(self.ckpt_root, iteration, shared, {"rng": ckpt.capture_rng_state()},
                                     self.ctx, keep_last=int(self.cfg.checkpoint.keep_last))
         self.last_checkpoint = path
