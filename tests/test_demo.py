@@ -6,8 +6,8 @@ import json
 
 from dinov2_patho.cli import main
 
-ARGS = ["--num-slides", "8", "--no-progress", "train.iterations=4", "checkpoint.every_n_iterations=4",
-        "train.num_workers=0"]
+ARGS = ["--num-slides", "8", "--grid", "10", "--lesion-tiles", "4", "--no-progress", "train.iterations=4",
+        "checkpoint.every_n_iterations=4", "train.num_workers=0"]
 
 
 def test_demo_runs_the_whole_method_and_reports_it(tmp_path, capsys):
