@@ -191,7 +191,7 @@ def test_paper_trees(name, paper, at_10m, fewest):
 
 
 def test_cpu_smoke_tree_fits_the_synthetic_cohort(cohort_index):
-    """Three levels, small enough for the synthetic cohort's ~1,000 tiles (here its 8-slide one)."""
+    """Three levels, small enough for a small synthetic cohort's ~1,000 tiles (here its 8-slide one)."""
     specs = levels("cpu_smoke")
     assert len(specs) == 3
     assert clusters(specs, 1_000) == [s.total_clusters for s in specs]
