@@ -142,12 +142,12 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
     Returns OUT's embeddings.npy."""
     import torch
 
-    from dinov2_patho.backbones.features import feature_dim, fill_features
+    from dinov2_patho.backbones.features import feature_dim
     from dinov2_patho.backbones.hub import check_token, normalisation
     from dinov2_patho.backbones.load import backbone_label, load_backbone
     from dinov2_patho.backbones.preprocess import normalise_on_device
     from dinov2_patho.dirlock import exclusive_directory
-    from dinov2_patho.distributed import barrier, broadcast_object, distributed_context
+    from dinov2_patho.distributed import broadcast_object, distributed_context, ranks_agree
 
     cfg = EmbedConfig() if config is None else config
     backbone = None if backbone is None else str(backbone)
@@ -176,31 +176,44 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
                 print(f"curate embed: {out} already holds these embeddings ({n} x {dim}); nothing to do")
             return out / EMBEDDINGS
         with exclusive_directory(out, "curate embed", ctx):  # one writer: a second run stops
+            with ranks_agree(ctx):  # a failure on any rank (a full disk, a worker's error) stops every rank
+                if ctx.is_main:
+                    _prepare(out, settings, n, dim)
+            with ranks_agree(ctx):
+                _embed_shard(out, (n, dim), range(*shard(n, ctx.rank, ctx.world_size)), model, dataset,
+                             cfg, on_device, progress=progress and ctx.is_main,
+                             desc=f"curate embed (rank {ctx.rank}/{ctx.world_size})")
+            with ranks_agree(ctx):
+                if ctx.is_main:
+                    _finish(out, index, settings, ctx.world_size)
             if ctx.is_main:
-                _prepare(out, settings, n, dim)
-            barrier(ctx)
-            start, stop = shard(n, ctx.rank, ctx.world_size)
-            if stop > start:
-                full = np.load(out / PARTIAL, mmap_mode="r")
-                if full.shape != (n, dim) or full.dtype != np.float16:
-                    raise UserError(f"{out / PARTIAL}: shape {full.shape} {full.dtype}, expected "
-                                    f"({n}, {dim}) float16; delete the directory to start over")
-                rows = np.memmap(out / PARTIAL, np.float16, "r+", offset=full.offset + start * dim * 2,
-                                 shape=(stop - start, dim))
-                del full
-                fill_features(model, torch.utils.data.Subset(dataset, range(start, stop)),
-                              {"embeddings": (rows, cfg.token)}, out / PROGRESS / f"rows_{start}_{stop}.json",
-                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              progress=progress and ctx.is_main, unit="tile",
-                              desc=f"curate embed (rank {ctx.rank}/{ctx.world_size})", amp=cfg.amp,
-                              on_device=on_device, checkpoint_seconds=cfg.checkpoint_seconds)
-                del rows
-            barrier(ctx)
-            if ctx.is_main:
-                _finish(out, index, settings, ctx.world_size)
                 print(f"curate embed: {n} tiles x {dim} ({cfg.token}, "
                       f"{backbone_label(backbone, arch, model)}) -> {out / EMBEDDINGS}")
     return out / EMBEDDINGS
+
+
+def _embed_shard(out: Path, shape: tuple[int, int], rows_range: range, model: Any, dataset: Any,
+                 cfg: EmbedConfig, on_device: Any, progress: bool, desc: str) -> None:
+    """Rows `rows_range` of the preallocated matrix, resumed at the shard's first missing row."""
+    import torch
+
+    from dinov2_patho.backbones.features import fill_features
+
+    (n, dim), start, stop = shape, rows_range.start, rows_range.stop
+    if stop <= start:
+        return
+    full = np.load(out / PARTIAL, mmap_mode="r")
+    if full.shape != (n, dim) or full.dtype != np.float16:
+        raise UserError(f"{out / PARTIAL}: shape {full.shape} {full.dtype}, expected "
+                        f"({n}, {dim}) float16; delete the directory to start over")
+    rows = np.memmap(out / PARTIAL, np.float16, "r+", offset=full.offset + start * dim * 2,
+                     shape=(stop - start, dim))
+    del full
+    fill_features(model, torch.utils.data.Subset(dataset, rows_range),
+                  {"embeddings": (rows, cfg.token)}, out / PROGRESS / f"rows_{start}_{stop}.json",
+                  batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=progress, unit="tile",
+                  desc=desc, amp=cfg.amp, on_device=on_device, checkpoint_seconds=cfg.checkpoint_seconds)
+    del rows
 
 
 def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> None:

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from dinov2_patho.config_files import NON_NEGATIVE, check_section
 from dinov2_patho.curation import tree
 from dinov2_patho.data.folders import embeddings_file, tile_index_dir
+from dinov2_patho.distributed import ranks_agree
 from dinov2_patho.errors import UserError
 from dinov2_patho.hashing import hash_key, uniform01
 from dinov2_patho.io import atomic_path, atomic_write_text
@@ -251,34 +252,45 @@ class LevelBuilder:
                                                      self.options.device, self.options.chunk_rows)
                 result = KMeansResult(sub.centroids, assignment, distances, mean_distance(points, distances),
                                       sub.iterations)
-            if points.start == 0 and spec.resampling_steps > 1:  # rank 0 checkpoints the step
-                with atomic_path(self.steps_dir / f"step_{step}.npy") as tmp, open(tmp, "wb") as f:
-                    np.save(f, result.centroids)
+            with ranks_agree():  # rank 0 checkpoints the step; a failure there stops every rank
+                if points.start == 0 and spec.resampling_steps > 1:
+                    with atomic_path(self.steps_dir / f"step_{step}.npy") as tmp, open(tmp, "wb") as f:
+                        np.save(f, result.centroids)
         return result
 
     def _resume(self, points):
         """(first step to run, result of the last finished step) from the step checkpoints."""
         from dinov2_patho.curation.kmeans import KMeansResult, assign, mean_distance
 
+        last = -1  # the last finished step: rank 0 looks, every rank follows
+        with ranks_agree():
+            if points.start == 0:
+                last = self._last_step()
+        last = int(points.broadcast(np.array([last]))[0])
+        if last < 0:
+            return 0, None
+        centroids = np.load(self.steps_dir / f"step_{last}.npy")
+        assignment, distances, _, _ = assign(points, centroids, self.options.engine, self.options.device,
+                                             self.options.chunk_rows)
+        objective = mean_distance(points, distances)
+        return last + 1, KMeansResult(centroids, assignment, distances, objective, 0)
+
+    def _last_step(self) -> int:
+        """The last finished resampling step of these inputs (-1: none); step checkpoints of other
+        inputs are removed and the steps directory made ready for this level's."""
         inputs = self.steps_dir / STEPS_INPUTS
         if not self._steps_are_of(inputs):  # checkpoints of other embeddings or config: never resumed
-            if points.start == 0 and self.spec.resampling_steps > 1:
+            if self.spec.resampling_steps > 1:
                 if self.steps_dir.is_dir():
                     logger.warning("level %d: the step checkpoints in %s are of other inputs: starting the "
                                    "level over", self.level, self.steps_dir)
                 shutil.rmtree(self.steps_dir, ignore_errors=True)
                 self.steps_dir.mkdir(parents=True)
                 atomic_write_text(inputs, json.dumps(self.record, indent=1))
-            return 0, None
+            return -1
         done = sorted(int(p.stem.split("_")[1]) for p in self.steps_dir.glob("step_*.npy"))
         done = [s for s in done if s < self.spec.resampling_steps]
-        if not done:
-            return 0, None
-        centroids = np.load(self.steps_dir / f"step_{done[-1]}.npy")
-        assignment, distances, _, _ = assign(points, centroids, self.options.engine, self.options.device,
-                                             self.options.chunk_rows)
-        objective = mean_distance(points, distances)
-        return done[-1] + 1, KMeansResult(centroids, assignment, distances, objective, 0)
+        return done[-1] if done else -1
 
     def _steps_are_of(self, inputs: Path) -> bool:
         try:
@@ -401,21 +413,23 @@ def build_levels(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, prog
         seconds = time.perf_counter() - start
         assignment, distances = points.gather(result.assignment), points.gather(result.distances)
         centroids = result.centroids
+        with ranks_agree():  # rank 0 writes the level; a full disk there stops every rank
+            if main:
+                summary = {"level": level, "clusters": len(centroids), "objective": result.objective,
+                           "seconds": round(seconds, 2),
+                           "empty": int(len(centroids) - len(np.unique(assignment)))}
+                tree.write_level(out, level, centroids, assignment, distances, objective=result.objective,
+                                 seconds=summary["seconds"], **record)
+                shutil.rmtree(tree.level_dir(out, level) / STEPS_DIR, ignore_errors=True)
+                summaries.append(summary)
+                log(f"level {level}: {summary['clusters']} clusters ({summary['empty']} empty), objective "
+                    f"{summary['objective']:.6g} (mean squared distance), {seconds:.1f} s")
+    with ranks_agree():
         if main:
-            summary = {"level": level, "clusters": len(centroids), "objective": result.objective,
-                       "seconds": round(seconds, 2),
-                       "empty": int(len(centroids) - len(np.unique(assignment)))}
-            tree.write_level(out, level, centroids, assignment, distances, objective=result.objective,
-                             seconds=summary["seconds"], **record)
-            shutil.rmtree(tree.level_dir(out, level) / STEPS_DIR, ignore_errors=True)
-            summaries.append(summary)
-            log(f"level {level}: {summary['clusters']} clusters ({summary['empty']} empty), objective "
-                f"{summary['objective']:.6g} (mean squared distance), {seconds:.1f} s")
-    if main:
-        tree.write_manifest(out, len(embeddings), [s["clusters"] for s in summaries], embeddings=str(source),
-                            dim=int(embeddings.shape[1]), embeddings_fingerprint=fingerprint,
-                            objectives=[s["objective"] for s in summaries],
-                            seed=int(cfg.seed))
+            tree.write_manifest(out, len(embeddings), [s["clusters"] for s in summaries],
+                                embeddings=str(source), dim=int(embeddings.shape[1]),
+                                embeddings_fingerprint=fingerprint,
+                                objectives=[s["objective"] for s in summaries], seed=int(cfg.seed))
     return summaries
 
 
@@ -443,6 +457,7 @@ def build_tree(embeddings: str | Path, out: str | Path, *, tiles: str | Path | N
             show = progress and ctx.is_main
             summaries = build_levels(array, source, out, cfg, progress=show,
                                      log=print if ctx.is_main else lambda *_: None)
-            if ctx.is_main:
-                atomic_write_text(out / "kmeans_summary.json", json.dumps(summaries, indent=1))
+            with ranks_agree(ctx):
+                if ctx.is_main:
+                    atomic_write_text(out / "kmeans_summary.json", json.dumps(summaries, indent=1))
     return summaries

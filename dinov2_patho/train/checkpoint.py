@@ -39,7 +39,7 @@ from dinov2_patho.checkpoint_files import (
     load_file,
     to_storable,
 )
-from dinov2_patho.distributed import DistContext, barrier, broadcast_object
+from dinov2_patho.distributed import DistContext, agree, barrier, broadcast_object, ranks_agree
 from dinov2_patho.io import atomic_dir, atomic_write_text
 from dinov2_patho.logging import get_logger
 
@@ -81,25 +81,42 @@ def save_checkpoint(root: str | Path, iteration: int, shared: dict[str, Any] | N
     if ctx.is_main and shared is None:
         raise ValueError("rank 0 must pass the shared state")
     # rank 0 owns the directory; the same iteration saved again (a resumed run stopped where
-    # it started) replaces the old one
+    # it started) replaces the old one. Each write is followed by `agree`, not a barrier: a rank whose
+    # write fails (a full disk) ends every rank with its one line, none waits for it forever.
+    error: CheckpointError | None = None
     try:
         with atomic_dir(final, staging=partial) if ctx.is_main else contextlib.nullcontext(partial):
-            barrier(ctx)
-            _save_file(rank_state, partial / f"rank{ctx.rank}.pt")
-            if ctx.is_main:
-                _save_file(shared, partial / SHARED_FILE)
-            barrier(ctx)
+            with ranks_agree(ctx):  # rank 0 made the staging directory
+                pass
+            with ranks_agree(ctx):
+                _write_parts(partial, shared, rank_state, ctx, final)
         if ctx.is_main:
             atomic_write_text(root / LATEST, final.name + "\n")
     except OSError as e:  # a full disk, a quota: the staging directory is gone, `latest` has not moved
-        previous = find_latest(root)
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; {root / LATEST} still "
-                              f"names {previous.name if previous else 'no checkpoint'}") from e
+        error = _write_error(final, root, e)
+    agree(error, ctx)  # rank 0's staging directory, rename and `latest`
     if ctx.is_main:
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(ctx)
     return final
+
+
+def _write_error(final: Path, root: Path, error: OSError) -> CheckpointError:
+    previous = find_latest(root)
+    return CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}; {root / LATEST} "
+                           f"still names {previous.name if previous else 'no checkpoint'}")
+
+
+def _write_parts(partial: Path, shared: dict[str, Any] | None, rank_state: dict[str, Any], ctx: DistContext,
+                 final: Path) -> None:
+    """This rank's file, and rank 0's shared state, into the staging directory."""
+    try:
+        _save_file(rank_state, partial / f"rank{ctx.rank}.pt")
+        if ctx.is_main:
+            _save_file(shared, partial / SHARED_FILE)
+    except OSError as e:
+        raise _write_error(final, final.parent, e) from e
 
 
 Loaded = tuple[Path, dict[str, Any], dict[str, Any] | None]

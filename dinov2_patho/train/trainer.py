@@ -33,7 +33,7 @@ from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.preflight import PreflightError, describe, preflight_slides
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.dirlock import exclusive_directory
-from dinov2_patho.distributed import DistContext, barrier, broadcast_object, distributed_context
+from dinov2_patho.distributed import DistContext, broadcast_object, distributed_context, ranks_agree
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval import run_benchmarks
 from dinov2_patho.eval.slide import runner as slide_runner
@@ -157,8 +157,9 @@ class Trainer:
         if self.start == 0:
             self._seed_rank_rng()
         self._wrap_ddp()
-        if ctx.is_main:
-            save_config(cfg, output_dir / "config.yaml")
+        with ranks_agree(ctx):  # a full disk on rank 0 stops every rank with its line
+            if ctx.is_main:
+                save_config(cfg, output_dir / "config.yaml")
         self.batch_sampler = StepBatchSampler(self.sampler, ctx.rank, ctx.world_size, self.start)
         self.loader = self._build_loader()
 
@@ -295,9 +296,10 @@ class Trainer:
         while iteration < self.total:
             # data
             t0 = time.perf_counter()
-            batch = next(self._loader_iter)
+            with ranks_agree(ctx):  # a failed read (a worker's exception) stops every rank before the step
+                batch = next(self._loader_iter)
+                global_batch = self._check_batch(batch, iteration)
             t_data = time.perf_counter() - t0
-            global_batch = self._check_batch(batch, iteration)
 
             # step
             values = self.schedules.at(iteration)
@@ -422,19 +424,22 @@ class Trainer:
                 teacher = build_student_backbone(self.cfg)
                 teacher.load_state_dict(state)
                 teacher.to(self.ctx.device).eval()
-        if self.ctx.is_main:
-            cfg = self.cfg.evaluation
-            out = self.output_dir / "eval" / ckpt.checkpoint_name(iteration)
-            if cfg.benchmarks:
-                eval_cfg = OmegaConf.load(cfg.config_file) if cfg.config_file else None
-                results = run_benchmarks(teacher, list(cfg.benchmarks), eval_cfg, out)
-                self.metrics.write(learning_curve_record(results, iteration), progress=False)
-            if cfg.slide_tasks:
-                slide_cfg = OmegaConf.load(cfg.slide_config_file) if cfg.slide_config_file else None
-                slide_runner.run_slide_tasks(teacher, list(cfg.slide_tasks), slide_cfg, out / "slide",
-                                             backbone_name=f"teacher {ckpt.checkpoint_name(iteration)}")
-            self.model.train()
-        barrier(self.ctx)
+        with ranks_agree(self.ctx):  # the others wait for rank 0, and stop with it if it fails
+            if self.ctx.is_main:
+                self._evaluate_on_main(teacher, iteration)
+
+    def _evaluate_on_main(self, teacher: nn.Module, iteration: int) -> None:
+        cfg = self.cfg.evaluation
+        out = self.output_dir / "eval" / ckpt.checkpoint_name(iteration)
+        if cfg.benchmarks:
+            eval_cfg = OmegaConf.load(cfg.config_file) if cfg.config_file else None
+            results = run_benchmarks(teacher, list(cfg.benchmarks), eval_cfg, out)
+            self.metrics.write(learning_curve_record(results, iteration), progress=False)
+        if cfg.slide_tasks:
+            slide_cfg = OmegaConf.load(cfg.slide_config_file) if cfg.slide_config_file else None
+            slide_runner.run_slide_tasks(teacher, list(cfg.slide_tasks), slide_cfg, out / "slide",
+                                         backbone_name=f"teacher {ckpt.checkpoint_name(iteration)}")
+        self.model.train()
 
     def close(self) -> None:
         self._loader_iter = None  # shuts the workers down
