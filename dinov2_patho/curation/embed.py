@@ -172,6 +172,10 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
         fingerprint = broadcast_object(tile_list_fingerprint(index_dir) if ctx.is_main else None, ctx)
         settings = _settings(backbone, arch, cfg, tiles, n, dim, fingerprint, mean, std)
         if check_settings(out, settings):
+            if (out / RUN).exists() or (out / PROGRESS).exists():  # killed after the manifest, before this
+                with exclusive_directory(out, "curate embed", ctx), ranks_agree(ctx):
+                    if ctx.is_main:
+                        _drop_run_state(out)
             if ctx.is_main:
                 print(f"curate embed: {out} already holds these embeddings ({n} x {dim}); nothing to do")
             return out / EMBEDDINGS
@@ -218,6 +222,8 @@ def _embed_shard(out: Path, shape: tuple[int, int], rows_range: range, model: An
 
 def _prepare(out: Path, settings: dict[str, Any], n: int, dim: int) -> None:
     """A fresh run: the preallocated (sparse) .npy, then run.json; a resumed one keeps both."""
+    if (out / RUN).is_file() and not (out / PARTIAL).exists() and (out / EMBEDDINGS).is_file():
+        os.replace(out / EMBEDDINGS, out / PARTIAL)  # killed in _finish after its rename: every shard is done
     if (out / RUN).is_file() and (out / PARTIAL).is_file():
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -265,5 +271,10 @@ def _finish(out: Path, index: Any, settings: dict[str, Any], world_size: int) ->
     manifest = {"format_version": FORMAT_VERSION, "settings": settings, "num_rows": n, "dim": settings["dim"],
                 "dtype": "float16", "world_size": world_size}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
-    (out / RUN).unlink()
+    _drop_run_state(out)
+
+
+def _drop_run_state(out: Path) -> None:
+    """run.json and progress/ of a complete run (its manifest in place)."""
+    (out / RUN).unlink(missing_ok=True)
     shutil.rmtree(out / PROGRESS, ignore_errors=True)

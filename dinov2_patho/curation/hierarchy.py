@@ -404,6 +404,9 @@ def build_levels(embeddings: np.ndarray, source: Path, out: Path, cfg: Any, prog
             summaries.append({"level": level, "clusters": done["clusters"], "objective": done["objective"],
                               "seconds": 0.0, "resumed": True})
             centroids = np.load(tree.level_dir(out, level) / "centroids.npy")
+            with ranks_agree():  # killed after done.json, before its step checkpoints were removed
+                if main:
+                    shutil.rmtree(tree.level_dir(out, level) / STEPS_DIR, ignore_errors=True)
             log(f"level {level}: {done['clusters']} clusters, finished before (done.json): reused")
             continue
         if level > 1:
