@@ -160,6 +160,11 @@ def distributed_context(device: str = "auto", key: str = "train.device") -> Iter
         if failure is e:
             raise
         raise failure from e
+    except KeyboardInterrupt:
+        if watchdog is not None:  # the others learn why this rank left
+            watchdog.handled.set()
+            watchdog.publish_safely(f"rank {rank} of {world_size}: interrupted (KeyboardInterrupt)")
+        raise
     else:
         if watchdog is not None:
             watchdog.leave("done")
@@ -289,9 +294,10 @@ class Watchdog:
     thread still stuck after `grace` (NCCL waits for its timeout) is ended by the watchdog, which
     prints the verdict first."""
 
-    def __init__(self, store, rank: int, world: int, patience: float, agent_store: bool, where: str,
+    def __init__(self, connect, rank: int, world: int, patience: float, agent_store: bool, where: str,
                  wait_limit: float):
-        self.store, self.rank, self.world, self.patience = store, rank, world, patience
+        self._connect, self.store = connect, connect()
+        self.rank, self.world, self.patience = rank, world, patience
         self.agent_store, self.where, self.wait_limit = agent_store, where, wait_limit
         self.hosts_store = rank == 0 and not agent_store  # env:// without torchrun: rank 0 serves it
         self.interval = min(1.0, max(0.05, patience / 10))
@@ -302,7 +308,8 @@ class Watchdog:
         self.handled = threading.Event()  # the main thread has a failure in hand: it reports it
         self._closed = threading.Event()
         self._lock = threading.Lock()  # the store client: one operation at a time
-        self._store_gone = False
+        self._failed_at: float | None = None  # since when the store has not answered
+        self._retried_at = 0.0
         self._thread = threading.Thread(target=self._run, name="dinov2_patho-watchdog", daemon=True)
         self._thread.start()
 
@@ -313,31 +320,45 @@ class Watchdog:
         import torch.distributed as dist
 
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        try:
+        prefix = (f"dinov2_patho/watchdog/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+
+        def connect():
             client = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=max(2.0, patience / 2)))
+                                   timeout=datetime.timedelta(seconds=max(2.0, min(10.0, patience / 3))))
+            return dist.PrefixStore(prefix, client)
+
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        try:
+            return cls(connect, rank, world, patience, agent, f"{host}:{port}", wait_limit=timeout)
         except Exception as e:  # noqa: BLE001 - no watchdog is not a reason to stop a run
             from dinov2_patho.logging import get_logger
 
             get_logger(__name__).warning("no rank watchdog (cannot reach the store at %s:%d: %s)", host, port,
                                          describe(e))
             return None
-        prefix = (f"dinov2_patho/watchdog/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
-                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        return cls(dist.PrefixStore(prefix, client), rank, world, patience, agent, f"{host}:{port}",
-                   wait_limit=timeout)
 
     # store operations, one at a time
     def _op(self, name: str, *args):
+        """One store operation. Once one failed, the watchdog tries the store once more, on a new
+        connection, patience / 2 seconds later (a blip); otherwise ConnectionError at once (each
+        failure logs a C++ stack)."""
         with self._lock:
-            if self._store_gone:  # once: each failed operation logs a C++ stack
-                raise ConnectionError(f"the rendezvous store at {self.where} is gone")
+            now = time.monotonic()
+            if self._failed_at is not None:
+                if (self._retried_at > self._failed_at or now - self._failed_at < self.patience / 2
+                        or threading.current_thread() is not self._thread or self.handled.is_set()):
+                    raise ConnectionError(f"the rendezvous store at {self.where} does not answer")
+                self._retried_at = now
+                self.store = self._connect()
             try:
-                return getattr(self.store, name)(*args)
+                result = getattr(self.store, name)(*args)
             except Exception:
-                self._store_gone = True
+                if self._failed_at is None:
+                    self._failed_at, self._retried_at = now, 0.0
                 raise
+            self._failed_at = None
+            return result
 
     def _has(self, key: str) -> bool:
         return bool(self._op("check", [key]))
@@ -382,7 +403,9 @@ class Watchdog:
             except Exception as e:  # noqa: BLE001 - the store is gone
                 if self.leaving.is_set() or self._closed.is_set():
                     return
-                if self.verdict is None:
+                moved = time.monotonic()  # the neighbour's beats were not read: it gets a full patience
+                if self.verdict is None and self._failed_at is not None and (
+                        time.monotonic() - self._failed_at > self.patience):  # not a blip: gone
                     who = "torchrun's agent: gone" if self.agent_store else f"rank 0 of {self.world}: gone"
                     self._decide(f"{who} (the rendezvous store at {self.where} stopped answering: "
                                  f"{describe(e)})")
@@ -401,7 +424,7 @@ class Watchdog:
             if isinstance(error, RankFailure):
                 return error
             if _collective_error(error):
-                deadline = time.monotonic() + self.patience + 3 * self.interval + 1
+                deadline = time.monotonic() + 1.25 * self.patience + 10 + 3 * self.interval
                 while self.verdict is None and time.monotonic() < deadline:
                     time.sleep(self.interval / 2)
                 if self.verdict is None:
@@ -410,7 +433,7 @@ class Watchdog:
                 self._wait_for_acks()
                 return RankFailure(self.verdict)
             mine = f"rank {self.rank} of {self.world}: {describe(error)}"
-            self._publish_safely(mine)
+            self.publish_safely(mine)
             self._wait_for_acks()
             if isinstance(error, UserError):
                 return error
@@ -420,7 +443,7 @@ class Watchdog:
         finally:
             self.leave("failed")
 
-    def _publish_safely(self, verdict: str) -> None:
+    def publish_safely(self, verdict: str) -> None:
         try:
             self._publish(verdict)
         except Exception:  # noqa: BLE001 - the store is gone: this rank still reports its own cause
