@@ -15,7 +15,10 @@ A failure on one rank ends every rank, each with the same one line naming that r
   seconds, default 30): the other ranks raise that rank's line, or, stuck in a collective that never
   returns (NCCL), print it and exit;
 - a rank alive but stuck (a deadlock) is ended by the process group's collective timeout,
-  $DINOV2_PATHO_COLLECTIVE_TIMEOUT seconds (default 1800, torch's).
+  $DINOV2_PATHO_COLLECTIVE_TIMEOUT seconds (default 1800, torch's);
+- a rank whose teardown after a failure hangs (a process-group or DataLoader destructor waiting on a
+  peer that is gone: seen on gloo in about one run in ten under load) exits TEARDOWN_SECONDS after its
+  failure was decided, printing the line itself if it had not left the distributed block yet.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cuda", "cpu")
 COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT = "DINOV2_PATHO_COLLECTIVE_TIMEOUT", 1800.0
 RANK_TIMEOUT_ENV, DEFAULT_RANK_TIMEOUT = "DINOV2_PATHO_RANK_TIMEOUT", 30.0
+TEARDOWN_SECONDS = 15.0  # after a failure, a rank still alive this long is ended (exit status 2)
 
 
 def is_initialized() -> bool:
@@ -134,7 +138,7 @@ def distributed_context(device: str = "auto", key: str = "train.device") -> Iter
     use_cuda = uses_cuda(device, key)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    owned, watchdog = False, None
+    owned, watchdog, teardown = False, None, None
     if world_size > 1 and not dist.is_initialized():
         for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
@@ -157,6 +161,7 @@ def distributed_context(device: str = "auto", key: str = "train.device") -> Iter
         if watchdog is None:
             raise
         failure = watchdog.failure(e)
+        teardown = _end_if_stuck(f"dinov2-patho: error: {failure}", TEARDOWN_SECONDS)
         if failure is e:
             raise
         raise failure from e
@@ -174,6 +179,27 @@ def distributed_context(device: str = "auto", key: str = "train.device") -> Iter
             watchdog.close()
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+        if teardown is not None:
+            teardown.set()  # left the block: the caller prints the line (the timer still ends a hang)
+
+
+def _end_if_stuck(line: str, seconds: float) -> threading.Event:
+    """A daemon timer that ends this process (status 2) `seconds` from now, printing `line` unless the
+    returned event was set (the caller then reported the failure). A process that exits in time
+    takes the timer with it."""
+    left = threading.Event()
+
+    def end() -> None:
+        if not left.is_set():
+            print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+    return left
 
 
 def barrier(ctx: DistContext) -> None:

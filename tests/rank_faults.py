@@ -1,8 +1,8 @@
 """Fault injection across ranks: a `dinov2-patho` command run as W gloo ranks (one process each, env://
 rendezvous on a free port, as torchrun or SLURM start them), where rank k fails at the n-th call of a
 function: a full disk (OSError ENOSPC), an exception (in a DataLoader worker when the function runs
-there), or SIGKILL. `launch` returns every rank's exit code, output and end time, and when the fault
-struck."""
+there), SIGKILL, or a call that never returns. `launch` returns every rank's exit code, output and end
+time, and when the fault struck."""
 
 from __future__ import annotations
 
@@ -19,21 +19,25 @@ from pathlib import Path
 _CHILD = r"""
 import errno, faulthandler, importlib, json, os, signal, sys, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # a rank still running at the limit: its stacks
-spec, argv = json.loads(sys.argv[1]), sys.argv[2:]
-if int(os.environ["RANK"]) == spec["rank"]:
+specs, argv = json.loads(sys.argv[1]), sys.argv[2:]
+for spec in specs:
+    if int(os.environ["RANK"]) != spec["rank"]:
+        continue
     module, _, attr = spec["target"].partition(":")
     owner = importlib.import_module(module)
     *path, name = attr.split(".")
     for part in path:
         owner = getattr(owner, part)
-    real, calls = getattr(owner, name), [0]
 
-    def faulty(*args, **kwargs):
+    def faulty(*args, real=getattr(owner, name), calls=[0], spec=spec, **kwargs):
         calls[0] += 1
         if calls[0] != spec["at"]:
             return real(*args, **kwargs)
-        with open(spec["stamp"], "w") as f:
-            f.write(repr(time.time()))
+        if spec["stamp"]:
+            with open(spec["stamp"], "w") as f:
+                f.write(repr(time.time()))
+        if spec["kind"] == "hang":
+            time.sleep(3600)
         if spec["kind"] == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         if spec["kind"] == "enospc":
@@ -72,14 +76,19 @@ def free_port() -> int:
 
 
 def launch(argv: list[str], tmp: Path, *, world: int = 2, rank: int, target: str, at: int, kind: str,
-           message: str = "injected fault", limit: float = 150.0) -> Outcome:
+           message: str = "injected fault", limit: float = 150.0,
+           hang: tuple[int, str] | None = None) -> Outcome:
     """Run `dinov2-patho ARGV` as `world` ranks; rank `rank` fails (`kind`: enospc, raise, sigkill) at
-    the `at`-th call of `target` ("module:attr.path"). Ranks still running after `limit` seconds are
-    killed (and the test fails on their exit code)."""
+    the `at`-th call of `target` ("module:attr.path"); with `hang` = (rank, target), that rank's first
+    call of that target never returns. Ranks still running after `limit` seconds are killed (and the
+    test fails on their exit code)."""
     stamp = tmp / f"fault_{rank}_{kind}.time"
     stamp.unlink(missing_ok=True)
-    spec = json.dumps({"rank": rank, "target": target, "at": at, "kind": kind, "message": message,
-                       "stamp": str(stamp)})
+    specs = [{"rank": rank, "target": target, "at": at, "kind": kind, "message": message,
+              "stamp": str(stamp)}]
+    if hang is not None:
+        specs.append({"rank": hang[0], "target": hang[1], "at": 1, "kind": "hang", "stamp": None})
+    spec = json.dumps(specs)
     port = free_port()
     procs = []
     for r in range(world):

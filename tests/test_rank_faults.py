@@ -1,7 +1,9 @@
 """A failure on one of two gloo ranks ends both within 60 s, each with one error line naming that rank
 and the cause, and leaves nothing half-written: a full disk on rank 0 writing a checkpoint while rank 1
 waits, an exception in a DataLoader worker of rank 1 (training, `curate embed`), a SIGKILL of one rank
-inside a k-means resampling step, a full disk on rank 0 writing a tree level."""
+inside a k-means resampling step, a full disk on rank 0 writing a tree level; and on three ranks, the
+last one killed as a resampling step starts (the neighbour that watches it names it); and a rank whose
+teardown hangs after a failure still ends in time."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from omegaconf import OmegaConf
 from test_curation_embed import SMALL, tiles_dir  # noqa: F401 - the fixture
 from test_train import SMOKE, TINY, _data
 
+from dinov2_patho import distributed
 from dinov2_patho.curation.tree import level_dir
 
 TEMP = re.compile(r"\..+\.[0-9a-f]{24}\.tmp|\..+\.partial")
@@ -96,3 +99,21 @@ def test_curate_kmeans_a_full_disk_on_rank_0_writing_a_level_stops_both(tmp_path
     rank_faults.check(outcome, 0, f"{level_dir(tree, 1) / 'centroids.npy'}: No space left on device")
     assert not (tree / "manifest.json").exists() and not half_written(tree)
     assert not (level_dir(tree, 1) / "done.json").exists()
+
+
+def test_curate_kmeans_on_three_ranks_the_last_killed_is_named_by_the_others(tmp_path):
+    # k-means calls: level 1's step 0 is the 1st, its first resampled step the 2nd
+    outcome = rank_faults.launch(kmeans_argv(tmp_path), tmp_path, world=3, rank=2,
+                                 target="dinov2_patho.curation.kmeans:kmeans", at=2, kind="sigkill")
+    assert outcome.ranks[2].code == -9
+    rank_faults.check(outcome, 2, "no sign of life for ")
+    assert not (tmp_path / "tree" / "manifest.json").exists() and not half_written(tmp_path / "tree")
+
+
+def test_a_rank_whose_teardown_hangs_after_a_failure_still_ends(tmp_path):
+    # rank 0's full disk at the level write as above; rank 1 then never returns from leaving the group
+    outcome = rank_faults.launch(kmeans_argv(tmp_path), tmp_path, rank=0,
+                                 target="dinov2_patho.curation.tree:np.save", at=5, kind="enospc",
+                                 hang=(1, "torch.distributed:destroy_process_group"))
+    rank_faults.check(outcome, 0, "No space left on device", within=distributed.TEARDOWN_SECONDS + 30)
+    assert outcome.ranks[1].code == 2
