@@ -33,7 +33,7 @@ from dinov2_patho.curation.tissue import TilesConfig, tissue_tiles
 from dinov2_patho.data.index import TileIndex
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.data.slides import SlideRegistry
-from dinov2_patho.data.synthetic import make_cohort
+from dinov2_patho.demo.cohort import make_cohort
 
 TARGET = 0.9
 

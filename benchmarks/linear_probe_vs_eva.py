@@ -34,7 +34,7 @@ from eva_session import EVA_SESSION, pct, run_eva
 
 from dinov2_patho.backbones.features import extract_features
 from dinov2_patho.backbones.preprocess import Preprocess
-from dinov2_patho.data.synthetic import make_cohort
+from dinov2_patho.demo.cohort import make_cohort
 from dinov2_patho.eval.benchmarks import build_benchmark
 from dinov2_patho.eval.heads import LinearProbeConfig, linear_probe
 from dinov2_patho.eval.metrics import balanced_accuracy

@@ -8,7 +8,7 @@ test bags, half of them positive. A positive bag holds 0-3 witness instances shi
 noise-sds along one hidden direction: one in four holds none (a lesion missed by the tile
 sampling), which caps AUROC near 87.5 and balanced accuracy near 87.5. The "reference" line
 scores each bag by the largest projection of its instances on the planted
-direction. `--task cohort`: the project's synthetic slide task (`eval.slide.synthetic_check`:
+direction. `--task cohort`: the project's synthetic slide task (`demo.mil_check`:
 96 slides, 2-tile lesions, colour/texture bags through the feature engine, its split
 48/24/24), z-scored by the training tiles, with its settings (8 bags a step, patience 50)
 on both sides; with 24 test slides one slide moves balanced accuracy by about 4 points.
@@ -135,10 +135,10 @@ def gaussian_bags(sizes: dict[str, int], dim: int = 384, length: tuple[int, int]
 
 def cohort_bags(work_dir: Path, progress: bool) -> dict[str, Bags]:
     """The synthetic slide task's bags (seed 0) per split, z-scored by the training tiles."""
-    from dinov2_patho.data.synthetic import make_cohort
+    from dinov2_patho.demo.cohort import make_cohort
+    from dinov2_patho.demo.mil_check import COHORT, ColourTexture
     from dinov2_patho.eval.slide.bags import extract_bags
     from dinov2_patho.eval.slide.runner import open_task, partitions
-    from dinov2_patho.eval.slide.synthetic_check import COHORT, ColourTexture
 
     cohort = make_cohort(work_dir / "cohort", seed=0, overwrite=True, **COHORT)
     cfg = slide_config({"datasets": {"synthetic": {"root": str(cohort.root)}}})
@@ -155,7 +155,7 @@ def task_config(task: str, n_runs: int) -> AbmilConfig:
     for the cohort task the synthetic check's batch size and patience."""
     heads: dict = {"abmil": {"n_runs": n_runs, "standardize": False}}
     if task == "cohort":
-        from dinov2_patho.eval.slide.synthetic_check import CONFIG
+        from dinov2_patho.demo.mil_check import CONFIG
 
         check = CONFIG["heads"]["abmil"]
         heads["abmil"].update(batch_size=check["batch_size"], patience=check["patience"])

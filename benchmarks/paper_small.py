@@ -31,7 +31,7 @@ import numpy as np
 
 from dinov2_patho.curation.pipeline import tree_agreement
 from dinov2_patho.curation.sampling import balanced_subset
-from dinov2_patho.demo import (
+from dinov2_patho.demo.method import (
     DEMO_SLIDES,
     class_groups,
     curate_cohort,
@@ -108,7 +108,7 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds
 
 
 def scores(result: dict, rare: list[str]) -> dict[str, float]:
-    from dinov2_patho.demo import group_recall, pooled_scores
+    from dinov2_patho.demo.method import group_recall, pooled_scores
 
     pooled = pooled_scores(result)
     return {"linear": pooled["linear"], "kNN": pooled["knn"], "rare recall": group_recall(result, rare)}

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from dinov2_patho.data.index import build_index
-from dinov2_patho.data.synthetic import make_cohort
+from dinov2_patho.demo.cohort import make_cohort
 from dinov2_patho.report import write_report
 
 MAX_MB = 5.0

@@ -1,6 +1,6 @@
 """The synthetic slide task over cohort seeds: attention-MIL vs mean pooling, and where attention looks.
 
-For each seed, `eval.slide.synthetic_check.synthetic_mil_check`: a 96-slide cohort (5x5 tiles, half
+For each seed, `demo.mil_check.synthetic_mil_check`: a 96-slide cohort (5x5 tiles, half
 of the slides with a 2-tile necrosis lesion), bags of colour/texture features, gated attention-MIL
 (3 runs) and mean pooling + logistic regression scored by AUROC on the 24 test slides, and the share
 of the top-2 attention tiles of positive test slides that lie in the lesion. Prints each seed and the
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from dinov2_patho.eval.slide.synthetic_check import synthetic_mil_check
+from dinov2_patho.demo.mil_check import synthetic_mil_check
 
 
 def main() -> None:

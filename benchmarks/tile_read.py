@@ -29,8 +29,8 @@ from dinov2_patho.data.dataset import TileDataset
 from dinov2_patho.data.index import TileIndex, build_index
 from dinov2_patho.data.readers import SlideTileSource
 from dinov2_patho.data.slides import SlideRegistry
-from dinov2_patho.data.synthetic import make_cohort
 from dinov2_patho.data.tilestore import HDF5TileSource, extract_tiles
+from dinov2_patho.demo.cohort import make_cohort
 
 REAL_SLIDE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "CMU-1-Small-Region.svs"
 TARGET = 0.9

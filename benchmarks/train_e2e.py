@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from dinov2_patho.data.index import build_index
-from dinov2_patho.data.synthetic import make_cohort
+from dinov2_patho.demo.cohort import make_cohort
 from dinov2_patho.train.config import load_train_config
 from dinov2_patho.train.metrics_log import read_metrics
 from dinov2_patho.train.trainer import run_training

@@ -18,8 +18,8 @@ from dinov2_patho.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dinov2_patho.demo", "curate, train, evaluate and report on a synthetic cohort"),
-    "cohort": ("dinov2_patho.data.synthetic", "generate a synthetic pyramidal-TIFF cohort"),
+    "demo": ("dinov2_patho.demo.cli", "curate, train, evaluate and report on a synthetic cohort"),
+    "cohort": ("dinov2_patho.demo.cohort_cli", "generate a synthetic pyramidal-TIFF cohort"),
     "index": ("dinov2_patho.data.index.cli", "build or inspect a tile index from clustering CSVs"),
     "tiles": ("dinov2_patho.data.cli", "extract tiles into per-slide HDF5 stores, or preview them"),
     "curate": ("dinov2_patho.curation.cli", "curation: tissue tiles, embeddings, k-means tree, subsets"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dinov2_patho.data.synthetic import Cohort, make_cohort
+from dinov2_patho.demo.cohort import Cohort, make_cohort
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -305,7 +305,7 @@ def test_training_checks_its_evaluation_before_it_starts(tmp_path, overrides, me
 def test_demo_no_progress_reaches_its_evaluations(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from dinov2_patho import demo
+    from dinov2_patho.demo import method as demo
     from dinov2_patho.eval import runner
     from dinov2_patho.eval.slide import runner as slide_runner
 
@@ -320,7 +320,7 @@ def test_demo_no_progress_reaches_its_evaluations(monkeypatch, tmp_path):
 
 
 def test_demo_refuses_fewer_slides_than_its_folds_before_any_work(tmp_path, capsys):
-    from dinov2_patho.demo import FOLDS
+    from dinov2_patho.demo.method import FOLDS
 
     # 3 slides curated and trained for minutes, then the 4-fold cross-validation stopped
     assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--num-slides", str(FOLDS - 1)]) == 2

@@ -15,7 +15,8 @@ from test_damaged_files import DAMAGES, damage
 
 from dinov2_patho.cli import main
 from dinov2_patho.data.index import build_index
-from dinov2_patho.data.synthetic import ALL_TISSUE_TYPES, RARE_TISSUE, _mixed_types, make_cohort
+from dinov2_patho.demo.cohort import ALL_TISSUE_TYPES, RARE_TISSUE, _mixed_types, make_cohort
+from dinov2_patho.demo.mil_check import ColourTexture, synthetic_mil_check
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.heads.abmil import (
     AbmilConfig,
@@ -28,7 +29,6 @@ from dinov2_patho.eval.metrics import quadratic_kappa
 from dinov2_patho.eval.slide.adapters import SLIDE_TASKS
 from dinov2_patho.eval.slide.bags import capped_rows, extract_bags
 from dinov2_patho.eval.slide.runner import evaluate_bags, fold_mean, partitions, run_slide_tasks, slide_config
-from dinov2_patho.eval.slide.synthetic_check import ColourTexture, synthetic_mil_check
 from dinov2_patho.eval.slide.tasks import csv_task, open_tiles
 
 

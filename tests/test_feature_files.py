@@ -238,8 +238,8 @@ def test_eval_slide_features_takes_no_backbone(tmp_path, capsys):
 
 def test_eval_slide_writes_its_bags_as_feature_files_that_eval_slide_features_reads_back(cohort, cohort_index,
                                                                                           tmp_path):
+    from dinov2_patho.demo.mil_check import ColourTexture
     from dinov2_patho.eval.slide.runner import run_slide_tasks
-    from dinov2_patho.eval.slide.synthetic_check import ColourTexture
 
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(

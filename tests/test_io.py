@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dinov2_patho.data.synthetic import make_cohort
+from dinov2_patho.demo.cohort import make_cohort
 from dinov2_patho.io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, fresh_path
 
 

@@ -6,7 +6,7 @@ import tifffile
 from PIL import Image
 
 from dinov2_patho.cli import main
-from dinov2_patho.data.synthetic import MPP, TILE, TISSUE_TYPES, make_cohort
+from dinov2_patho.demo.cohort import MPP, TILE, TISSUE_TYPES, make_cohort
 from dinov2_patho.errors import UserError
 
 

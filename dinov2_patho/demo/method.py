@@ -1,4 +1,5 @@
-"""`dinov2-patho demo`: the paper's method end to end on the embedded default, on a CPU, in minutes.
+"""`run_demo(...)` (`dinov2-patho demo`): the paper's method end to end on the embedded default, on a CPU,
+in minutes.
 
 A long-tailed synthetic cohort (tissue types planted at about 60/25/11/4 %, plus rare necrosis
 lesions on half the slides, which make those slides positive) -> curation with no planted tree:
@@ -15,13 +16,13 @@ when its output is already there, so a second run only re-evaluates.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dinov2_patho.config_files import packaged_config
+from dinov2_patho.demo.cohort import Cohort, make_cohort
 from dinov2_patho.errors import UserError
 from dinov2_patho.eval.report import format_score
 from dinov2_patho.io import atomic_write_text
@@ -55,22 +56,6 @@ BACKBONES = ("trained", "random_init")
 COMPARISON_FILE = "comparison.md"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", default="runs/demo", metavar="DIR",
-                        help="cohort, curation, training run, evaluations, comparison.md and report.html "
-                             "(default runs/demo); stages already there are reused")
-    parser.add_argument("--num-slides", type=int, default=DEMO_SLIDES,
-                        help=f"slides in the synthetic cohort (default {DEMO_SLIDES})")
-    parser.add_argument("--grid", type=int, default=DEMO_GRID, metavar="N",
-                        help=f"a slide is N x N tiles (default {DEMO_GRID})")
-    parser.add_argument("--lesion-tiles", type=int, default=LESION_TILES, metavar="N",
-                        help=f"tiles of a positive slide's necrosis lesion (default {LESION_TILES})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the cohort and of training (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="overrides of configs/train/cpu_smoke.yaml (e.g. sampler.level=2)")
-
-
 def class_groups(labels_csv: Path) -> dict[str, list[str]]:
     """The planted tissue types split by their share of the tiles: common and rare (< RARE_SHARE)."""
     import csv
@@ -91,8 +76,6 @@ def group_recall(result: dict, classes: list[str]) -> float:
 
 def make_demo_cohort(out: Path, num_slides: int, seed: int, grid: int = DEMO_GRID,
                      lesion_tiles: int = LESION_TILES):
-    from dinov2_patho.data.synthetic import Cohort, make_cohort
-
     if (out / "slide_labels.csv").is_file():
         log.info("cohort: reusing %s", out)
         return Cohort.at(out)
@@ -179,7 +162,6 @@ def run_demo(output_dir: str | Path, *, num_slides: int = DEMO_SLIDES, grid: int
     {"tiles": tile benchmark result, "slides": slide task result}, "report": its path or None}."""
     from dinov2_patho.backbones.teacher import teacher_backbone
     from dinov2_patho.curation.pipeline import Curation, tree_agreement
-    from dinov2_patho.data.synthetic import Cohort
     from dinov2_patho.models.student import build_student_backbone
     from dinov2_patho.train.trainer import run_training
 
@@ -306,21 +288,3 @@ def comparison_table(results: dict) -> str:
                      f"{_fold_range(slides, 'mean_pool', 'auroc')} |")
     return "\n".join(lines) + "\n"
 
-
-def run(args: argparse.Namespace) -> int:
-    from dinov2_patho.train.cli import summary_lines
-
-    out = Path(args.output_dir)
-    results = run_demo(out, num_slides=args.num_slides, grid=args.grid, lesion_tiles=args.lesion_tiles,
-                       seed=args.seed, overrides=args.overrides,
-                       progress=not args.no_progress)
-    table = comparison_table(results)
-    atomic_write_text(out / COMPARISON_FILE, table)
-    print("\ncpu_smoke " + "\n".join(summary_lines(results["summary"])))
-    print(f"\n{table}")
-    print(f"outputs: {out.resolve()}")
-    for what, path in (("curated tree", out / "curation" / "clusters"), ("training run", out / "train"),
-                       ("evaluations", out / "eval"), ("this table", out / COMPARISON_FILE),
-                       ("report", results["report"])):
-        print(f"  {what + ':':14s}{path}")
-    return 0

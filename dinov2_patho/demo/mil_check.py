@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dinov2_patho.data.synthetic import RARE_TISSUE, make_cohort
-
-from ..heads.abmil import attention_weights, standardizer, train_abmil
-from .bags import extract_bags
-from .runner import abmil_config, evaluate_bags, open_task, partitions, slide_config
+from dinov2_patho.demo.cohort import RARE_TISSUE, make_cohort
+from dinov2_patho.eval.heads.abmil import attention_weights, standardizer, train_abmil
+from dinov2_patho.eval.slide.bags import extract_bags
+from dinov2_patho.eval.slide.runner import abmil_config, evaluate_bags, open_task, partitions, slide_config
 
 # 96 slides of 5x5 tiles, half with a 2-tile lesion: about 1 tile in 7 of a positive slide.
 COHORT = {"num_slides": 96, "grid": (5, 5), "tissue_mix": (60, 25, 10, 4), "positive_fraction": 0.5,
