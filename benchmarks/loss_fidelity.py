@@ -31,12 +31,12 @@ from dinov2_reference import import_reference, load_module, reference_ssl_meta_a
 from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 
-from dinov2_patho.config_files import load_config
 from dinov2_patho.data.collate import collate_multicrop, draw_masks
 from dinov2_patho.data.masking import MaskingGenerator
 from dinov2_patho.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2_patho.loss.centering import sinkhorn_knopp
 from dinov2_patho.models import load_pretrained
+from dinov2_patho.train.config import load_train_config
 from dinov2_patho.train.schedules import Schedules
 from dinov2_patho.train.ssl_meta_arch import SSLMetaArch
 
@@ -198,7 +198,8 @@ def mask_rows(repo: Path, n_batches: int, seed: int) -> list[Row]:
 # ---------------------------------------------------------------------------- schedules and groups
 
 def schedule_rows(repo: Path, batch: int = 1024) -> list[Row]:
-    """Ours from configs/train/default.yaml against dinov2's build_schedulers on its ssl_default_config."""
+    """Ours from the training defaults (train/config.py) against dinov2's build_schedulers on its
+    ssl_default_config."""
     utils = load_module(repo, "dinov2/utils/utils.py")
     cfg = OmegaConf.load(repo / "dinov2/configs/ssl_default_config.yaml")
     epoch, o, t = cfg.train.OFFICIAL_EPOCH_LENGTH, cfg.optim, cfg.teacher
@@ -215,7 +216,7 @@ def schedule_rows(repo: Path, batch: int = 1024) -> list[Row]:
                                                  warmup_iters=temp_iters,
                                                  start_warmup_value=t.warmup_teacher_temp),
            "last_layer_lr": last_layer}
-    ours = Schedules(load_config("train/default.yaml", None, ["data.index=x"]), global_batch=batch)
+    ours = Schedules(load_train_config(None, ["data.index=x"]), global_batch=batch)
     values = [ours.at(it).as_dict() for it in range(total + 10)]
     return [(f"schedule: {name}", max(abs(v[name] - float(sched[it])) for it, v in enumerate(values)), None,
              f"iterations 0-{total + 9}, default config, batch {batch}") for name, sched in ref.items()]
@@ -264,7 +265,7 @@ def step_configs(repo: Path, centering: str, separate: bool, n_local: int,
               "ibot": {"separate_head": separate, "head_n_prototypes": 192, "head_hidden_dim": 256,
                        "head_bottleneck_dim": 64}}
     # LayerScale 1 rather than 1e-5, so that the blocks, not only the embeddings, shape the outputs
-    ours = load_config("train/default.yaml", None, [
+    ours = load_train_config(None, [
         "data.index=x", "student.arch=vit_small", "student.patch_size=14", "student.drop_path_rate=0.0",
         "student.layerscale=1.0", "compute_precision.amp=off", f"teacher.centering={centering}",
         *(f"{section}.{k}={v}" for section, values in shared.items() for k, v in values.items()), *extra])

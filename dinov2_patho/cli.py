@@ -54,6 +54,26 @@ class ArgumentParser(argparse.ArgumentParser):
         return namespace, extras
 
 
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    """`--print-config` of a command whose defaults are config dataclasses; its `--output-dir` is then
+    optional: `print_config` says whether the command is done."""
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config (the defaults <- --config-file <- overrides: every key and "
+                             "its value) as YAML, and exit")
+
+
+def print_config(cfg, args: argparse.Namespace) -> bool:
+    """With `--print-config`, print `cfg` and say so (the command is done); else --output-dir is required."""
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return True
+    if args.output_dir is None:  # argparse's words, as when --output-dir was required=True
+        raise UserError("the following arguments are required: --output-dir")
+    return False
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="dinov2-patho",

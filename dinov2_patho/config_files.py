@@ -1,15 +1,18 @@
-"""Configs as in DINOv2: packaged YAML defaults <- a config file <- dot-list overrides.
+"""Configs as in DINOv2: defaults <- a config file <- dot-list overrides.
 
-Every key of the file and the overrides must exist in the defaults; an unknown key is
-an error naming it and the closest valid key. Nodes listed in `open_keys` (say
-`sampler`, whose options depend on the sampler chosen) accept new keys: whoever
-consumes them validates them.
+The defaults are a dataclass per config section, beside the code that uses it, checked in its
+`__post_init__` (`check_section`); `load_structured` / `merge_structured` merge a file and overrides
+over them (`OmegaConf.structured`). Every key of the file and the overrides must exist in the
+defaults; an unknown key is an error naming it and the closest valid key. Nodes listed in
+`open_keys` (say `sampler`, whose options depend on the sampler chosen) accept new keys: whoever
+consumes them validates them. `load_config` does the same over a YAML file of defaults.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -36,17 +39,6 @@ def packaged_config(relpath: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"no packaged config {relpath!r} (looked for {path})")
     return path
-
-
-@functools.cache
-def _packaged_yaml(relpath: str) -> DictConfig:
-    return read_yaml(packaged_config(relpath))
-
-
-def packaged_section(relpath: str, section: str) -> dict[str, Any]:
-    """A section of a packaged YAML as a fresh dict: Python code that needs a section's defaults
-    reads them here, so the YAML stays their one home."""
-    return OmegaConf.to_container(_packaged_yaml(relpath)[section], resolve=True)
 
 
 def read_yaml(path: str | Path) -> DictConfig:
@@ -119,15 +111,18 @@ def _file_layer(config_file: str | Path | DictConfig | None, shipped_dir: Path, 
 
 
 def _merge_layers(cfg: DictConfig, layers: list[tuple[str, DictConfig]], open_keys: Iterable[str],
-                  moved: Mapping[str, str] | None) -> DictConfig:
+                  moved: Mapping[str, str] | None, schema: type | None = None) -> DictConfig:
     """`layers` merged over `cfg` in order, each key checked against `cfg`'s; a ??? a layer leaves
-    unset is an error naming the key and the layer."""
+    unset is an error naming the key and the layer. A value of the wrong type for a field of
+    `schema` is its section's own error ('must be a number'), else OmegaConf's, naming the key."""
     required: dict[str, str] = {}  # key -> the layer that marked it ??? (mandatory)
-    for source, layer in layers:
+    for done, (source, layer) in enumerate(layers):
         check_keys(layer, cfg, source, open_keys, moved=moved)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:  # a value of the wrong type for a typed (dataclass) field
+            if schema is not None:
+                _explain(schema, [layer for _, layer in layers[:done + 1]])
             where = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
             raise ConfigError(f"{source}: {where}{str(e.msg or e).splitlines()[0]}") from e
         required = {key: where for key, where in required.items() if not _sets(layer, key)}
@@ -158,18 +153,61 @@ def load_config(defaults: str | Path, config_file: str | Path | DictConfig | Non
     return _merge_layers(cfg, layers, tuple(open_keys), moved)
 
 
-def load_structured(schema: type[T], shipped: str, config_file: str | Path | None = None,
-                    overrides: Sequence[str] = (), open_keys: Iterable[str] = ()) -> T:
-    """A dataclass config: `schema`'s defaults (`OmegaConf.structured`) <- a config file <- dot-list
-    overrides, every key checked against the schema's (an unknown key names the closest valid one),
-    then instantiated, so that each section's `__post_init__` checks its values. `shipped`: the folder
-    of `configs/` whose recipes a bare file name points to ('curation')."""
+def merge_structured(schema: type, shipped: str, config_file: str | Path | DictConfig | None = None,
+                     overrides: Sequence[str] = (), open_keys: Iterable[str] = (), *,
+                     moved: Mapping[str, str] | None = None, migrate: Migration | None = None,
+                     source: str | None = None) -> DictConfig:
+    """`schema`'s defaults (`OmegaConf.structured`) <- a config file (a path, or a config already read,
+    named `source`), brought to today's schema by `migrate` <- dot-list overrides, every key checked
+    against the schema's (an unknown key names the closest valid one; a key of `moved` its new home).
+    The merged config, typed; `instantiate` runs its sections' checks. `shipped`: the folder of
+    `configs/` whose recipes a bare file name points to ('curation')."""
     shipped_dir = Path(str(resources.files("dinov2_patho.configs").joinpath(shipped)))
-    layers = _file_layer(config_file, shipped_dir, None)
+    defaults = OmegaConf.structured(schema)
+    layers = _file_layer(config_file, shipped_dir, source)
+    if layers and migrate is not None:
+        layers[0] = (layers[0][0], migrate(layers[0][1], defaults, layers[0][0]))
     if overrides:
         layers.append(("command line", parse_overrides(overrides)))
-    merged = _merge_layers(OmegaConf.structured(schema), layers, tuple(open_keys), None)
-    return OmegaConf.to_object(merged)
+    return _merge_layers(defaults, layers, tuple(open_keys), moved, schema)
+
+
+def load_structured(schema: type[T], shipped: str, config_file: str | Path | None = None,
+                    overrides: Sequence[str] = (), open_keys: Iterable[str] = ()) -> T:
+    """`merge_structured`, instantiated: each section's `__post_init__` checks its values."""
+    return OmegaConf.to_object(merge_structured(schema, shipped, config_file, overrides, open_keys))
+
+
+def instantiate(schema: type[T], values: DictConfig | Mapping[str, Any]) -> T:
+    """`schema` built from a config of it (a merged config, a saved one, a partial dict: missing keys
+    take the defaults), each section's dataclass built from its own node, so that every `__post_init__`
+    checks the values as they are (no conversion)."""
+    if OmegaConf.is_config(values):
+        values = OmegaConf.to_container(values, resolve=True)
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for f in dataclasses.fields(schema):
+        if f.name not in values:
+            continue
+        value, kind = values[f.name], hints[f.name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+            value = instantiate(kind, value)
+        kwargs[f.name] = value
+    return schema(**kwargs)
+
+
+def _explain(schema: type, layers: list[DictConfig]) -> None:
+    """Raise the section's own error for a value that a typed merge refused: the layers merged untyped
+    over the schema's defaults and instantiated (nothing raised: the merge's error stands)."""
+    plain = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(schema)))
+    try:
+        for layer in layers:
+            plain = OmegaConf.merge(plain, layer)
+        instantiate(schema, plain)
+    except ConfigError:
+        raise
+    except Exception:  # a value the checks cannot even compare: the merge's message says it
+        return
 
 
 def _sets(layer: DictConfig, key: str) -> bool:
@@ -179,10 +217,13 @@ def _sets(layer: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and leaf in node  # `in` is False for a ??? value
 
 
-def merge_over_defaults(defaults: str | Path, cfg: DictConfig | dict | None, source: str,
+def merge_over_defaults(defaults: str | Path | type, cfg: DictConfig | dict | None, source: str,
                         open_keys: Iterable[str] = ()) -> DictConfig:
-    """`defaults` (as for `load_config`) with `cfg`, a full or partial config, merged over them, its
-    keys checked against them."""
+    """`defaults` (a config dataclass, or a YAML as for `load_config`) with `cfg`, a full or partial
+    config, merged over them, its keys checked against them."""
+    if isinstance(defaults, type):
+        layer = None if cfg is None else cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        return merge_structured(defaults, ".", layer, open_keys=open_keys, source=source)
     base = load_config(defaults)
     if cfg is None:
         return base
@@ -201,7 +242,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-# --- value domains: one-line errors naming the dotted key (training, evaluation and curation tables) ---
+# --- value domains: one-line errors naming the dotted key (each section's `__post_init__`) ---
 
 Domain = tuple[str, Callable[[float], bool]]
 
@@ -228,8 +269,8 @@ def _select(cfg: Any, key: str) -> Any:
 def check_domains(cfg: DictConfig | Mapping[str, Any], numbers: dict[str, Domain], integers: dict[str, int],
                   optional: tuple[str, ...] = ()) -> None:
     """Raise ConfigError for the first value (by dotted key) outside its domain; `optional` keys may
-    also be null (each config's own tables: train/config_values.py, eval/runner.py, ...). `cfg`: a
-    config, or a section's dataclass under its name (its `__post_init__`: {"tiles": self})."""
+    also be null. `cfg`: a config, or a section's dataclass under its name (its `__post_init__`:
+    {"tiles": self})."""
     for key, (why, ok) in numbers.items():
         value = _select(cfg, key)
         if value is None and key in optional:
@@ -254,14 +295,33 @@ def check_choices(cfg: DictConfig | Mapping[str, Any], choices: dict[str, Sequen
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(valid)}")
 
 
+ListDomain = tuple[str, Callable[[Any], bool]]  # what the items must be, and the test of one item
+
+
+def check_lists(cfg: DictConfig | Mapping[str, Any], lists: dict[str, ListDomain]) -> None:
+    """Raise ConfigError for the first value (by dotted key) that is not a non-empty list of what its
+    entry says ({key: ("integers >= 1", test of one item)})."""
+    for key, (what, ok) in lists.items():
+        value = _select(cfg, key)
+        is_list = isinstance(value, (list, tuple, ListConfig))
+        if not is_list or len(value) == 0 or not all(ok(v) for v in value):
+            raise ConfigError(f"{key}={value!r}: must be a non-empty list of {what}")
+
+
 def check_section(section: str, values: Any, numbers: dict[str, Domain] | None = None,
                   integers: dict[str, int] | None = None, optional: tuple[str, ...] = (),
-                  choices: dict[str, Sequence[str]] | None = None) -> None:
-    """`check_domains` and `check_choices` over one section's dataclass (its `__post_init__`), keys being
-    its field names; the errors name the dotted key (`tiles.workers=0: must be an integer >= 1`)."""
+                  choices: dict[str, Sequence[str]] | None = None,
+                  lists: dict[str, ListDomain] | None = None) -> None:
+    """`check_domains`, `check_choices` and `check_lists` over one section's dataclass (its
+    `__post_init__`), keys being its field names; the errors name the dotted key (`tiles.workers=0: must
+    be an integer >= 1`). `section` may be dotted itself ('heads.linear')."""
     def dotted(table: dict | None) -> dict:
         return {f"{section}.{key}": value for key, value in (table or {}).items()}
 
+    tree = values
+    for part in reversed(section.split(".")):
+        tree = {part: tree}
     nullable = tuple(f"{section}.{key}" for key in optional)
-    check_domains({section: values}, dotted(numbers), dotted(integers), nullable)
-    check_choices({section: values}, dotted(choices))
+    check_domains(tree, dotted(numbers), dotted(integers), nullable)
+    check_choices(tree, dotted(choices))
+    check_lists(tree, dotted(lists))

@@ -147,7 +147,8 @@ def test_cpu_smoke_is_a_tiny_vit_stratified_over_the_cohorts_tissue_types(cohort
 
 
 def test_train_defaults_build_vit_large_with_uniform_batches(cohort_index, tmp_path):
-    """default.yaml: `arch: null` is vit_large; local crops a multiple of the patch (7 x 14)."""
+    """The defaults (train/config.py): `arch: null` is vit_large; local crops a multiple of the patch
+    (7 x 14)."""
     cfg = load_train_config(None, [f"data.index={cohort_index.path}"])
     validate_config(cfg)
     with torch.device("meta"):
@@ -235,7 +236,6 @@ CLAIMED = {
     **{f"train/{name}.yaml": test_paper_recipes_vitl14_t1 for name in PAPER_ARMS},
     **{f"train/{name}.yaml": test_gpu_scale_comparison_vits14_small for name in SMALL_ARMS},
     "train/cpu_smoke.yaml": test_cpu_smoke_is_a_tiny_vit_stratified_over_the_cohorts_tissue_types,
-    "train/default.yaml": test_train_defaults_build_vit_large_with_uniform_batches,
     "curation/t1.yaml": test_paper_trees, "curation/t2.yaml": test_paper_trees,
     "curation/cpu_smoke.yaml": test_cpu_smoke_tree_fits_the_synthetic_cohort,
     "eval/default.yaml": test_eval_default_is_evas_linear_probe,

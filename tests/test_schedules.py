@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from dinov2_patho.config_files import ConfigError, load_config
+from dinov2_patho.config_files import ConfigError
+from dinov2_patho.train.config import load_train_config
 from dinov2_patho.train.schedules import Schedules, scaled_lr, warmup_cosine
 
 
@@ -43,7 +44,7 @@ def test_lr_scaling_rule():
 
 
 def test_schedules_from_config():
-    cfg = load_config("train/default.yaml", None, [
+    cfg = load_train_config(None, [
         "train.iterations=100", "optim.warmup_iterations=10", "optim.freeze_last_layer_iterations=5",
         "teacher.warmup_teacher_temp_iterations=20", "optim.base_lr=0.001", "data.index=x",
     ])
@@ -64,7 +65,7 @@ def test_schedules_from_config():
 
 def test_default_warmups_are_dinov2s_shares_of_the_schedule():
     # ssl_default_config: 100 epochs; lr warmup 10, teacher-temperature warmup 30, last layer frozen 1
-    cfg = load_config("train/default.yaml", None, ["data.index=x"])
+    cfg = load_train_config(None, ["data.index=x"])
     total = cfg.train.iterations
     assert cfg.optim.warmup_iterations / total == pytest.approx(10 / 100)
     assert cfg.teacher.warmup_teacher_temp_iterations / total == pytest.approx(30 / 100)

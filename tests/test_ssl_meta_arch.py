@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from dinov2_patho.config_files import load_config
 from dinov2_patho.data.augment import MultiCropAugmentation
 from dinov2_patho.data.collate import collate_multicrop
 from dinov2_patho.data.masking import MaskingGenerator
 from dinov2_patho.errors import UserError
+from dinov2_patho.train.config import load_train_config
 from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype
 
 TINY = [
@@ -18,7 +18,7 @@ TINY = [
 
 
 def tiny_cfg(*overrides):
-    return load_config("train/default.yaml", None, [*TINY, *overrides])
+    return load_train_config(None, [*TINY, *overrides])
 
 
 def synthetic_tiles(n, seed=0):

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2_patho.config_files import packaged_section
 from dinov2_patho.errors import UserError
 
 Generator = torch.Generator | None
@@ -35,9 +34,6 @@ _RGB_FROM_HED = F.normalize(torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL and torchvision
 _MIN_INTENSITY = 1.0 / 255.0  # optical density of a black pixel stays finite
-TRAIN_DEFAULTS = "train/default.yaml"
-_CROPS_KEYS = frozenset({"global_crops_size", "global_crops_scale", "local_crops_number", "local_crops_size",
-                         "local_crops_scale"})
 
 
 def _rand(generator: Generator) -> float:
@@ -205,11 +201,56 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- config
 
+@dataclass
+class CropsConfig:
+    """The `crops` section of the training config: DINOv2's multi-crop (checked with `augmentation` by
+    AugmentConfig)."""
+
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    global_crops_size: int = 224
+    local_crops_number: int = 8
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    local_crops_size: int = 98        # a multiple of student.patch_size (7 x 14)
+
+
+_CROPS_KEYS = frozenset(f.name for f in fields(CropsConfig))
+
+
+@dataclass
+class AugmentationConfig:
+    """The `augmentation` section of the training config: per crop, in this order after the random
+    resized crop (checked with `crops` by AugmentConfig)."""
+
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    rot90: bool = True                # a random multiple of 90 degrees: tissue has no up
+    hed_jitter_p: float = 0.5         # stain jitter in Ruifrok-Johnston HED space
+    hed_scale: float = 0.05           # each stain concentration x U(1 - s, 1 + s)
+    hed_bias: float = 0.05            # + U(-b, b) optical density
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # global crop 1, global crop 2, local crops: the odds a crop is blurred, as DINOv2's paper and config
+    # mean them; its GaussianBlur(p) blurs with 1 - p (torchvision's RandomApply), so dinov2-trained
+    # checkpoints saw [0.0, 0.9, 0.5]
+    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    blur_kernel_size: int | None = None  # null: 2 ceil(3 sigma) + 1 taps; 9: DINOv2's fixed kernel
+    solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.0])
+    solarize_threshold: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet normalisation
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Everything the augmentation reads: `crops.*` and `augmentation.*` of the training config.
-    No defaults here: `defaults()` and `from_config()` take them from the packaged
-    configs/train/default.yaml, their one home."""
+    """Everything the augmentation reads: `crops.*` and `augmentation.*` of the training config, checked.
+    No defaults here: `defaults()` and `from_config()` take them from CropsConfig and AugmentationConfig,
+    their one home."""
 
     global_crops_size: int
     global_crops_scale: tuple[float, float]
@@ -287,9 +328,8 @@ class AugmentConfig:
 
     @classmethod
     def defaults(cls, **values: Any) -> AugmentConfig:
-        """The packaged defaults, with `values` (field=value) in place of some."""
-        crops = {k: v for k, v in packaged_section(TRAIN_DEFAULTS, "crops").items() if k in _CROPS_KEYS}
-        merged = crops | packaged_section(TRAIN_DEFAULTS, "augmentation")
+        """The defaults, with `values` (field=value) in place of some."""
+        merged = asdict(CropsConfig()) | asdict(AugmentationConfig())
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"AugmentConfig has no field {unknown[0]!r}")

@@ -1,13 +1,14 @@
 """TileDataset: global row id -> (transform(tile), row_id), and the tile source built from config.
 
 `build_tile_source` reads the `data:` config section: backend, slides, fallback,
-mpp_override, tile_store, cache_size (their meaning and defaults: the `data:` section of
-configs/train/default.yaml, their one home; keys left out take those defaults).
+mpp_override, tile_store, cache_size (their meaning and defaults: `DataConfig`, their one home;
+keys left out take those defaults).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from multiprocessing.context import get_spawning_popen
 from multiprocessing.sharedctypes import RawArray
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from dinov2_patho.config_files import packaged_section
+from dinov2_patho.config_files import POSITIVE, check_section
 from dinov2_patho.data.readers import SlideTileSource, TileReadError, TileSource
 from dinov2_patho.data.slides import SlideRegistry
 from dinov2_patho.data.tilestore import HDF5TileSource
@@ -40,10 +41,33 @@ _ROWS_PER_SLOT = 4
 _SHARED = ("_substitutions", "_substituted_rows")
 
 
+@dataclass
+class DataConfig:
+    """The `data` section of the training config: the tile index, its view, and where tiles come from."""
+
+    index: str | None = None          # required: TileIndex directory (`dinov2-patho index build`)
+    subset: str | None = None         # optional .npy of global row ids: train on this view of the index
+    backend: str = "openslide"        # openslide | tiffslide (slide files) | hdf5 (a tile store)
+    slides: str | None = None         # slide directory (<slide_id>.<ext>) or a slide_id,path CSV
+    fallback: str | None = "tiffslide"  # backend tried when `backend` cannot open a slide; null: none
+    mpp_override: float | None = None  # um/px for every slide instead of each slide's own
+    tile_store: str | None = None     # hdf5: directory of <slide_id>.h5 (`dinov2-patho tiles`)
+    cache_size: int = 16              # open slides / files kept per process
+    on_error: str = "raise"           # raise | skip (substitute a tile of the same cluster, counted)
+    # on_error=skip: stop once more tiles than this were substituted (over all ranks), naming their
+    # slides; null: no limit
+    max_skipped: int | None = None
+
+    def __post_init__(self) -> None:
+        check_section("data", self, numbers={"mpp_override": POSITIVE},
+                      integers={"cache_size": 1, "max_skipped": 0}, optional=("mpp_override", "max_skipped"),
+                      choices={"on_error": ON_ERROR})
+
+
 def build_tile_source(cfg: Mapping[str, Any], mpp_key: str = "data.mpp_override") -> TileSource:
     """The tile source described by a `data:` config section (see the module docstring); `mpp_key`
     names the caller's setting of `mpp_override` in errors."""
-    defaults = packaged_section("train/default.yaml", "data")
+    defaults = asdict(DataConfig())
     c = {**defaults, **{k: cfg[k] for k in cfg if k in defaults}}
     backend = c["backend"]
     if backend == "hdf5":

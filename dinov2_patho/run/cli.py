@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="DINOv2 pretraining", description="Submit `dinov2-patho train`.")
     _add_slurm_arguments(train, "dinov2-patho-train")
     train.add_argument("--config-file", default=None,
-                       help="training config, merged over configs/train/default.yaml")
+                       help="training config, merged over the defaults (`dinov2-patho train --print-config`)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.iterations=10")
     evaluate = sub.add_parser("eval", help="evaluation", description="Submit `dinov2-patho eval ARGS`; "

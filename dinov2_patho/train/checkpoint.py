@@ -11,7 +11,7 @@ rank has written its part; `latest` moves only after that rename, and pruning to
 last K runs after that, so a kill at any instant leaves `latest` naming a complete
 checkpoint. `iter_N` holds the state after N completed iterations: a resumed run starts
 at iteration N. The names and the reading of one file are `checkpoint_files.py`'s, shared with the
-backbone loader.
+backbone loader. How often and how many: the training config's `checkpoint` section (`CheckpointConfig`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import contextlib
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,23 @@ from dinov2_patho.checkpoint_files import (
     load_file,
     to_storable,
 )
+from dinov2_patho.config_files import check_section
 from dinov2_patho.distributed import DistContext, agree, barrier, broadcast_object, ranks_agree
 from dinov2_patho.io import atomic_dir, atomic_write_text
 from dinov2_patho.logging import get_logger
 
 log = get_logger(__name__)
+
+
+@dataclass
+class CheckpointConfig:
+    """The `checkpoint` section of the training config."""
+
+    every_n_iterations: int = 2500
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        check_section("checkpoint", self, integers={"every_n_iterations": 0, "keep_last": 1})
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Under torchrun every rank runs this same command; a run resumes from D's latest
 checkpoint unless `train.resume=false`. SIGTERM and SIGUSR2 make it checkpoint and exit
 at the next iteration boundary. `--dry-run` checks the config, the data and the slides,
-prints what training would use, and exits before any model is built.
+prints what training would use, and exits before any model is built. `--print-config` prints the
+config (every key, with its value) and exits.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import json
 import os
 from typing import Any
 
+from dinov2_patho.cli import add_print_config, print_config
 from dinov2_patho.train.config import load_train_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-file", default=None, metavar="FILE",
-                        help="YAML merged over the packaged configs/train/default.yaml")
-    parser.add_argument("--output-dir", required=True, metavar="DIR",
-                        help="checkpoints, metrics.jsonl, logs; resumed from when it holds a checkpoint")
+                        help="YAML merged over the defaults (every key: --print-config)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="checkpoints, metrics.jsonl, logs; resumed from when it holds a checkpoint "
+                             "(required but with --print-config)")
+    add_print_config(parser)
     parser.add_argument("--force-resume", action="store_true",
                         help="resume even when the config differs from the checkpoint's in a key that breaks "
                              "exact resume (the changed keys are logged)")
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from dinov2_patho.train.trainer import install_stop_handlers, run_training
 
     cfg = load_train_config(args.config_file, args.overrides)
+    if print_config(cfg, args):
+        return 0
     if args.dry_run:
         return dry_run(cfg, progress=not args.no_progress)
     install_stop_handlers()

@@ -1,7 +1,8 @@
 """Per-iteration schedules, as in DINOv2, computed in closed form from the iteration.
 
 Nothing is precomputed or stored: the value at iteration `it` depends only on `it` and
-the config, so a resumed run needs nothing but the iteration to rejoin its schedules.
+the config, so a resumed run needs nothing but the iteration to rejoin its schedules. What they
+follow: the training config's `optim` (`OptimConfig`) and `teacher` (`TeacherConfig`) sections.
 """
 
 from __future__ import annotations
@@ -11,10 +12,64 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig
 
-from dinov2_patho.config_files import ConfigError
+from dinov2_patho.config_files import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    UNIT_HALF_OPEN,
+    UNIT_OPEN,
+    ConfigError,
+    check_section,
+)
 from dinov2_patho.registry import did_you_mean
 
 _RULES = ("sqrt_wrt_1024", "linear_wrt_1024", "none")
+
+
+@dataclass
+class OptimConfig:
+    """The `optim` section of the training config: AdamW and its schedules, in iterations (DINOv2's
+    100 epochs of 1,250 iterations are 125,000; its 10 epochs of lr warmup 12,500, its 1 epoch of frozen
+    last layer 1,250)."""
+
+    base_lr: float = 0.004            # for a global batch of 1024; scaled by scaling_rule
+    scaling_rule: str = "sqrt_wrt_1024"
+    min_lr: float = 1.0e-06
+    warmup_iterations: int = 12500
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0            # 0: no clipping
+    freeze_last_layer_iterations: int = 1250
+    layerwise_decay: float = 0.9
+    token_weight_decay: bool = False  # true: cls/register/mask tokens and pos_embed decayed too, as DINOv2
+    patch_embed_lr_mult: float = 0.2
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        check_section("optim", self, numbers={
+            "base_lr": POSITIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+            "weight_decay_end": NON_NEGATIVE, "clip_grad": NON_NEGATIVE, "layerwise_decay": UNIT_HALF_OPEN,
+            "patch_embed_lr_mult": NON_NEGATIVE, "adamw_beta1": UNIT_OPEN, "adamw_beta2": UNIT_OPEN},
+            integers={"warmup_iterations": 0, "freeze_last_layer_iterations": 0})
+
+
+@dataclass
+class TeacherConfig:
+    """The `teacher` section of the training config: the EMA teacher's momentum and temperature
+    (DINOv2's 30 epochs of temperature warmup are 37,500 iterations)."""
+
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_iterations: int = 37500
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | centering (EMA center, momentum 0.9)
+
+    def __post_init__(self) -> None:
+        check_section("teacher", self, numbers={
+            "momentum_teacher": UNIT, "final_momentum_teacher": UNIT, "warmup_teacher_temp": POSITIVE,
+            "teacher_temp": POSITIVE}, integers={"warmup_teacher_temp_iterations": 0})
 
 
 def warmup_cosine(it: int, *, base: float, final: float, total: int, warmup: int = 0,

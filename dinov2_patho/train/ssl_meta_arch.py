@@ -5,18 +5,21 @@ a DINO head (and an iBOT head when `ibot.separate_head`), trained with DINO + iB
 the optimizer, then calls `update_teacher`. The trainer may wrap `student[name]` modules in DDP:
 every student module is called exactly once per step, through its wrapper. Under FSDP
 (`train/fsdp.py`) student and teacher modules are sharded alike, so `update_teacher`'s foreach ops
-run on matching DTensor shards.
+run on matching DTensor shards. Its config sections: `dino` (`DinoConfig`), `ibot` (`IbotConfig`),
+`compute_precision` (`PrecisionConfig`).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dinov2_patho.config_files import NON_NEGATIVE, check_section
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 from dinov2_patho.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -30,6 +33,50 @@ CENTERINGS = ("sinkhorn_knopp", "centering")
 # weight decay for the tokens and position embeddings (they are not weights of a linear map; timm,
 # BEiT and MAE exempt them too). DINOv2 decays them: optim.token_weight_decay=true does as it does.
 _EMBEDDING_PARAMS = ("cls_token", "register_tokens", "mask_token", "pos_embed")
+
+_HEAD_SIZES = {"head_n_prototypes": 1, "head_bottleneck_dim": 1, "head_nlayers": 1, "head_hidden_dim": 1}
+
+
+@dataclass
+class DinoConfig:
+    """The `dino` section of the training config: the DINO head and the DINO and KoLeo terms."""
+
+    loss_weight: float = 1.0          # on the mean over crop pairs; with local_crops_number 0, 0.667 gives
+    head_n_prototypes: int = 65536    # DINOv2's weight
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    koleo_loss_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_section("dino", self, numbers={"loss_weight": NON_NEGATIVE, "koleo_loss_weight": NON_NEGATIVE},
+                      integers=_HEAD_SIZES)
+
+
+@dataclass
+class IbotConfig:
+    """The `ibot` section of the training config: the masks, the iBOT term and its head."""
+
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5  # fraction of global crops that get a mask
+    # masked fraction of the patches, spread evenly over the masked crops
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+    def __post_init__(self) -> None:
+        check_section("ibot", self, numbers={"loss_weight": NON_NEGATIVE}, integers=_HEAD_SIZES)
+
+
+@dataclass
+class PrecisionConfig:
+    """The `compute_precision` section of the training config."""
+
+    amp: Any = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | "off" (or false, YAML's off)
+    grad_scaler: bool = True          # fp16 only: loss scaling (SSLMetaArch.grad_scaler)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
