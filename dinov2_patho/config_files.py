@@ -5,7 +5,7 @@ The defaults are a dataclass per config section, beside the code that uses it, c
 over them (`OmegaConf.structured`). Every key of the file and the overrides must exist in the
 defaults; an unknown key is an error naming it and the closest valid key. Nodes listed in
 `open_keys` (say `sampler`, whose options depend on the sampler chosen) accept new keys: whoever
-consumes them validates them. `load_config` does the same over a YAML file of defaults.
+consumes them validates them.
 """
 
 from __future__ import annotations
@@ -134,25 +134,6 @@ def _merge_layers(cfg: DictConfig, layers: list[tuple[str, DictConfig]], open_ke
     return cfg
 
 
-def load_config(defaults: str | Path, config_file: str | Path | DictConfig | None = None,
-                overrides: Sequence[str] = (), open_keys: Iterable[str] = (),
-                moved: Mapping[str, str] | None = None, migrate: Migration | None = None,
-                source: str | None = None) -> DictConfig:
-    """Merge `defaults` (a packaged relpath like 'train/default.yaml' or a path), a config
-    file (or a config already read, named `source`: a submitted job's) and dot-list overrides,
-    checking every key against the defaults; `migrate` brings the file to today's schema first."""
-    defaults_path = Path(defaults)
-    if not defaults_path.is_file():
-        defaults_path = packaged_config(str(defaults))
-    cfg = read_yaml(defaults_path)
-    layers = _file_layer(config_file, defaults_path.parent, source)
-    if layers and migrate is not None:
-        layers[0] = (layers[0][0], migrate(layers[0][1], cfg, layers[0][0]))
-    if overrides:
-        layers.append(("command line", parse_overrides(overrides)))
-    return _merge_layers(cfg, layers, tuple(open_keys), moved)
-
-
 def merge_structured(schema: type, shipped: str, config_file: str | Path | DictConfig | None = None,
                      overrides: Sequence[str] = (), open_keys: Iterable[str] = (), *,
                      moved: Mapping[str, str] | None = None, migrate: Migration | None = None,
@@ -217,19 +198,12 @@ def _sets(layer: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and leaf in node  # `in` is False for a ??? value
 
 
-def merge_over_defaults(defaults: str | Path | type, cfg: DictConfig | dict | None, source: str,
+def merge_over_defaults(schema: type, cfg: DictConfig | dict | None, source: str,
                         open_keys: Iterable[str] = ()) -> DictConfig:
-    """`defaults` (a config dataclass, or a YAML as for `load_config`) with `cfg`, a full or partial
-    config, merged over them, its keys checked against them."""
-    if isinstance(defaults, type):
-        layer = None if cfg is None else cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-        return merge_structured(defaults, ".", layer, open_keys=open_keys, source=source)
-    base = load_config(defaults)
-    if cfg is None:
-        return base
-    layer = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    check_keys(layer, base, source, open_keys)
-    return OmegaConf.merge(base, layer)
+    """`schema`'s defaults with `cfg`, a full or partial config (named `source` in errors), merged over
+    them, its keys checked against them."""
+    layer = None if cfg is None else cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    return merge_structured(schema, ".", layer, open_keys=open_keys, source=source)
 
 
 def to_container(cfg: DictConfig | ListConfig) -> dict | list:

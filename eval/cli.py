@@ -8,7 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dinov2_patho.config_files import load_config, save_config
+from dinov2_patho.cli import add_print_config, print_config
+from dinov2_patho.config_files import instantiate, merge_structured, save_config
 from dinov2_patho.data.folders import BACKBONE_HELP, TILES_HELP
 from dinov2_patho.data.slides import SLIDES_HELP
 from dinov2_patho.errors import UserError
@@ -28,9 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_parser.add_argument("--benchmarks", help="comma-separated: bach,crc,mhist,pcam,bracs,breakhis,"
                                                  "unitopatho,chaoyang,synthetic,folder,csv")
     run_parser.add_argument("--data-root", help="folder holding one folder per benchmark")
-    run_parser.add_argument("--output-dir", required=True, type=Path,
-                            help="results.{csv,md,json,png}, cached features, config.yaml, log")
-    run_parser.add_argument("--config-file", help="eval config over configs/eval/default.yaml")
+    run_parser.add_argument("--output-dir", type=Path,
+                            help="results.{csv,md,json,png}, cached features, config.yaml, log (required but "
+                                 "with --print-config)")
+    run_parser.add_argument("--config-file", help="eval config over the defaults (every key: --print-config)")
+    add_print_config(run_parser)
     run_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     run_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. "
                             "heads.linear.n_runs=3 datasets.bach.root=/data/BACH")
@@ -47,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slide.add_argument("--features", help="for a labels CSV: a folder of <slide_id>.h5 feature files "
                                           "(trident/CLAM) to read the bags from, instead of a backbone")
     slide.add_argument("--data-root", help="folder holding one folder per named task")
-    slide.add_argument("--output-dir", required=True, type=Path, help="results, cached bags, config, log")
-    slide.add_argument("--config-file", help="config over configs/eval/slide.yaml")
+    slide.add_argument("--output-dir", type=Path,
+                       help="results, cached bags, config, log (required but with --print-config)")
+    slide.add_argument("--config-file", help="config over the defaults (every key: --print-config)")
+    add_print_config(slide)
     slide.add_argument("--no-progress", action="store_true", help="no progress bars")
     slide.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. "
                        "heads.abmil.n_runs=3 bags.max_tiles=1000 cross_validation.folds=5")
@@ -57,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dinov2_patho.backbones.load import backbone_record, load_backbone
 
-    from .runner import DEFAULTS, OPEN_KEYS, check_eval_values, run_benchmarks
+    from .runner import OPEN_KEYS, EvalConfig, run_benchmarks
 
     if args.action == "slide":
         return run_slide(args)
@@ -70,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data_root={args.data_root}")
     if args.no_progress:
         overrides.append("progress=false")
-    cfg = load_config(DEFAULTS, args.config_file, overrides, open_keys=OPEN_KEYS)
+    cfg = merge_structured(EvalConfig, ".", args.config_file, overrides, OPEN_KEYS)
     if args.benchmarks is not None:
         cfg.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    check_eval_values(cfg)  # before the backbone is built and moved to features.device
+    if print_config(cfg, args):
+        return 0
+    instantiate(EvalConfig, cfg)  # the checks, before the backbone is built and moved to features.device
     setup_logging(args.output_dir)
     save_config(cfg, args.output_dir / "config.yaml")
     spec = cfg.backbone
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 def run_slide(args: argparse.Namespace) -> int:
     from dinov2_patho.backbones.load import backbone_record, load_backbone
 
-    from .slide.runner import DEFAULTS, OPEN_KEYS, check_slide_values, run_slide_tasks
+    from .slide.runner import OPEN_KEYS, SlideEvalConfig, run_slide_tasks
 
     overrides = list(args.overrides)
     for key, value in (("backbone.path", args.backbone), ("backbone.arch", args.arch),
@@ -99,12 +106,14 @@ def run_slide(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     if args.no_progress:
         overrides.append("progress=false")
-    cfg = load_config(DEFAULTS, args.config_file, overrides, open_keys=OPEN_KEYS)
+    cfg = merge_structured(SlideEvalConfig, ".", args.config_file, overrides, OPEN_KEYS)
     if args.tasks is not None:
         cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if print_config(cfg, args):
+        return 0
     if not cfg.tasks:
         raise UserError("eval slide: no task given (--tasks or tasks= in the config)")
-    check_slide_values(cfg)  # before the backbone is built and moved to bags.device
+    instantiate(SlideEvalConfig, cfg)  # the checks, before the backbone is built and moved to bags.device
     spec = cfg.backbone
     if cfg.features is not None and (spec.path is not None or args.arch is not None):
         raise UserError("eval slide: --features gives the bags; --backbone/--arch (backbone.*) do not apply")

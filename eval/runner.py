@@ -1,23 +1,33 @@
 """Evaluate a frozen backbone on benchmarks: extract (cached) features, fit every head,
 write results.{json,csv,md,png}. The CLI and the trainer's periodic evaluation both call
-`run_benchmarks`."""
+`run_benchmarks`. Its config: `EvalConfig`, a dataclass per section, checked in its `__post_init__`
+(`eval run --config-file` and overrides merge over it)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinov2_patho.backbones.features import check_cache_manifest, extract_features, weights_hash
 from dinov2_patho.backbones.hub import normalisation
-from dinov2_patho.backbones.load import frozen
+from dinov2_patho.backbones.load import BackboneConfig, frozen
 from dinov2_patho.backbones.preprocess import Preprocess
-from dinov2_patho.config_files import NON_NEGATIVE, POSITIVE, ConfigError, check_domains, merge_over_defaults
+from dinov2_patho.config_files import (
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    check_section,
+    instantiate,
+    merge_over_defaults,
+)
 from dinov2_patho.io import atomic_path
 from dinov2_patho.logging import get_logger
 
@@ -27,42 +37,126 @@ from .report import write_results
 
 log = get_logger(__name__)
 
-DEFAULTS = "eval/default.yaml"
 OPEN_KEYS = ("datasets", "backbone.model")
-
-
+BENCHMARK_NAMES = ("bach", "crc", "mhist", "pcam", "bracs", "breakhis", "unitopatho", "chaoyang")
 # value domains, checked before any backbone or feature (a zero n_runs or an empty C sweep was a traceback)
-NUMBERS = {"heads.linear.lr": POSITIVE, "heads.linear.weight_decay": NON_NEGATIVE,
-           "heads.knn.temperature": POSITIVE, "heads.logreg.heldout_fraction": ("must be in (0, 1)",
-                                                                               lambda v: 0 < v < 1),
-           "preprocess.target_mpp": POSITIVE}
-INTEGERS = {"heads.linear.n_runs": 1, "heads.linear.max_steps": 1, "heads.linear.batch_size": 1,
-            "heads.linear.patience": 1, "heads.logreg.max_iter": 1, "features.batch_size": 1,
-            "features.num_workers": 0, "preprocess.size": 1}
-OPTIONAL = ("preprocess.target_mpp", "heads.linear.patience")
-LISTS = {"heads.knn.k": ("integers >= 1", lambda v: type(v) is int and v >= 1),
-         "heads.logreg.C": ("numbers > 0", lambda v: type(v) in (int, float) and v > 0)}
+UNIT_INTERIOR = ("must be in (0, 1)", lambda v: 0 < v < 1)
+POSITIVE_INTEGERS = ("integers >= 1", lambda v: type(v) is int and v >= 1)
+POSITIVE_NUMBERS = ("numbers > 0", lambda v: type(v) in (int, float) and v > 0)
+LOGREG_C = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # the logistic regressions' C sweep
 
 
-def check_eval_values(cfg: DictConfig, numbers: dict = NUMBERS, integers: dict = INTEGERS,
-                      optional: tuple[str, ...] = OPTIONAL, lists: dict = LISTS,
-                      device_key: str = "features.device") -> None:
-    """A one-line ConfigError for the first value outside its domain, or a device this machine lacks
-    (the tables: tile evaluation's by default, the slide tasks' in `slide.runner`)."""
-    check_domains(cfg, numbers, integers, optional)
-    for key, (what, ok) in lists.items():
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, ListConfig) or len(value) == 0 or not all(ok(v) for v in value):
-            raise ConfigError(f"{key}={value!r}: must be a non-empty list of {what}")
-    device = str(OmegaConf.select(cfg, device_key))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{device_key}={device}: this machine has no CUDA device (use cpu)")
+def check_device(key: str, device: str) -> None:
+    """A one-line ConfigError for a device this machine lacks."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={device}: this machine has no CUDA device (use cpu)")
+
+
+@dataclass
+class PreprocessConfig:
+    # null: eva's resize-shorter-side-and-centre-crop; a number: rescale to this µm/px first
+    target_mpp: float | None = None
+    size: int = 224
+
+    def __post_init__(self) -> None:
+        check_section("preprocess", self, numbers={"target_mpp": POSITIVE}, integers={"size": 1},
+                      optional=("target_mpp",))
+
+
+@dataclass
+class CrossValidationConfig:
+    """`cross_validation` of the eval configs (checked against a benchmark's or a task's slides when it
+    runs)."""
+
+    # null: the benchmark's own splits. K >= 3: K folds by slide/patient over all its images (fold f
+    # tests, fold f+1 validates, the rest train); scores are the fold mean
+    folds: Any = None
+    seed: int = 0                     # the order in which slides/patients are dealt to folds
+
+
+@dataclass
+class FeaturesConfig:
+    tokens: str = "cls"               # cls | patch_mean | cls+patch_mean
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "cpu"               # the CLI's backbone and the linear probe (run_benchmarks keeps a
+                                      # given backbone's device)
+
+    def __post_init__(self) -> None:
+        check_section("features", self, integers={"batch_size": 1, "num_workers": 0})
+        check_device("features.device", self.device)
+
+
+@dataclass
+class LinearHeadConfig:
+    """eva's linear probe protocol."""
+
+    enabled: bool = True
+    lr: float = 0.0003
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    max_steps: int = 12500
+    patience: int | None = None       # validation epochs; null = eva's ceil(0.2 * epochs)
+    n_runs: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_section("heads.linear", self, numbers={"lr": POSITIVE, "weight_decay": NON_NEGATIVE},
+                      integers={"n_runs": 1, "max_steps": 1, "batch_size": 1, "patience": 1},
+                      optional=("patience",))
+
+
+@dataclass
+class KnnHeadConfig:
+    enabled: bool = True
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        check_section("heads.knn", self, numbers={"temperature": POSITIVE}, lists={"k": POSITIVE_INTEGERS})
+
+
+@dataclass
+class LogregHeadConfig:
+    enabled: bool = True
+    C: list[float] = field(default_factory=lambda: list(LOGREG_C))
+    max_iter: int = 1000
+    heldout_fraction: float = 0.2     # of train, for the C sweep when the benchmark has no test split
+
+    def __post_init__(self) -> None:
+        check_section("heads.logreg", self, numbers={"heldout_fraction": UNIT_INTERIOR},
+                      integers={"max_iter": 1}, lists={"C": POSITIVE_NUMBERS})
+
+
+@dataclass
+class HeadsConfig:
+    linear: LinearHeadConfig = field(default_factory=LinearHeadConfig)
+    knn: KnnHeadConfig = field(default_factory=KnnHeadConfig)
+    logreg: LogregHeadConfig = field(default_factory=LogregHeadConfig)
+
+
+@dataclass
+class EvalConfig:
+    """`dinov2-patho eval run` and the trainer's periodic evaluation (run_benchmarks): every key an eval
+    config may set, with its default."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARK_NAMES))
+    data_root: str = "data/benchmarks"  # benchmark NAME is read from DATA_ROOT/NAME unless datasets.NAME.root
+    # per-benchmark options, e.g. {bach: {root: /data/BACH}, synthetic: {max_tiles_per_split: 200}}
+    datasets: dict[str, Any] = field(default_factory=dict)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    cross_validation: CrossValidationConfig = field(default_factory=CrossValidationConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    plot: bool = True
+    progress: bool = True
 
 
 def eval_config(cfg: DictConfig | dict | None = None) -> DictConfig:
-    """The packaged eval defaults under `cfg` (a full or partial eval config), checked."""
-    cfg = merge_over_defaults(DEFAULTS, cfg, "eval config", OPEN_KEYS)
-    check_eval_values(cfg)
+    """The eval defaults under `cfg` (a full or partial eval config), checked."""
+    cfg = merge_over_defaults(EvalConfig, cfg, "eval config", OPEN_KEYS)
+    instantiate(EvalConfig, cfg)
     return cfg
 
 
@@ -247,7 +341,7 @@ def run_benchmarks(backbone: nn.Module, benchmarks: list[str], cfg: DictConfig |
                    output_dir: str | Path, record: dict | None = None) -> dict:
     """Evaluate `backbone` (frozen here) on each benchmark; write results to `output_dir`.
 
-    `cfg` is an eval config (configs/eval/default.yaml; partial ones are merged over it).
+    `cfg` is an eval config (EvalConfig; partial ones are merged over it).
     `record` (the CLI's backbone: path, arch, seed) goes with each result in results.json.
     Features are cached in `output_dir/features`; a cache of another backbone (weights sha256),
     preprocessing or image set is refused, so give each checkpoint its own `output_dir` (the

@@ -192,7 +192,7 @@ def test_eval_features_of_another_backbone_or_preprocessing_are_refused(tmp_path
 
 @pytest.mark.parametrize("override, message", [
     ("heads.linear.n_runs=0", "heads.linear.n_runs=0: must be an integer >= 1"),
-    ("heads.linear.lr=-1", "heads.linear.lr=-1: must be > 0"),
+    ("heads.linear.lr=-1", "heads.linear.lr=-1.0: must be > 0"),
     ("heads.knn.k=5", "heads.knn.k=5: must be a non-empty list of integers >= 1"),
     ("heads.knn.k=[10,0]", "heads.knn.k=[10, 0]: must be a non-empty list of integers >= 1"),
     ("heads.logreg.C=[]", "heads.logreg.C=[]: must be a non-empty list of numbers > 0"),

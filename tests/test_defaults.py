@@ -4,7 +4,9 @@ sampler options). Python reads them, never repeats them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 from omegaconf import OmegaConf
 
@@ -63,3 +65,16 @@ def test_train_print_config_shows_every_key_and_the_output_dir_is_still_required
     assert main(["train", "--config-file", smoke]) == 2
     assert "error: the following arguments are required: --output-dir" in capsys.readouterr().err
 
+
+def test_eval_print_config_shows_every_key():
+    from dinov2_patho.cli import main
+    from dinov2_patho.eval.runner import eval_config
+    from dinov2_patho.eval.slide.runner import slide_config
+
+    knn, task = eval_config({"heads": {"knn": {"k": [20]}}}), slide_config({"tasks": ["synthetic"]})
+    for command, merged in ((["eval", "run", "heads.knn.k=[20]"], knn),
+                            (["eval", "slide", "--tasks", "synthetic"], task)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main([*command, "--print-config"]) == 0
+        assert OmegaConf.to_container(OmegaConf.create(out.getvalue())) == OmegaConf.to_container(merged)

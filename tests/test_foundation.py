@@ -1,79 +1,102 @@
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from dinov2_patho.cli import COMMANDS, main
-from dinov2_patho.config_files import ConfigError, load_config
+from dinov2_patho.config_files import ConfigError, merge_structured
 from dinov2_patho.io import atomic_path, atomic_write_text
 from dinov2_patho.registry import Registry
 
 
-@pytest.fixture
-def defaults(tmp_path):
-    path = tmp_path / "defaults.yaml"
-    path.write_text(
-        "train:\n  batch_size_per_gpu: 4\n  lr: 0.1\nsampler:\n  name: uniform\nmodel:\n  arch: vit_small\n"
-    )
-    return path
+@dataclass
+class Train:
+    batch_size_per_gpu: int = 4
+    lr: float | None = 0.1
 
 
-def test_overrides_merge_over_file_over_defaults(defaults, tmp_path):
+@dataclass
+class Model:
+    arch: str = "vit_small"
+
+
+@dataclass
+class Data:
+    index: str = MISSING
+
+
+@dataclass
+class WithData:
+    data: Data = field(default_factory=Data)
+
+
+@dataclass
+class Defaults:
+    train: Train = field(default_factory=Train)
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
+    model: Model = field(default_factory=Model)
+
+
+def load(config_file=None, overrides=(), open_keys=(), schema=Defaults):
+    return merge_structured(schema, "train", config_file, overrides, open_keys)
+
+
+def test_overrides_merge_over_file_over_defaults(tmp_path):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("train:\n  batch_size_per_gpu: 8\n")
-    cfg = load_config(defaults, cfg_file, ["train.lr=0.5"])
+    cfg = load(cfg_file, ["train.lr=0.5"])
     assert cfg.train.batch_size_per_gpu == 8
     assert cfg.train.lr == 0.5
     assert cfg.model.arch == "vit_small"
-    cfg = load_config(defaults, cfg_file, ["train.batch_size_per_gpu=16"])
+    cfg = load(cfg_file, ["train.batch_size_per_gpu=16"])
     assert cfg.train.batch_size_per_gpu == 16
 
 
-def test_unknown_key_names_key_and_closest(defaults, tmp_path):
+def test_unknown_key_names_key_and_closest(tmp_path):
     # the suggestion is the full key, as it is typed
     with pytest.raises(ConfigError, match=r"'train.batch_size_per_gp'.*mean 'train.batch_size_per_gpu'\?"):
-        load_config(defaults, None, ["train.batch_size_per_gp=8"])
+        load(None, ["train.batch_size_per_gp=8"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle:\n  arch: vit_large\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'modle'.*'model'"):
-        load_config(defaults, bad)
+        load(bad)
 
 
-def test_open_keys_accept_new_options(defaults):
-    cfg = load_config(defaults, None, ["sampler.level=4"], open_keys=["sampler"])
+def test_open_keys_accept_new_options():
+    cfg = load(None, ["sampler.level=4"], open_keys=["sampler"])
     assert cfg.sampler.level == 4
     with pytest.raises(ConfigError):
-        load_config(defaults, None, ["sampler.level=4"])
+        load(None, ["sampler.level=4"])
 
 
-def test_missing_values_can_be_set_and_must_be(tmp_path):
-    path = tmp_path / "defaults.yaml"
-    path.write_text("data:\n  index: ???\n")
-    assert load_config(path, None, ["data.index=/x"]).data.index == "/x"
+def test_missing_values_can_be_set_and_must_be():
+    assert load(None, ["data.index=/x"], schema=WithData).data.index == "/x"
     with pytest.raises(ConfigError, match="unknown key 'data.indx'"):
-        load_config(path, None, ["data.indx=/x"])
+        load(None, ["data.indx=/x"], schema=WithData)
 
 
-def test_a_config_files_missing_value_must_be_set_below_it(defaults, tmp_path):
+def test_a_config_files_missing_value_must_be_set_below_it(tmp_path):
     # a merge keeps the default under a ???: without the check the recipe would run on it silently
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  lr: ???\n")
     with pytest.raises(ConfigError, match=r"^train.lr is required by .*recipe.yaml: set train.lr=\.\.\."):
-        load_config(defaults, recipe)
-    assert load_config(defaults, recipe, ["train.lr=0.5"]).train.lr == 0.5
-    assert load_config(defaults, recipe, ["train.lr=null"]).train.lr is None  # an explicit choice
+        load(recipe)
+    assert load(recipe, ["train.lr=0.5"]).train.lr == 0.5
+    assert load(recipe, ["train.lr=null"]).train.lr is None  # an explicit choice
 
 
-def test_malformed_override_and_missing_file(defaults, tmp_path):
+def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not of the form"):
-        load_config(defaults, None, ["train.lr"])
+        load(None, ["train.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(defaults, tmp_path / "nope.yaml")
+        load(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: cannot parse"):
-        load_config(defaults, broken)
+        load(broken)
 
 
 def test_registry_errors_suggest():

@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinov2_patho.config_files import ConfigError, read_yaml
+from dinov2_patho.config_files import ConfigError
 from dinov2_patho.curation import hierarchy
 from dinov2_patho.curation.config import load_curation_config
 from dinov2_patho.errors import UserError
@@ -207,12 +207,13 @@ def test_curation_defaults_point_to_the_shipped_trees():
 # --- evaluation ----------------------------------------------------------------------------------
 
 def test_eval_default_is_evas_linear_probe():
-    """eva's protocol: AdamW lr 3e-4, batch 256, <= 12,500 steps, mean of 5 runs; the 8 benchmarks."""
+    """The eval defaults (EvalConfig) are eva's protocol: AdamW lr 3e-4, batch 256, <= 12,500 steps, mean
+    of 5 runs; the 8 benchmarks."""
     from dinov2_patho.eval.benchmarks import BENCHMARKS
     from dinov2_patho.eval.heads.linear import LinearProbeConfig
     from dinov2_patho.eval.runner import eval_config
 
-    cfg = eval_config(read_yaml(CONFIGS / "eval" / "default.yaml"))
+    cfg = eval_config()
     linear = LinearProbeConfig(**{k: v for k, v in OmegaConf.to_container(cfg.heads.linear).items()
                                   if k != "enabled"})
     assert (linear.lr, linear.batch_size, linear.max_steps, linear.n_runs) == (3e-4, 256, 12_500, 5)
@@ -220,12 +221,12 @@ def test_eval_default_is_evas_linear_probe():
 
 
 def test_eval_slide_is_evas_abmil():
-    """eva's ABMIL: projection 128, gated attention 128, MLP 128-64, AdamW 1e-3, 32 bags, <= 100
-    epochs, patience 20."""
+    """The slide eval defaults (SlideEvalConfig) are eva's ABMIL: projection 128, gated attention 128, MLP
+    128-64, AdamW 1e-3, 32 bags, <= 100 epochs, patience 20."""
     from dinov2_patho.eval.heads.abmil import GatedAttentionMIL
     from dinov2_patho.eval.slide.runner import abmil_config, slide_config
 
-    head_cfg = abmil_config(slide_config(read_yaml(CONFIGS / "eval" / "slide.yaml")))
+    head_cfg = abmil_config(slide_config())
     net = GatedAttentionMIL(384, 2, head_cfg)
     widths = [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert widths[0] == 128 and widths[-3:-1] == [128, 64]
@@ -238,6 +239,4 @@ CLAIMED = {
     "train/cpu_smoke.yaml": test_cpu_smoke_is_a_tiny_vit_stratified_over_the_cohorts_tissue_types,
     "curation/t1.yaml": test_paper_trees, "curation/t2.yaml": test_paper_trees,
     "curation/cpu_smoke.yaml": test_cpu_smoke_tree_fits_the_synthetic_cohort,
-    "eval/default.yaml": test_eval_default_is_evas_linear_probe,
-    "eval/slide.yaml": test_eval_slide_is_evas_abmil,
 }

@@ -1,13 +1,14 @@
 """A frozen backbone from disk: a training run's teacher (its run directory or a checkpoint
 directory, built at its own architecture from the config saved with it), a weights file
 (ours, DINOv2 hub format or a timm ViT, loaded into our ViT by `load_pretrained`), or any
-timm model by name (`timm/<name>`)."""
+timm model by name (`timm/<name>`). `BackboneConfig`: the `backbone` section of the eval configs."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ from dinov2_patho.logging import get_logger
 from dinov2_patho.registry import did_you_mean
 
 log = get_logger(__name__)
+
+
+@dataclass
+class BackboneConfig:
+    """The `backbone` section of `eval run`'s and `eval slide`'s configs: what `load_backbone` loads."""
+
+    path: str | None = None           # checkpoint (ours, DINOv2 hub, timm); null = random init baseline
+    arch: str = "vit_small"           # our backbone name, or timm/<model name>
+    weights_format: str = "auto"      # auto | ours | dinov2 | timm
+    seed: int = 0                     # the random init of a baseline (path null): the same weights every run
+    model: dict[str, Any] = field(default_factory=dict)  # build_backbone kwargs (patch_size, ffn, ...)
 
 
 @contextlib.contextmanager

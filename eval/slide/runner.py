@@ -1,54 +1,143 @@
 """Evaluate a frozen backbone on slide tasks: bags of tile features (cached), gated
 attention-MIL and a mean-pooling baseline, written as `eval run` writes its results
-(results.{json,csv,md,png})."""
+(results.{json,csv,md,png}). Its config: `SlideEvalConfig`, a dataclass per section, checked in its
+`__post_init__`."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinov2_patho.backbones.hub import check_token
-from dinov2_patho.backbones.load import frozen
-from dinov2_patho.config_files import NON_NEGATIVE, POSITIVE, merge_over_defaults
+from dinov2_patho.backbones.load import BackboneConfig, frozen
+from dinov2_patho.config_files import (
+    NON_NEGATIVE,
+    POSITIVE,
+    check_domains,
+    check_section,
+    instantiate,
+    merge_over_defaults,
+)
 from dinov2_patho.errors import UserError
 from dinov2_patho.logging import get_logger
 
 from ..heads.abmil import AbmilConfig, abmil
 from ..heads.logreg import logistic_regression
 from ..report import format_score, write_results
-from ..runner import LISTS as TILE_LISTS
-from ..runner import check_eval_values, group_folds, mean_over_folds
+from ..runner import (
+    LOGREG_C,
+    POSITIVE_NUMBERS,
+    CrossValidationConfig,
+    check_device,
+    group_folds,
+    mean_over_folds,
+)
 from .adapters import SLIDE_TASKS
 from .bags import extract_bags, feature_bags, write_bags
 from .tasks import SlideTask, csv_task, features_task
 
 log = get_logger(__name__)
 
-DEFAULTS = "eval/slide.yaml"
 OPEN_KEYS = ("datasets", "backbone.model")
 
 
-NUMBERS = {"heads.abmil.lr": POSITIVE, "heads.abmil.weight_decay": NON_NEGATIVE, "mpp": POSITIVE}
-INTEGERS = {"heads.abmil.n_runs": 1, "heads.abmil.max_epochs": 1, "heads.abmil.batch_size": 1,
-            "heads.abmil.patience": 1, "heads.abmil.projection": 1, "heads.abmil.attention_hidden": 1,
-            "heads.mean_pool.max_iter": 1, "bags.batch_size": 1, "bags.num_workers": 0, "bags.max_tiles": 1}
-OPTIONAL = ("mpp", "bags.max_tiles")
-LISTS = {"heads.mean_pool.C": TILE_LISTS["heads.logreg.C"]}
+@dataclass
+class BagsConfig:
+    token: str = "cls"                # cls | patch_mean | cls+patch_mean
+    max_tiles: int | None = None      # cap per slide, drawn deterministically (eva: 200 PANDASmall, 10,000
+                                      # Camelyon16)
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "cpu"               # the CLI's backbone and the MIL head
+    # a folder: also write each task's bags as TASK/<slide_id>.h5 (trident's layout)
+    write_features: str | None = None
+
+    def __post_init__(self) -> None:
+        check_section("bags", self, integers={"batch_size": 1, "num_workers": 0, "max_tiles": 1},
+                      optional=("max_tiles",))
+        check_device("bags.device", self.device)
 
 
-def check_slide_values(cfg: DictConfig) -> None:
-    check_eval_values(cfg, NUMBERS, INTEGERS, OPTIONAL, LISTS, "bags.device")
+@dataclass
+class AbmilHeadConfig:
+    """Gated attention-MIL, eva's ABMIL defaults (AbmilConfig's)."""
+
+    enabled: bool = True
+    projection: int = 128
+    attention_hidden: int = 128
+    mlp: list[int] = field(default_factory=lambda: [128, 64])
+    lr: float = 0.001
+    weight_decay: float = 0.01
+    batch_size: int = 32              # bags per step, padded with a mask
+    max_epochs: int = 100
+    patience: int = 20                # validation epochs without a strict improvement of balanced accuracy
+    n_runs: int = 5
+    seed: int = 0
+    # true (not eva's): z-score tile features by the training tiles' mean and std
+    standardize: bool = False
+
+    def __post_init__(self) -> None:
+        check_section("heads.abmil", self, numbers={"lr": POSITIVE, "weight_decay": NON_NEGATIVE},
+                      integers={"n_runs": 1, "max_epochs": 1, "batch_size": 1, "patience": 1, "projection": 1,
+                                "attention_hidden": 1})
+
+
+@dataclass
+class MeanPoolHeadConfig:
+    """Baseline: mean of each bag, logistic regression (C swept on validation)."""
+
+    enabled: bool = True
+    C: list[float] = field(default_factory=lambda: list(LOGREG_C))
+    max_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        check_section("heads.mean_pool", self, integers={"max_iter": 1}, lists={"C": POSITIVE_NUMBERS})
+
+
+@dataclass
+class SlideHeadsConfig:
+    abmil: AbmilHeadConfig = field(default_factory=AbmilHeadConfig)
+    mean_pool: MeanPoolHeadConfig = field(default_factory=MeanPoolHeadConfig)
+
+
+@dataclass
+class SlideEvalConfig:
+    """`dinov2-patho eval slide` and run_slide_tasks: attention-MIL on bags of frozen tile features; every
+    key a slide eval config may set, with its default."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # task names (synthetic, camelyon16, panda) or labels CSVs (slide_id,label[,split][,patient_id])
+    tasks: list[str] = field(default_factory=list)
+    data_root: str = "data/slides"    # task NAME is read from DATA_ROOT/NAME unless datasets.NAME.root is set
+    # per-task options, e.g. {camelyon16: {root: /data/CAMELYON16, tiles: /data/c16_tiles}}
+    datasets: dict[str, Any] = field(default_factory=dict)
+    slides: str | None = None         # for a labels CSV task: the slide folder, or a slide_id,path CSV
+    tiles: str | None = None          # for a labels CSV task: the tile index, or a `curate tiles` TILES_DIR
+    # or a folder of <slide_id>.h5 (trident/CLAM: features, coords): the bags, no backbone
+    features: str | None = None
+    mpp: float | None = None          # override the slides' own µm/px (tiles are read at their 112 µm field)
+    bags: BagsConfig = field(default_factory=BagsConfig)
+    cross_validation: CrossValidationConfig = field(default_factory=CrossValidationConfig)
+    heads: SlideHeadsConfig = field(default_factory=SlideHeadsConfig)
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_domains({"mpp": self.mpp}, {"mpp": POSITIVE}, {}, optional=("mpp",))
 
 
 def slide_config(cfg: DictConfig | dict | None = None) -> DictConfig:
-    """The packaged slide-eval defaults under `cfg` (a full or partial config), checked."""
-    cfg = merge_over_defaults(DEFAULTS, cfg, "slide eval config", OPEN_KEYS)
-    check_slide_values(cfg)
+    """The slide-eval defaults under `cfg` (a full or partial config), checked."""
+    cfg = merge_over_defaults(SlideEvalConfig, cfg, "slide eval config", OPEN_KEYS)
+    instantiate(SlideEvalConfig, cfg)
     return cfg
 
 
