@@ -89,16 +89,16 @@ class FeaturesConfig:
 
 @dataclass
 class LinearHeadConfig:
-    """eva's linear probe protocol."""
+    """eva's linear probe protocol (LinearProbeConfig's defaults)."""
 
     enabled: bool = True
-    lr: float = 0.0003
-    weight_decay: float = 0.01
-    batch_size: int = 256
-    max_steps: int = 12500
-    patience: int | None = None       # validation epochs; null = eva's ceil(0.2 * epochs)
-    n_runs: int = 5
-    seed: int = 0
+    lr: float = LinearProbeConfig.lr
+    weight_decay: float = LinearProbeConfig.weight_decay
+    batch_size: int = LinearProbeConfig.batch_size
+    max_steps: int = LinearProbeConfig.max_steps
+    patience: int | None = LinearProbeConfig.patience  # validation epochs; null = eva's ceil(0.2 * epochs)
+    n_runs: int = LinearProbeConfig.n_runs
+    seed: int = LinearProbeConfig.seed
 
     def __post_init__(self) -> None:
         check_section("heads.linear", self, numbers={"lr": POSITIVE, "weight_decay": NON_NEGATIVE},

@@ -71,18 +71,18 @@ class AbmilHeadConfig:
     """Gated attention-MIL, eva's ABMIL defaults (AbmilConfig's)."""
 
     enabled: bool = True
-    projection: int = 128
-    attention_hidden: int = 128
-    mlp: list[int] = field(default_factory=lambda: [128, 64])
-    lr: float = 0.001
-    weight_decay: float = 0.01
-    batch_size: int = 32              # bags per step, padded with a mask
-    max_epochs: int = 100
-    patience: int = 20                # validation epochs without a strict improvement of balanced accuracy
-    n_runs: int = 5
-    seed: int = 0
+    projection: int = AbmilConfig.projection
+    attention_hidden: int = AbmilConfig.attention_hidden
+    mlp: list[int] = field(default_factory=lambda: list(AbmilConfig.mlp))
+    lr: float = AbmilConfig.lr
+    weight_decay: float = AbmilConfig.weight_decay
+    batch_size: int = AbmilConfig.batch_size  # bags per step, padded with a mask
+    max_epochs: int = AbmilConfig.max_epochs
+    patience: int = AbmilConfig.patience  # validation epochs without a strict gain of balanced accuracy
+    n_runs: int = AbmilConfig.n_runs
+    seed: int = AbmilConfig.seed
     # true (not eva's): z-score tile features by the training tiles' mean and std
-    standardize: bool = False
+    standardize: bool = AbmilConfig.standardize
 
     def __post_init__(self) -> None:
         check_section("heads.abmil", self, numbers={"lr": POSITIVE, "weight_decay": NON_NEGATIVE},
