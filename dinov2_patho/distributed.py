@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import sys
 import threading
@@ -358,10 +359,9 @@ class Watchdog:
         try:
             return cls(connect, rank, world, patience, agent, f"{host}:{port}", wait_limit=timeout)
         except Exception as e:  # noqa: BLE001 - no watchdog is not a reason to stop a run
-            from dinov2_patho.logging import get_logger
-
-            get_logger(__name__).warning("no rank watchdog (cannot reach the store at %s:%d: %s)", host, port,
-                                         describe(e))
+            # the package logger by name: dinov2_patho.logging imports this module (get_rank)
+            log = logging.getLogger(__name__)
+            log.warning("no rank watchdog (cannot reach the store at %s:%d: %s)", host, port, describe(e))
             return None
 
     # store operations, one at a time
