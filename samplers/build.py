@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinov2_patho.config_files import ConfigError, check_section
 from dinov2_patho.logging import get_logger
 from dinov2_patho.registry import Registry, did_you_mean
 
@@ -32,6 +33,9 @@ LEVEL_COLUMN = re.compile(r"level_[0-9]+")
 OPTIONS: dict[str, type] = {}
 # options that moved out of the sampler section
 MOVED = {"subset": "data.subset (a view of the index, for every sampler)"}
+# value domains of the options (integer keys: minimum), checked by SamplerOptions.__post_init__
+INTEGERS = {"seed": 0, "pseudo_epoch_samples": 1, "cache_keep": 1, "target_size": 1}
+OPTIONAL_INTEGERS = {"max_slides_per_epoch": 1, "level": 1}
 
 
 @dataclass
@@ -43,6 +47,13 @@ class SamplerOptions:
     # samples per pseudo-epoch, ceil(this / global batch) batches: the paper's unit of the
     # slide cap and of `pseudo_epoch` in metrics.jsonl
     pseudo_epoch_samples: int = 350_000
+
+    def __post_init__(self) -> None:
+        """Each option's domain (integer keys: minimum; None is "not set"), before any index is read."""
+        names = {f.name for f in fields(self)}
+        integers = {key: low for key, low in {**INTEGERS, **OPTIONAL_INTEGERS}.items() if key in names}
+        optional = tuple(key for key in OPTIONAL_INTEGERS if key in names)
+        check_section("sampler", self, integers=integers, optional=optional)
 
 
 @dataclass
@@ -175,11 +186,6 @@ def metadata(index, batch_size: int, opts: MetadataOptions, given: set[str]) -> 
     return _stratified(index, batch_size, opts, labels, len(names), opts.column)
 
 
-# value domains of the options (integer keys: minimum), checked with the training config
-INTEGERS = {"seed": 0, "pseudo_epoch_samples": 1, "cache_keep": 1, "target_size": 1}
-OPTIONAL_INTEGERS = {"max_slides_per_epoch": 1, "level": 1}
-
-
 def sampler_options(cfg: dict | DictConfig) -> tuple[str, SamplerOptions, set[str]]:
     """The chosen sampler's name, its typed options and the keys given: unknown, moved, mistyped
     and missing options are errors naming `sampler.<key>`, without the index."""
@@ -209,7 +215,10 @@ def sampler_options(cfg: dict | DictConfig) -> tuple[str, SamplerOptions, set[st
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise SamplerError(f"sampler {name!r} needs sampler.{missing[0]}")
-    return name, OmegaConf.to_object(merged), set(options)
+    try:
+        return name, OmegaConf.to_object(merged), set(options)
+    except ConfigError as e:  # a value outside its domain (__post_init__)
+        raise SamplerError(str(e)) from None
 
 
 def build_sampler(cfg: dict | DictConfig, index, global_batch_size: int) -> GlobalBatchSampler:

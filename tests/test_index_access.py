@@ -166,5 +166,5 @@ def test_sampler_keeps_cache_keep_entries_and_rejects_zero(cohort_index, tmp_pat
     for level in range(1, index.num_levels + 1):
         build_sampler({"name": "cluster_stratified", "level": level, "cache_keep": 1}, index, 8)
         assert len(cache_entries(tmp_path / "index" / ".sampler_cache")) == 1
-    with pytest.raises(SamplerError, match="cache_keep must be >= 1"):
+    with pytest.raises(SamplerError, match=r"sampler\.cache_keep=0: must be an integer >= 1"):
         build_sampler({"name": "cluster_stratified", "level": 1, "cache_keep": 0}, index, 8)
