@@ -36,16 +36,21 @@ def pick(labels: list[str], kinds: dict[str, str], rng: random.Random) -> list[i
     return points
 
 
-def test_curate_kmeans_killed_anywhere_resumes_byte_identical(tmp_path, monkeypatch):
-    x = np.random.default_rng(5).standard_normal((400, 8)).astype(np.float16)
-    np.save(tmp_path / "x.npy", x)
+def small_tree_inputs(tmp_path: Path, seed: int, level_2_steps: int) -> Path:
+    """tmp_path/x.npy (400 x 8 float16) and the config of a small two-level resampled tree, returned."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(seed).standard_normal((400, 8)).astype(np.float16))
     config = tmp_path / "levels.yaml"
     config.write_text(OmegaConf.to_yaml({"kmeans": {"engine": "torch", "device": "cpu", "chunk_rows": 64,
                                                     "levels": [
                                                         {"clusters": 16, "resampling_steps": 4,
                                                          "sample_per_cluster": 6},
-                                                        {"clusters": 4, "resampling_steps": 3,
+                                                        {"clusters": 4, "resampling_steps": level_2_steps,
                                                          "sample_per_cluster": 2}]}}))
+    return config
+
+
+def test_curate_kmeans_killed_anywhere_resumes_byte_identical(tmp_path, monkeypatch):
+    config = small_tree_inputs(tmp_path, seed=5, level_2_steps=3)
 
     def argv(out: Path) -> list[str]:
         return ["curate", "kmeans", "--embeddings", str(tmp_path / "x.npy"), "--out", str(out),

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import rank_faults
-from omegaconf import OmegaConf
 from test_curation_embed import SMALL, tiles_dir  # noqa: F401 - the fixture
+from test_curation_sigkill import small_tree_inputs
 from test_train import SMOKE, TINY, _data
 
 from dinov2_patho import distributed
@@ -68,15 +67,7 @@ def test_curate_embed_a_worker_exception_on_rank_1_stops_both_ranks(tiles_dir, t
 
 
 def kmeans_argv(tmp_path) -> list[str]:
-    x = np.random.default_rng(3).standard_normal((400, 8)).astype(np.float16)
-    np.save(tmp_path / "x.npy", x)
-    config = tmp_path / "levels.yaml"
-    config.write_text(OmegaConf.to_yaml({"kmeans": {"engine": "torch", "device": "cpu", "chunk_rows": 64,
-                                                    "levels": [
-                                                        {"clusters": 16, "resampling_steps": 4,
-                                                         "sample_per_cluster": 6},
-                                                        {"clusters": 4, "resampling_steps": 2,
-                                                         "sample_per_cluster": 2}]}}))
+    config = small_tree_inputs(tmp_path, seed=3, level_2_steps=2)
     return ["curate", "kmeans", "--embeddings", str(tmp_path / "x.npy"), "--out", str(tmp_path / "tree"),
             "--config-file", str(config), "--no-progress"]
 
