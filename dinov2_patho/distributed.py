@@ -132,7 +132,8 @@ def distributed_context(device: str = "auto", key: str = "train.device") -> Iter
     WORLD_SIZE > 1 (unless the caller already did), and leave it on exit if we joined. `key`:
     the config key `device` came from, named by its errors. A group joined here has the collective
     timeout of `collective_timeout()` and a `Watchdog`; an exception leaving the block on one rank
-    is told to the others (see the module doc)."""
+    is told to the others (see the module doc), and this process then ends within TEARDOWN_SECONDS
+    whatever its caller does with the exception: a rank that lost its group has nothing left to run."""
     import torch
     import torch.distributed as dist
 
