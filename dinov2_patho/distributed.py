@@ -16,9 +16,11 @@ A failure on one rank ends every rank, each with the same one line naming that r
   returns (NCCL), print it and exit;
 - a rank alive but stuck (a deadlock) is ended by the process group's collective timeout,
   $DINOV2_PATHO_COLLECTIVE_TIMEOUT seconds (default 1800, torch's);
-- a rank whose teardown after a failure hangs (a process-group or DataLoader destructor waiting on a
-  peer that is gone: seen on gloo in about one run in ten under load) exits TEARDOWN_SECONDS after its
-  failure was decided, printing the line itself if it had not left the distributed block yet.
+- a rank whose teardown after a failure hangs exits TEARDOWN_SECONDS after its failure was decided,
+  printing the line itself if it had not left the distributed block yet. (The hang seen, on gloo in about
+  one run in ten under load: a DDP reducer kept alive by the exception's frames holds the group's last
+  reference and destroys it with the GIL held, against a gloo thread that needs the GIL. The trainer
+  drops its DDP wrappers before leaving the block, so a run that succeeds no longer meets it.)
 """
 
 from __future__ import annotations

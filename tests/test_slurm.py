@@ -35,7 +35,7 @@ ITERATIONS = 12
 SMOKE_OVERRIDES = [f"train.iterations={ITERATIONS}", "checkpoint.every_n_iterations=4", "train.num_workers=0",
                    "train.batch_size_per_gpu=2", "crops.local_crops_number=2", "train.log_every=1"]
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-DEADLINE_S = 900  # against hangs only: a loaded 2-core machine is slow
+DEADLINE_S = 300  # against hangs only: a job takes ~10 s, a loaded 2-core machine is slower
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def _data_overrides(cohort, cohort_index) -> list[str]:
 def _submit(slurm: SlurmCluster, *launch_args: str) -> tuple[str, Path]:
     """`dinov2-patho launch ...` on the test cluster: (job id, output directory)."""
     cmd = [sys.executable, "-m", "dinov2_patho", "launch", *launch_args]
-    out = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
+    env = {**slurm.env, "PYTHONFAULTHANDLER": "1"}  # the job inherits it: stacks on SIGABRT
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     match = re.search(r"submitted job (\d+): output (\S+)", out.stdout)
     assert match, out.stdout
@@ -78,7 +79,13 @@ def _job_logs(output_dir: Path, tail: int = 3000) -> str:
 
 
 def _wait_end(slurm: SlurmCluster, job_id: str, output_dir: Path) -> None:
-    state = slurm.wait_state(job_id, ENDED, timeout=DEADLINE_S)
+    try:
+        state = slurm.wait_state(job_id, ENDED, timeout=DEADLINE_S)
+    except TimeoutError as e:  # a hang: SIGABRT makes each task's faulthandler write its stacks to its log
+        slurm.run("scancel", "--signal=ABRT", job_id, check=False)
+        time.sleep(5)
+        slurm.run("scancel", job_id, check=False)  # the node is free for the next test
+        raise TimeoutError(f"{e}\n{_job_logs(output_dir)}") from None
     assert state == "COMPLETED", f"job {job_id} ended {state}\n{_job_logs(output_dir)}\n{slurm.diagnostics()}"
 
 

@@ -327,7 +327,8 @@ def test_sigkill_and_resume_reproduces_batches_and_losses(cohort, cohort_index, 
 # ---------------------------------------------------------------------------- distributed
 
 _WORKER = '''
-import json, os, sys, torch
+import gc, json, os, sys, torch
+from torch.nn.parallel import DistributedDataParallel
 from dinov2_patho.train import trainer
 from dinov2_patho.train.config import load_train_config
 
@@ -343,11 +344,19 @@ def keep_weights(self, iteration):
     torch.save(self._state_dict(), os.path.join(sys.argv[2], f"weights{os.environ['RANK']}.pt"))
     return path
 trainer.Trainer.save = keep_weights
+# DDP objects still alive when the process group is destroyed (one would hold its last reference)
+live_ddp = []
+destroy = torch.distributed.destroy_process_group
+def counting_destroy(*args, **kwargs):
+    live_ddp.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+    return destroy(*args, **kwargs)
+torch.distributed.destroy_process_group = counting_destroy
 
 cfg = load_train_config(sys.argv[1], sys.argv[3:])
 summary = trainer.run_training(cfg, os.path.join(sys.argv[2], "run"))
 with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
-    json.dump({"rows": seen, "summary": summary, "initialized": torch.distributed.is_initialized()}, f)
+    json.dump({"rows": seen, "summary": summary, "initialized": torch.distributed.is_initialized(),
+               "live_ddp": live_ddp}, f)
 '''
 
 
@@ -363,6 +372,7 @@ def test_two_process_gloo_ranks_take_disjoint_slices_and_stay_identical(cohort, 
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(not r["initialized"] for r in ranks)  # torn down on the way out
+    assert all(r["live_ddp"] == [0] for r in ranks)  # no DDP reducer destroys the group (a deadlock)
     assert ranks[0]["summary"]["losses"] == ranks[1]["summary"]["losses"]  # averaged over ranks
     global_batches = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(global_batches) == 4

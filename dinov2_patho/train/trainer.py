@@ -49,7 +49,7 @@ from dinov2_patho.train.flops import counted, peak_flops, utilisation
 from dinov2_patho.train.metrics_log import METRICS_FILE, MetricsWriter, read_metrics
 from dinov2_patho.train.optim import apply_schedule, build_optimizer
 from dinov2_patho.train.schedules import Schedules
-from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype
+from dinov2_patho.train.ssl_meta_arch import SSLMetaArch, autocast_dtype, unwrap
 from dinov2_patho.train.state import ModelState, OptimizerState, SamplerState, ScalerState
 
 log = get_logger(__name__)
@@ -445,6 +445,16 @@ class Trainer:
         self._loader_iter = None  # shuts the workers down
         if self.metrics is not None:
             self.metrics.close()
+        self._unwrap_ddp()
+
+    def _unwrap_ddp(self) -> None:
+        """Drop the DDP wrappers while the process group is still registered. A DDP's reducer
+        holding the group's last reference destroys it with the GIL held, and that destructor waits
+        for a gloo worker thread which, releasing the tensors of a finished collective, waits for the
+        GIL: a deadlock, in about one 2-rank SLURM job in ten (torch 2.13). Registered, the group is
+        destroyed by `destroy_process_group`, whose binding releases the GIL first."""
+        for name in list(self.model.student.keys()):
+            self.model.student[name] = unwrap(self.model.student[name])
 
 
 def learning_curve_record(results: dict[str, dict], iteration: int) -> dict[str, Any]:
