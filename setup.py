@@ -41,6 +41,7 @@ setup(
         "pillow",
         "h5py>=3.10",
         "scikit-learn>=1.4",
+        "threadpoolctl",  # one BLAS thread for small logistic regressions (a scikit-learn dependency)
         "scipy",  # curation: tissue mask morphology (already a scikit-learn dependency)
         "matplotlib",  # eval's results plot
         "pyyaml",  # config errors (yaml.YAMLError); omegaconf brings it, but we import it

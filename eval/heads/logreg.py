@@ -6,12 +6,19 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from ..metrics import balanced_accuracy, classification_metrics
 
+# Features of at most this many values (rows x dimensions) are fitted on one BLAS thread: L-BFGS is then a
+# chain of small matrix products, for which waking threads costs more than they save (the demo's 2,544 x 96:
+# 10x faster on one; benchmarks/logreg_threads.py), and the result no longer depends on the thread count.
+ONE_THREAD_VALUES = 1 << 22
+
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter)).fit(x, y)
+    with threadpool_limits(limits=1 if x.size <= ONE_THREAD_VALUES else None, user_api="blas"):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter)).fit(x, y)
 
 
 def _probs(model, x: np.ndarray, num_classes: int) -> np.ndarray:
