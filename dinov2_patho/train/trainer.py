@@ -451,7 +451,7 @@ class Trainer:
         """Drop the DDP wrappers while the process group is still registered. A DDP's reducer
         holding the group's last reference destroys it with the GIL held, and that destructor waits
         for a gloo worker thread which, releasing the tensors of a finished collective, waits for the
-        GIL: a deadlock, in about one 2-rank SLURM job in ten (torch 2.13). Registered, the group is
+        GIL: a deadlock, in 2 of 71 2-rank SLURM jobs under load (torch 2.13). Registered, the group is
         destroyed by `destroy_process_group`, whose binding releases the GIL first."""
         for name in list(self.model.student.keys()):
             self.model.student[name] = unwrap(self.model.student[name])
