@@ -189,3 +189,22 @@ def test_a_damaged_feature_cache_is_rebuilt_saying_so(tmp_path, caplog, how, nam
     np.testing.assert_array_equal(feats.labels, expected.labels)
     assert [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()][0].startswith(
         str(split / name))
+
+
+@pytest.mark.parametrize("rows", [64, 2 * 4096])
+def test_logreg_fits_small_features_on_one_blas_thread_and_leaves_large_ones_alone(rows, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from dinov2_patho.eval.heads import logreg
+
+    seen = []
+
+    def record(self, x, y, *args, **kwargs):  # the threads BLAS has while the estimator fits
+        seen.append(max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+        return self
+
+    monkeypatch.setattr(logreg.LogisticRegression, "fit", record)
+    monkeypatch.setattr(logreg, "ONE_THREAD_VALUES", 64 * 1024)  # rows x 1024 dims: 64 rows at the limit
+    outside = max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+    logreg._fit(np.zeros((rows, 1024), np.float32), np.arange(rows) % 2, 1.0, 10)
+    assert seen == [1 if rows == 64 else outside]
