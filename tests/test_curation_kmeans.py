@@ -427,3 +427,48 @@ def test_tol_stops_lloyd_early_at_a_close_objective():
     assert early.objective <= exact.objective * 1.02
     warm = kmeans(Points(x), 30, seed=1, centroids=exact.centroids, options=LloydOptions(engine="torch"))
     assert warm.iterations <= 2 and warm.objective <= exact.objective * (1 + 1e-6)  # already a fixed point
+
+
+def greedy_kmeans_plus_plus_float64(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The textbook greedy k-means++ (scikit-learn's), direct float64 distances: the oracle."""
+    x = x.astype(np.float64)
+    trials = 2 + int(np.log(k))
+    chosen = [int(rng.integers(len(x)))]
+    closest = ((x - x[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        cumulative = np.cumsum(closest)
+        candidates = np.minimum(np.searchsorted(cumulative, rng.random(trials) * cumulative[-1]), len(x) - 1)
+        d = np.minimum(closest, ((x[None] - x[candidates][:, None]) ** 2).sum(2))
+        best = int(d.sum(1).argmin())
+        chosen.append(int(candidates[best]))
+        closest = d[best]
+    return np.array(chosen)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(2, 40))
+def test_kmeans_plus_plus_picks_the_rows_of_textbook_greedy_kmeans_plus_plus(seed, k):
+    from dinov2_patho.curation.kmeans import kmeans_plus_plus
+
+    # well-separated blobs: no two candidates' potentials are within float32 rounding of each other
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((k, 6)) * 50)[rng.integers(0, k, 600)] + rng.standard_normal((600, 6))
+    x = x.astype(np.float32)
+    ours = kmeans_plus_plus(x, k, np.random.default_rng(seed + 1))
+    assert np.array_equal(ours, greedy_kmeans_plus_plus_float64(x, k, np.random.default_rng(seed + 1)))
+
+
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+@pytest.mark.parametrize("iterations", [3, 100])  # stopped by the budget; at a fixed point
+def test_lloyd_result_is_the_exact_nearest_assignment_to_its_centroids(engine, iterations):
+    from dinov2_patho.curation.kmeans import LloydOptions, kmeans
+
+    x = (np.random.default_rng(3).standard_normal((2500, 5)) + 20).astype(np.float32)  # |x| > spread
+    result = kmeans(Points(x), 25, seed=0, options=LloydOptions(iterations=iterations, engine=engine,
+                                                                chunk_rows=333))
+    assert (result.iterations < iterations) == (iterations == 100)
+    d = ((x[:, None].astype(np.float64) - result.centroids[None].astype(np.float64)) ** 2).sum(2)
+    mine = d[np.arange(len(x)), result.assignment]
+    assert np.all(mine <= d.min(1) + 1e-3)  # the search's own rounding at |x|^2 ~ 2,000: ~1e-4
+    np.testing.assert_allclose(result.distances, mine, rtol=1e-5, atol=1e-5)  # recomputed directly
+    assert result.objective == pytest.approx(d.min(1).mean(), rel=1e-6)
