@@ -460,9 +460,11 @@ def test_kmeans_plus_plus_picks_the_rows_of_textbook_greedy_kmeans_plus_plus(see
 
 @pytest.mark.parametrize("engine", ["faiss", "torch"])
 @pytest.mark.parametrize("iterations", [3, 100])  # stopped by the budget; at a fixed point
-def test_lloyd_result_is_the_exact_nearest_assignment_to_its_centroids(engine, iterations):
+def test_lloyd_result_is_the_exact_nearest_assignment_to_its_centroids(engine, iterations, monkeypatch):
+    from dinov2_patho.curation import kmeans as module
     from dinov2_patho.curation.kmeans import LloydOptions, kmeans
 
+    monkeypatch.setattr(module, "SUM_BLOCK_ROWS", 100)  # several sum blocks per chunk, the last one short
     x = (np.random.default_rng(3).standard_normal((2500, 5)) + 20).astype(np.float32)  # |x| > spread
     result = kmeans(Points(x), 25, seed=0, options=LloydOptions(iterations=iterations, engine=engine,
                                                                 chunk_rows=333))
@@ -471,4 +473,7 @@ def test_lloyd_result_is_the_exact_nearest_assignment_to_its_centroids(engine, i
     mine = d[np.arange(len(x)), result.assignment]
     assert np.all(mine <= d.min(1) + 1e-3)  # the search's own rounding at |x|^2 ~ 2,000: ~1e-4
     np.testing.assert_allclose(result.distances, mine, rtol=1e-5, atol=1e-5)  # recomputed directly
+    if iterations == 100:  # a fixed point: every centroid is the mean of its points
+        for c in np.unique(result.assignment):
+            np.testing.assert_allclose(result.centroids[c], x[result.assignment == c].mean(0), rtol=1e-5)
     assert result.objective == pytest.approx(d.min(1).mean(), rel=1e-6)
