@@ -477,3 +477,56 @@ def test_lloyd_result_is_the_exact_nearest_assignment_to_its_centroids(engine, i
         for c in np.unique(result.assignment):
             np.testing.assert_allclose(result.centroids[c], x[result.assignment == c].mean(0), rtol=1e-5)
     assert result.objective == pytest.approx(d.min(1).mean(), rel=1e-6)
+
+
+def textbook_lloyd_float64(x: np.ndarray, centroids: np.ndarray, iterations: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Full passes in float64, every point against every centroid, then the means (float32, as ours):
+    (centroids searched, assignment found) for each pass, with the final pass after a budget stop."""
+    def nearest(c: np.ndarray) -> np.ndarray:
+        return ((x[:, None].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(2).argmin(1)
+
+    passes = []
+    for _ in range(iterations):
+        passes.append((centroids, nearest(centroids)))
+        updated = centroids.copy()
+        for c in np.unique(passes[-1][1]):
+            updated[c] = x[passes[-1][1] == c].astype(np.float64).mean(0).astype(np.float32)
+        if np.array_equal(updated, centroids):
+            return passes  # a fixed point: no final pass
+        centroids = updated
+    return [*passes, (centroids, nearest(centroids))]
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)  # float32 against float64: fixed cases
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(2, 30), iterations=st.integers(1, 40),
+       engine=st.sampled_from(["faiss", "torch"]))
+def test_passes_that_search_only_moved_centroids_follow_full_lloyd(seed, k, iterations, engine):
+    """A point whose centroid did not move is searched against the moved centroids only: the run must
+    be full Lloyd's, pass for pass, and search exactly the (row, centroid) pairs that rule leaves."""
+    from dinov2_patho.curation import kmeans as module
+    from dinov2_patho.curation.kmeans import LloydOptions, NearestCentroid, kmeans
+
+    rng = np.random.default_rng(seed)
+    x = ((rng.standard_normal((k, 4)) * 4)[rng.integers(0, k, 400)] + rng.standard_normal((400, 4)))
+    x = x.astype(np.float32)
+    start = x[rng.choice(len(x), k, replace=False)]
+    searched = []
+    call = NearestCentroid.__call__
+
+    def counting(self, rows, exact=True):
+        searched.append(len(rows) * (len(self.host_centroids) if self.engine == "faiss" else len(self.centroids)))
+        return call(self, rows, exact)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module.NearestCentroid, "__call__", counting)
+        result = kmeans(Points(x), k, options=LloydOptions(iterations=iterations, engine=engine, chunk_rows=150),
+                        centroids=start)
+    passes = textbook_lloyd_float64(x, start, iterations)
+    np.testing.assert_allclose(result.centroids, passes[-1][0], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(result.assignment, passes[-1][1])
+    pairs = len(x) * k  # the first pass searches everything
+    for (before, last_labels), (centroids, _) in zip(passes, passes[1:]):
+        moved = np.any(centroids != before, axis=1)
+        own_moved = moved[last_labels]
+        pairs += int(own_moved.sum()) * k + int((~own_moved).sum()) * int(moved.sum())
+    assert sum(searched) == pairs

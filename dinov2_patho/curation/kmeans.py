@@ -13,7 +13,10 @@ Why not `faiss.Kmeans`: it trains on a subsample of k * max_points_per_centroid 
 nearest-centroid kernel here (`IndexFlatL2`, on GPU when faiss-gpu is installed); the Lloyd
 loop is ours. Subsampling is a stated option, `max_points_per_centroid` (off by default).
 Lloyd stops early only when no assignment changed: the centroids are then a fixed point,
-so further iterations would reproduce them exactly.
+so further iterations would reproduce them exactly. Every pass is a full Lloyd pass, but after
+the first it searches a point whose centroid did not move against the moved centroids only (the
+others are where they were when its distance was found): late passes, where few centroids still
+move, cost a fraction of a full search.
 """
 
 from __future__ import annotations
@@ -183,6 +186,15 @@ def squared_distances(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) 
 
 # --- k-means -------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class LastPass:
+    """A Lloyd pass's assignment and distances, and which centroids the update after it moved."""
+
+    assignment: np.ndarray  # int32 [M local]
+    distances: np.ndarray  # float32 [M local]
+    moved: np.ndarray  # bool [K]
+
+
 @dataclass
 class KMeansResult:
     centroids: np.ndarray  # float32 [K, D]
@@ -257,20 +269,42 @@ def init_centroids(points: Points, k: int, init: str, rng: np.random.Generator,
 
 
 def assign(points: Points, centroids: np.ndarray, engine: str = "faiss", device: str = "cpu",
-           chunk_rows: int = 65536, sums: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                                                                np.ndarray | None]:
+           chunk_rows: int = 65536, sums: bool = False, last: LastPass | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Nearest centroid of every local point: (assignment int32, distances float32, and with
     `sums` the all-reduced per-cluster float64 sums and int64 counts). With `sums` (a Lloyd pass)
-    the distances are the search's own, expanded ones (see NearestCentroid)."""
+    the distances are the search's own, expanded ones (see NearestCentroid).
+
+    With `last` (the previous pass against centroids that differ from these only in the rows
+    `last.moved`), a point whose own centroid did not move is searched against the moved ones only:
+    every other centroid is where it was when that point's distance was found, so the nearest is
+    its own or a moved one. Points of moved centroids are searched against all. The result is a
+    full pass's, for a fraction of its work once few centroids move."""
     nearest = NearestCentroid(centroids, engine, device)
+    moved_ids = None if last is None else np.flatnonzero(last.moved)
+    nearest_moved = NearestCentroid(centroids[moved_ids], engine, device) if last and len(moved_ids) else None
     k, d = centroids.shape
     assignment = np.empty(len(points), dtype=np.int32)
     distances = np.empty(len(points), dtype=np.float32)
     totals = torch.zeros(k, d, dtype=torch.float64) if sums else None
     for offset, x in points.chunks(chunk_rows):
-        labels, dist_sq = nearest(x, exact=not sums)
-        assignment[offset:offset + len(x)] = labels
-        distances[offset:offset + len(x)] = dist_sq
+        rows = slice(offset, offset + len(x))
+        if last is None:
+            labels, dist_sq = nearest(x, exact=not sums)
+        else:
+            labels, dist_sq = last.assignment[rows].astype(np.int64), last.distances[rows].copy()
+            full = last.moved[labels]  # compared on the search's expanded distances, as `last` holds them
+            if full.any():
+                labels[full], dist_sq[full] = nearest(x[full], exact=False)
+            if nearest_moved is not None and not full.all():
+                rest = np.flatnonzero(~full)
+                found, dist_found = nearest_moved(x[rest], exact=False)
+                closer = dist_found < dist_sq[rest]
+                labels[rest[closer]], dist_sq[rest[closer]] = moved_ids[found[closer]], dist_found[closer]
+            if not sums:
+                dist_sq = squared_distances(x, centroids, labels)
+        assignment[rows] = labels
+        distances[rows] = dist_sq
         if totals is not None:
             labels_t, x_t = torch.from_numpy(labels), torch.from_numpy(x)
             for a in range(0, len(x), SUM_BLOCK_ROWS):
@@ -326,24 +360,26 @@ def kmeans(points: Points, k: int, seed: int = 0, options: LloydOptions = LloydO
     if o.max_points_per_centroid is not None and points.total > k * o.max_points_per_centroid:
         positions = np.sort(rng.choice(points.total, k * o.max_points_per_centroid, replace=False))
         train = points.subset(positions)
-    previous, objective, done, fixed = None, math.inf, 0, False
+    last, objective, done, fixed = None, math.inf, 0, False
     for _ in progress_bar(range(o.iterations), desc=desc, disable=not progress, leave=False):
         assignment, distances, sums, counts = assign(train, centroids, o.engine, o.device, o.chunk_rows,
-                                                     sums=True)
+                                                     sums=True, last=last)
         done += 1
-        changed = len(assignment) if previous is None else int(np.count_nonzero(assignment != previous))
-        if previous is not None and train.reduce(np.array([changed]))[0] == 0:
+        changed = len(assignment) if last is None else int(np.count_nonzero(assignment != last.assignment))
+        if last is not None and train.reduce(np.array([changed]))[0] == 0:
             fixed = True  # the update below would give the same centroids
             break
         nonempty = counts > 0
-        centroids = centroids.copy()
-        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
-        previous, last = assignment, objective
+        updated = centroids.copy()
+        updated[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+        last = LastPass(assignment, distances, np.any(updated != centroids, axis=1))
+        centroids, previous_objective = updated, objective
         objective = mean_distance(train, distances)
-        if last - objective <= o.tol * objective:
+        if previous_objective - objective <= o.tol * objective:
             break
     if fixed and train is points:  # this pass's assignment is the one to these centroids
         distances = exact_distances(points, centroids, assignment, o.chunk_rows)
     else:
-        assignment, distances, _, _ = assign(points, centroids, o.engine, o.device, o.chunk_rows)
+        assignment, distances, _, _ = assign(points, centroids, o.engine, o.device, o.chunk_rows,
+                                             last=last if train is points else None)
     return KMeansResult(centroids, assignment, distances, mean_distance(points, distances), done)
