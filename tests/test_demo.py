@@ -1,6 +1,6 @@
 """The README's quick start: `make demo` runs `dinov2-patho demo`, the paper's method end to end
-(long-tailed cohort -> curation -> stratified training -> re-curation -> tile and slide evaluation
--> report)."""
+(long-tailed cohort -> curation -> stratified training -> re-curation -> stratified training again on
+the re-curated tree -> tile and slide evaluation -> report)."""
 
 import json
 
@@ -14,11 +14,11 @@ def test_demo_runs_the_whole_method_and_reports_it(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output-dir", str(out), *ARGS]) == 0
     printed = capsys.readouterr().out
-    assert "cpu_smoke training done: iteration 4 (4 run in" in printed
+    assert printed.count("cpu_smoke training done: iteration 4 (4 run in") == 2  # both rounds
     table = (out / "comparison.md").read_text()
     assert table in printed
     # both trees scored at each of the cpu_smoke tree's 3 levels
-    for embedding in ("random-init ViT-Ti", "trained teacher"):
+    for embedding in ("random-init ViT-Ti", "round-1 teacher"):
         assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith(f"| {embedding} |")] \
             == ["1", "2", "3"]
     assert "4 cross-validation folds by slide" in table and "rare (mucus, necrosis)" in table
@@ -31,10 +31,12 @@ def test_demo_runs_the_whole_method_and_reports_it(tmp_path, capsys):
         assert set(tiles["linear"]["per_class_recall"]) == {"adipose", "mucus", "necrosis", "stroma", "tumor"}
         slides = json.loads((out / "eval" / name / "slide" / "results.json").read_text())["synthetic"]
         assert 0.0 <= slides["abmil"]["auroc"] <= 1.0
-    # trained on the tree it curated: the training index is the curation's
-    config = (out / "train" / "config.yaml").read_text()
-    assert str(out / "curation" / "clusters" / "index") in config and "cluster_stratified" in config
-    records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    # round 1 trained on the first curation's tree, round 2 on the tree its teacher re-curated
+    for run, tree in (("round_1", "curation"), ("round_2", "recuration")):
+        config = (out / run / "config.yaml").read_text()
+        assert str(out / tree / "clusters" / "index") in config and "cluster_stratified" in config
+    assert "recuration" not in (out / "round_1" / "config.yaml").read_text()
+    records = [json.loads(line) for line in (out / "round_2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "eval_iteration" not in r] == [0, 1, 2, 3]
     # the learning curve's first point, the initialisation's kNN on held-out slides
     curve = [r for r in records if "eval_iteration" in r]

@@ -11,6 +11,8 @@ from dinov2_patho.demo.method import (
     DEMO_GRID,
     DEMO_SLIDES,
     LESION_TILES,
+    ROUND_1,
+    ROUND_2,
     comparison_table,
     run_demo,
 )
@@ -19,7 +21,7 @@ from dinov2_patho.io import atomic_write_text
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/demo", metavar="DIR",
-                        help="cohort, curation, training run, evaluations, comparison.md and report.html "
+                        help="cohort, curation, both training rounds, evaluations, comparison.md and report.html "
                              "(default runs/demo); stages already there are reused")
     parser.add_argument("--num-slides", type=int, default=DEMO_SLIDES,
                         help=f"slides in the synthetic cohort (default {DEMO_SLIDES})")
@@ -42,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     table = comparison_table(results)
     atomic_write_text(out / COMPARISON_FILE, table)
-    print("\ncpu_smoke " + "\n".join(summary_lines(results["summary"])))
+    print("\nround 1, cpu_smoke " + "\n".join(summary_lines(results["round_1"])))
+    print("\nround 2, cpu_smoke " + "\n".join(summary_lines(results["summary"])))
     print(f"\n{table}")
     print(f"outputs: {out.resolve()}")
-    for what, path in (("curated tree", out / "curation" / "clusters"), ("training run", out / "train"),
+    for what, path in (("curated tree", out / "curation" / "clusters"), ("round 1", out / ROUND_1),
+                       ("re-curated", out / "recuration" / "clusters"), ("round 2", out / ROUND_2),
                        ("evaluations", out / "eval"), ("this table", out / COMPARISON_FILE),
                        ("report", results["report"])):
         print(f"  {what + ':':14s}{path}")

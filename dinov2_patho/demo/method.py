@@ -4,10 +4,12 @@ in minutes.
 A long-tailed synthetic cohort (tissue types planted at about 60/25/11/4 %, plus rare necrosis
 lesions on half the slides, which make those slides positive) -> curation with no planted tree:
 `curate tiles` -> `curate embed` (a frozen random-init ViT-Ti) -> `curate kmeans` -> `curate write`
--> cpu_smoke training with batches stratified over the curated tree's top level -> re-curation of
-the same tiles with the trained teacher -> evaluation of the teacher against its random
-initialisation: tile-level tissue-type probe (4-fold cross-validation by slide; common and rare
-types apart) and the slide task (attention-MIL, lesion present or not) -> `report.html`.
+-> round 1: cpu_smoke training with batches stratified over the curated tree's top level ->
+re-curation of the same tiles with the round-1 teacher -> round 2: cpu_smoke training from scratch,
+stratified over the re-curated tree's top level (the method's own loop: a competent embedder makes the
+tree) -> evaluation of the round-2 teacher against its random initialisation: tile-level tissue-type
+probe (4-fold cross-validation by slide; common and rare types apart) and the slide task
+(attention-MIL, lesion present or not) -> `report.html`.
 
 The planted tissue types are never used for curation or training, only to score: the trees'
 agreement with them (adjusted Rand index, NMI per level) and the probes. Every stage is skipped
@@ -52,7 +54,8 @@ HEADS = ("linear", "knn", "logreg")
 # of the demo's time: one linear run and C <= 100, the same for both backbones
 DEMO_HEADS = {"linear": {"n_runs": 1}, "logreg": {"C": [0.001, 0.01, 0.1, 1.0, 10.0, 100.0]}}
 _PREDICTION = {"linear": "linear", "knn": "knn_20", "logreg": "logreg"}  # head -> its predictions' key
-BACKBONES = ("trained", "random_init")
+BACKBONES = ("trained", "random_init")  # trained: the round-2 teacher
+ROUND_1, ROUND_2 = "round_1", "round_2"  # the two trainings' run directories under the demo's output
 COMPARISON_FILE = "comparison.md"
 
 
@@ -157,9 +160,10 @@ def evaluate(backbones: dict, cohort, crop_size: int, out: Path, progress: bool 
 def run_demo(output_dir: str | Path, *, num_slides: int = DEMO_SLIDES, grid: int = DEMO_GRID,
              lesion_tiles: int = LESION_TILES, seed: int = 0,
              overrides: list[str] | tuple[str, ...] = (), progress: bool = True, report: bool = True) -> dict:
-    """Run the whole method in `output_dir`. Returns {"summary": the training summary, "agreement":
-    {embedding: tree_agreement rows}, "groups": common/rare classes, "trained" / "random_init":
-    {"tiles": tile benchmark result, "slides": slide task result}, "report": its path or None}."""
+    """Run the whole method in `output_dir`. Returns {"summary": the round-2 training summary,
+    "round_1": round 1's, "agreement": {embedding: tree_agreement rows}, "groups": common/rare classes,
+    "trained" (the round-2 teacher) / "random_init": {"tiles": tile benchmark result, "slides": slide
+    task result}, "report": its path or None}."""
     from dinov2_patho.backbones.teacher import teacher_backbone
     from dinov2_patho.curation.pipeline import Curation, tree_agreement
     from dinov2_patho.models.student import build_student_backbone
@@ -167,32 +171,35 @@ def run_demo(output_dir: str | Path, *, num_slides: int = DEMO_SLIDES, grid: int
 
     out = Path(output_dir)
     setup_logging(out)
-    # the training config is checked (a misspelt override) before the slow stages make its paths
-    curve = out / "learning_curve.yaml"
-    cfg = train_config(Curation(out / "curation").index, Cohort.at(out / "cohort").slides_dir, seed,
-                       overrides, learning_curve=curve)
+    # the training configs are checked (a misspelt override) before the slow stages make their paths
+    cohort_at, curve = Cohort.at(out / "cohort"), out / "learning_curve.yaml"
+    cfg_1 = train_config(Curation(out / "curation").index, cohort_at.slides_dir, seed, overrides)
+    cfg = train_config(Curation(out / "recuration").index, cohort_at.slides_dir, seed, overrides,
+                       learning_curve=curve)
     if num_slides < FOLDS:  # else the evaluations stop only after curation and training
         raise UserError(f"--num-slides {num_slides}: the demo's {FOLDS}-fold cross-validation by slide needs "
                         f"at least {FOLDS} slides")
     cohort = make_demo_cohort(out / "cohort", num_slides, seed, grid, lesion_tiles)
     write_learning_curve_config(curve, cohort.root, cfg.crops.global_crops_size)
     curation = curate_cohort(cohort, out / "curation", progress=progress)
-    summary = run_training(cfg, out / "train", progress=progress)
-    recuration = curate_cohort(cohort, out / "recuration", progress=progress, backbone=out / "train",
+    round_1 = run_training(cfg_1, out / ROUND_1, progress=progress)
+    recuration = curate_cohort(cohort, out / "recuration", progress=progress, backbone=out / ROUND_1,
                                tiles=curation.tiles)
+    summary = run_training(cfg, out / ROUND_2, progress=progress)
     agreement = {"random-init ViT-Ti": tree_agreement(curation.index, cohort.labels_csv),
-                 "trained teacher": tree_agreement(recuration.index, cohort.labels_csv)}
+                 "round-1 teacher": tree_agreement(recuration.index, cohort.labels_csv)}
 
     torch.manual_seed(seed)
     backbones = {"trained": teacher_backbone(summary["checkpoint"]),
                  "random_init": build_student_backbone(cfg).eval()}
-    results = {"summary": summary, "agreement": agreement, "groups": class_groups(cohort.labels_csv),
+    results = {"summary": summary, "round_1": round_1, "agreement": agreement,
+               "groups": class_groups(cohort.labels_csv),
                **evaluate(backbones, cohort, cfg.crops.global_crops_size, out / "eval", progress),
                "report": None}
     if report:
         from dinov2_patho.report import write_report
 
-        results["report"] = write_report(out / "train", out / "report.html", index=curation.index,
+        results["report"] = write_report(out / ROUND_2, out / "report.html", index=recuration.index,
                                          slides=cohort.slides_dir, embeddings=recuration.embeddings,
                                          eval_dirs=[out / "eval"], metadata=cohort.metadata_csv,
                                          progress=progress)
@@ -252,7 +259,8 @@ def comparison_table(results: dict) -> str:
         lines += [f"| {name} | {r['level']} | {r['clusters']} | {r['ari']:.2f} | {r['nmi']:.2f} |"
                   for r in rows]
     intervals = probe_intervals(results)
-    lines += ["", f"Tile-level tissue-type probe: balanced accuracy (%) of the out-of-fold predictions on "
+    lines += ["", f"Tile-level tissue-type probe of the round-2 teacher (`trained`) and its random initialisation: "
+              f"balanced accuracy (%) of the out-of-fold predictions on "
               f"held-out slides ({FOLDS} cross-validation folds by slide; {intervals['tiles']} tiles, "
               f"{intervals['slides']} slides), [95 % interval, slides resampled]; linear-probe recall of "
               f"the common ({', '.join(groups['common'])}) and rare ({', '.join(groups['rare'])}) types "
