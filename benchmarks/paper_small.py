@@ -36,6 +36,7 @@ from dinov2_patho.demo.method import (
     class_groups,
     curate_cohort,
     make_demo_cohort,
+    random_init,
     tile_probe,
     train_config,
 )
@@ -61,11 +62,8 @@ def arm_overrides(arm: str, subset: Path) -> list[str]:
 def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds: int = 2) -> dict:
     """One seed's rounds and evaluations under `out`; results.json is reused when it holds `rounds`.
     With rounds=1: the demo's training (round_1) and the random initialisation only."""
-    import torch
-
     from dinov2_patho.backbones.teacher import teacher_backbone
     from dinov2_patho.data.index import TileIndex
-    from dinov2_patho.models.student import build_student_backbone
     from dinov2_patho.train.trainer import run_training
 
     done = out / "results.json"
@@ -86,8 +84,7 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds
         arm_cfg = train_config(second.index, cohort.slides_dir, seed,
                                [*arm_overrides(arm, subset), *overrides])
         backbones[arm] = teacher_backbone(run_training(arm_cfg, out / arm, progress=False)["checkpoint"])
-    torch.manual_seed(seed)  # the demo's random initialisation of this seed
-    backbones["random_init"] = build_student_backbone(cfg).eval()
+    backbones["random_init"] = random_init(cfg)  # the weights every training of this seed starts from
     rare = class_groups(cohort.labels_csv)["rare"]
     results = {name: tile_probe(bb, cohort, cfg.crops.global_crops_size, out / "eval" / name, progress=False)
                for name, bb in backbones.items()}

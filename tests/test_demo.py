@@ -55,3 +55,25 @@ def test_demo_rejects_a_bad_override_before_any_work(tmp_path, capsys):
     assert code == 2
     assert "train.iteratons" in capsys.readouterr().err
     assert not (tmp_path / "demo" / "cohort").exists()
+
+
+def test_random_init_is_the_weights_its_training_starts_from(tmp_path, cohort, cohort_index):
+    """The baseline a trained teacher is compared with is its own initialisation, not another draw: after
+    one iteration (the learning rate is 0 at the first step) the teacher still holds those weights."""
+    import torch
+
+    from dinov2_patho.backbones.teacher import teacher_backbone
+    from dinov2_patho.demo.method import random_init, train_config
+    from dinov2_patho.train.trainer import run_training
+
+    cfg = train_config(cohort_index.path, cohort.slides_dir, 3, ["train.iterations=1", "train.num_workers=0",
+                                                                 "checkpoint.every_n_iterations=1"])
+    teacher = teacher_backbone(run_training(cfg, tmp_path / "run", progress=False)["checkpoint"])
+    torch.manual_seed(0)  # whatever the global generator holds before, the draw is train.seed's
+    torch.randn(100)
+    init = random_init(cfg)
+    assert not init.training
+    trained, initial = teacher.state_dict(), init.state_dict()
+    assert list(trained) == list(initial)
+    for key, value in initial.items():
+        torch.testing.assert_close(trained[key], value, rtol=0, atol=1e-6, msg=key)
