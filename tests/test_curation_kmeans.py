@@ -479,7 +479,8 @@ def test_lloyd_result_is_the_exact_nearest_assignment_to_its_centroids(engine, i
     assert result.objective == pytest.approx(d.min(1).mean(), rel=1e-6)
 
 
-def textbook_lloyd_float64(x: np.ndarray, centroids: np.ndarray, iterations: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def textbook_lloyd_float64(x: np.ndarray, centroids: np.ndarray,
+                           iterations: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Full passes in float64, every point against every centroid, then the means (float32, as ours):
     (centroids searched, assignment found) for each pass, with the final pass after a budget stop."""
     def nearest(c: np.ndarray) -> np.ndarray:
@@ -514,13 +515,13 @@ def test_passes_that_search_only_moved_centroids_follow_full_lloyd(seed, k, iter
     call = NearestCentroid.__call__
 
     def counting(self, rows, exact=True):
-        searched.append(len(rows) * (len(self.host_centroids) if self.engine == "faiss" else len(self.centroids)))
+        searched.append(len(rows) * len(self.host_centroids if self.engine == "faiss" else self.centroids))
         return call(self, rows, exact)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module.NearestCentroid, "__call__", counting)
-        result = kmeans(Points(x), k, options=LloydOptions(iterations=iterations, engine=engine, chunk_rows=150),
-                        centroids=start)
+        options = LloydOptions(iterations=iterations, engine=engine, chunk_rows=150)
+        result = kmeans(Points(x), k, options=options, centroids=start)
     passes = textbook_lloyd_float64(x, start, iterations)
     np.testing.assert_allclose(result.centroids, passes[-1][0], rtol=1e-5, atol=1e-5)
     assert np.array_equal(result.assignment, passes[-1][1])

@@ -226,13 +226,42 @@ def test_bag_cache_is_reused_and_a_stale_one_refused(cohort, cohort_index, tmp_p
 
     again = extract_bags(task, Refuses(), tmp_path / "bags", backbone_name="hand", cap=20, progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(bags, again))
-    for kwargs, differ in (({"cap": 10}, "max_tiles"), ({"token": "patch_mean"}, "token")):
+    for kwargs, differ in (({"cap": 10}, "max_tiles"), ({"token": "patch_mean"}, "token"),
+                           ({"size": 112}, "size")):
         with pytest.raises(UserError, match=f"other settings \\({differ} "):
             extract_bags(task, backbone, tmp_path / "bags", backbone_name="hand",
                          **{"cap": 20, "progress": False, **kwargs})
     backbone.laplacian.mul_(2)
     with pytest.raises(UserError, match="other settings \\(weights_sha256 "):
         extract_bags(task, backbone, tmp_path / "bags", backbone_name="hand", cap=20, progress=False)
+
+
+def test_bags_at_a_size_are_the_features_of_the_resized_tiles(cohort, cohort_index, tmp_path, one_thread):
+    from dinov2_patho.backbones.hub import normalisation
+    from dinov2_patho.backbones.preprocess import normalise_on_device
+    from dinov2_patho.data.augment import resize
+    from dinov2_patho.data.dataset import TileDataset
+    from dinov2_patho.data.readers import SlideTileSource
+
+    task = csv_task(_labels(tmp_path, _good_lines(cohort)[:4] + _good_lines(cohort)[4:6]), cohort.slides_dir,
+                    cohort_index.path)
+    seen = []
+
+    class Records(ColourTexture):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    backbone = Records()
+    bags = extract_bags(task, backbone, tmp_path / "bags", backbone_name="hand", cap=6, size=112,
+                        progress=False)
+    assert set(seen) == {(112, 112)}
+    rows = capped_rows(task.tile_rows(task.slide_ids[0]), task.slide_ids[0], 6, 0)
+    tiles = TileDataset(task.tiles, SlideTileSource(task.registry, mpp_override=task.mpp))
+    x = torch.stack([resize(tiles[int(r)][0], 112) for r in rows])
+    with torch.no_grad():
+        expected = backbone(normalise_on_device(*normalisation(backbone))(x))
+    np.testing.assert_allclose(bags[0], expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
 # --- the head -----------------------------------------------------------------------------------------

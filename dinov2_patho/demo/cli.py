@@ -21,7 +21,8 @@ from dinov2_patho.io import atomic_write_text
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/demo", metavar="DIR",
-                        help="cohort, curation, both training rounds, evaluations, comparison.md and report.html "
+                        help="cohort, curation, both training rounds, evaluations, comparison.md and "
+                             "report.html "
                              "(default runs/demo); stages already there are reused")
     parser.add_argument("--num-slides", type=int, default=DEMO_SLIDES,
                         help=f"slides in the synthetic cohort (default {DEMO_SLIDES})")

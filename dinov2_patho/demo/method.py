@@ -157,9 +157,10 @@ def evaluate(backbones: dict, cohort, crop_size: int, out: Path, progress: bool 
     """Tile probe (CV by slide) and slide task (attention-MIL) of each backbone, results under `out`."""
     from dinov2_patho.eval.slide.runner import run_slide_tasks
 
-    # one attention-MIL run a fold (not 3): the slide task is no headline, and the second training round
-    # needed the minute
-    slide_cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "heads": {"abmil": {"n_runs": 1}},
+    # bags of tiles at the crop size the backbones were trained at, as the tile probe (at 224 px, 4x the
+    # tokens, the bags took more time than the second training round)
+    slide_cfg = {"datasets": {"synthetic": {"root": str(cohort.root)}}, "heads": {"abmil": {"n_runs": 3}},
+                 "bags": {"size": crop_size},
                  "cross_validation": {"folds": FOLDS}, "progress": progress}
     results = {}
     for name, backbone in backbones.items():
@@ -268,8 +269,8 @@ def comparison_table(results: dict) -> str:
         lines += [f"| {name} | {r['level']} | {r['clusters']} | {r['ari']:.2f} | {r['nmi']:.2f} |"
                   for r in rows]
     intervals = probe_intervals(results)
-    lines += ["", f"Tile-level tissue-type probe of the round-2 teacher (`trained`) and its random initialisation: "
-              f"balanced accuracy (%) of the out-of-fold predictions on "
+    lines += ["", "Tile-level tissue-type probe of the round-2 teacher (`trained`) and its random "
+              "initialisation: balanced accuracy (%) of the out-of-fold predictions on "
               f"held-out slides ({FOLDS} cross-validation folds by slide; {intervals['tiles']} tiles, "
               f"{intervals['slides']} slides), [95 % interval, slides resampled]; linear-probe recall of "
               f"the common ({', '.join(groups['common'])}) and rare ({', '.join(groups['rare'])}) types "

@@ -1,7 +1,7 @@
 """Bags: the frozen features of a slide's tissue tiles, cached per slide.
 
 `<cache>/manifest.json` records what the features are of (backbone name and a sha256 of its
-weights, the tile list's fingerprint, the slides' mpp override, token, cap and normalisation);
+weights, the tile list's fingerprint, the slides' mpp override, token, cap, tile size and normalisation);
 a cache whose manifest differs is refused naming the first difference, never reused. Each slide's
 bag is filled by the project's one feature engine (`backbones.features.fill_features`, uint8 tiles
 normalised on the device) into `<cache>/slides/<slide_id>/`: `rows.npy` (the tile rows of the
@@ -55,11 +55,11 @@ def capped_rows(rows: np.ndarray, slide_id: str, cap: int | None, seed: int) -> 
 
 
 def bag_manifest(task: SlideTask, backbone: nn.Module, backbone_name: str, token: str, cap: int | None,
-                 seed: int) -> dict:
+                 seed: int, size: int | None = None) -> dict:
     return {"backbone": backbone_name, "weights_sha256": weights_hash(backbone),
             "tiles": {"index": str(Path(task.tiles.path).resolve()),
                       "fingerprint": tile_list_fingerprint(Path(task.tiles.path))},
-            "mpp_override": task.mpp, "token": token, "max_tiles": cap, "cap_seed": seed,
+            "mpp_override": task.mpp, "token": token, "max_tiles": cap, "cap_seed": seed, "size": size,
             "normalisation": dict(zip(("mean", "std"), map(list, normalisation(backbone))))}
 
 
@@ -97,19 +97,24 @@ def _bag(backbone: nn.Module, tiles: Subset, rows: np.ndarray, slide_dir: Path, 
 
 def extract_bags(task: SlideTask, backbone: nn.Module, cache: str | Path, *, backbone_name: str,
                  token: str = "cls", cap: int | None = None, seed: int = 0, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True, source=None) -> list[np.ndarray]:
+                 num_workers: int = 0, size: int | None = None, progress: bool = True,
+                 source=None) -> list[np.ndarray]:
     """The bag [n_tiles, D] of every slide of `task` (in its order), extracted where not cached.
-    Tiles are read through `source` (default: the task's slides at their own or the override mpp)."""
+    Tiles are read through `source` (default: the task's slides at their own or the override mpp),
+    and resized to `size` px when given."""
+    from dinov2_patho.data.augment import resize
     from dinov2_patho.data.dataset import TileDataset
     from dinov2_patho.data.readers import SlideTileSource
 
     cache = Path(cache)
-    check_cache_manifest(cache, bag_manifest(task, backbone, backbone_name, token, cap, seed), "bags")
+    check_cache_manifest(cache, bag_manifest(task, backbone, backbone_name, token, cap, seed, size), "bags")
     source = source if source is not None else SlideTileSource(task.registry, mpp_override=task.mpp,
                                                                       mpp_key="mpp (eval slide)")
-    dataset = TileDataset(task.tiles, source)  # (uint8 [3, 224, 224] tile, row id) by global row id
+    # (uint8 [3, 224, 224] tile, or [3, size, size], row id) by global row id
+    dataset = TileDataset(task.tiles, source, None if size is None else functools.partial(resize, size=size))
     on_device = normalise_on_device(*normalisation(backbone))
-    blank = on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0]
+    side = size or 224
+    blank = on_device(torch.zeros(1, 3, side, side, dtype=torch.uint8))[0]
     dim = functools.cache(lambda: feature_dim(backbone, blank, token))  # only when a bag is missing
     bags = []
     for slide_id in progress_bar(task.slide_ids, desc=f"{task.name} bags", unit="slide",

@@ -56,13 +56,15 @@ class BagsConfig:
     seed: int = 0
     batch_size: int = 64
     num_workers: int = 0
+    size: int | None = None           # tiles resized to size x size px before the backbone (bicubic, as the
+                                      # training crops; e.g. its crop size); null: as read (224)
     device: str = "cpu"               # the CLI's backbone and the MIL head
     # a folder: also write each task's bags as TASK/<slide_id>.h5 (trident's layout)
     write_features: str | None = None
 
     def __post_init__(self) -> None:
-        check_section("bags", self, integers={"batch_size": 1, "num_workers": 0, "max_tiles": 1},
-                      optional=("max_tiles",))
+        check_section("bags", self, integers={"batch_size": 1, "num_workers": 0, "max_tiles": 1, "size": 1},
+                      optional=("max_tiles", "size"))
         check_device("bags.device", self.device)
 
 
@@ -231,7 +233,7 @@ def run_slide_task(backbone: nn.Module | None, task: SlideTask, cfg: DictConfig,
         check_token(backbone, b.token, "bags.token")
         bags = extract_bags(task, backbone, output_dir / "bags" / task.name, backbone_name=backbone_name,
                             token=b.token, cap=b.max_tiles, seed=b.seed, batch_size=b.batch_size,
-                            num_workers=b.num_workers, progress=cfg.progress)
+                            num_workers=b.num_workers, size=b.size, progress=cfg.progress)
         if b.write_features is not None:
             write_bags(task, bags, Path(b.write_features) / task.name, cap=b.max_tiles, seed=b.seed)
     parts = partitions(task, cfg)
