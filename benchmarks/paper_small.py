@@ -2,13 +2,14 @@
 second round of the method's own loop, over cohort seeds.
 
 Per seed, the demo's cohort and recipe (`dinov2-patho demo`):
-  round 1   curation with a frozen random-init ViT-Ti -> the demo's training (stratified over that tree's
+  round 1   curation with a frozen random-init ViT-Ti -> the demo's round 1 (stratified over that tree's
             top level) -> re-curation of the same tiles with its teacher (a competent embedder);
   round 2   training from scratch on the re-curated tree, three ways with everything else equal:
               uniform     uniform batches over every curated tile,
               subset      uniform batches over the `curate sample` balanced subset (SUBSET_SHARE of
                           the tiles),
-              stratified  batches stratified over the re-curated tree's top level (the paper's T1-BS);
+              stratified  batches stratified over the re-curated tree's top level (the paper's T1-BS;
+                          the demo's round 2);
 -> each teacher (both rounds) and the random initialisation on the tile probe: balanced accuracy of the
 out-of-fold predictions (4-fold CV by slide) of the linear probe and kNN, and the linear probe's recall of
 the rare types. Then, over seeds: mean ± std per arm, and for each comparison the paired per-seed
