@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2_patho.curation.pipeline import tree_agreement
+from dinov2_patho.curation.pipeline import Curation, tree_agreement
 from dinov2_patho.curation.sampling import balanced_subset
 from dinov2_patho.demo.method import (
     DEMO_SLIDES,
@@ -71,11 +71,12 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds
     if done.is_file() and json.loads(done.read_text())["rounds"] >= rounds:
         return json.loads(done.read_text())
     cohort = make_demo_cohort(out / "cohort", num_slides, seed)
-    first = curate_cohort(cohort, out / "curation", progress=False)
-    cfg = train_config(first.index, cohort.slides_dir, seed, overrides)
+    cfg = train_config(Curation(out / "curation").index, cohort.slides_dir, seed, overrides)
+    size = cfg.crops.global_crops_size
+    first = curate_cohort(cohort, out / "curation", size, progress=False)
     round_1 = run_training(cfg, out / "round_1", progress=False)
     backbones = {"round_1": teacher_backbone(round_1["checkpoint"])}
-    second = curate_cohort(cohort, out / "recuration", progress=False, backbone=out / "round_1",
+    second = curate_cohort(cohort, out / "recuration", size, progress=False, backbone=out / "round_1",
                            tiles=first.tiles)
     num_tiles = len(TileIndex.open(second.index))
     subset = out / "subset.npy"
@@ -87,7 +88,7 @@ def run_seed(seed: int, out: Path, num_slides: int, overrides: list[str], rounds
         backbones[arm] = teacher_backbone(run_training(arm_cfg, out / arm, progress=False)["checkpoint"])
     backbones["random_init"] = random_init(cfg)  # the weights every training of this seed starts from
     rare = class_groups(cohort.labels_csv)["rare"]
-    results = {name: tile_probe(bb, cohort, cfg.crops.global_crops_size, out / "eval" / name, progress=False)
+    results = {name: tile_probe(bb, cohort, size, out / "eval" / name, progress=False)
                for name, bb in backbones.items()}
     preds = {name: r["predictions"] for name, r in results.items()}
     y, groups = preds["random_init"]["y"], preds["random_init"]["groups"]

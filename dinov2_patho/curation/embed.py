@@ -56,6 +56,8 @@ class EmbedConfig:
     model: dict[str, Any] = field(default_factory=dict)  # extra kwargs of our backbone or timm's model
     seed: int = 0                     # random-init baseline (no --backbone): every rank builds the same model
     batch_size: int = 128
+    size: int | None = None           # tiles resized to size x size px before the backbone (bicubic, as the
+                                      # training crops); null: as read (224)
     num_workers: int = 2              # DataLoader workers reading tiles (per rank)
     amp: str = "bf16"                 # autocast on CUDA: bf16 | fp16 | none (CPU runs in float32)
     device: str = "auto"              # auto: cuda:LOCAL_RANK when available, else cpu
@@ -67,7 +69,7 @@ class EmbedConfig:
         from dinov2_patho.models.weights import FORMATS
 
         check_section("embed", self, numbers={"checkpoint_seconds": NON_NEGATIVE},
-                      integers={"seed": 0, "batch_size": 1, "num_workers": 0},
+                      integers={"seed": 0, "batch_size": 1, "num_workers": 0, "size": 1}, optional=("size",),
                       choices={"token": TOKENS, "weights_format": FORMATS, "amp": tuple(AMP_DTYPES),
                                "device": DEVICES})
 
@@ -102,7 +104,12 @@ def check_settings(emb_dir: Path, settings: dict[str, Any]) -> bool:
     return False
 
 
-def tile_dataset(index_dir: Path, slides: str, mpp_override: float | None, tiles_cfg: Any) -> Any:
+def tile_dataset(index_dir: Path, slides: str, mpp_override: float | None, tiles_cfg: Any,
+                 size: int | None = None) -> Any:
+    """The tile list's tiles (uint8 [3, 224, 224], or [3, size, size]) and row ids."""
+    import functools
+
+    from dinov2_patho.data.augment import resize
     from dinov2_patho.data.dataset import TileDataset, build_tile_source
     from dinov2_patho.data.index import TileIndex
 
@@ -110,7 +117,7 @@ def tile_dataset(index_dir: Path, slides: str, mpp_override: float | None, tiles
     source = build_tile_source({"backend": tiles_cfg.get("backend", "openslide"), "slides": slides,
                                 "fallback": tiles_cfg.get("fallback", "tiffslide"),
                                 "mpp_override": mpp_override, "cache_size": 4}, mpp_key="tiles.mpp_override")
-    return TileDataset(index, source)
+    return TileDataset(index, source, None if size is None else functools.partial(resize, size=size))
 
 
 def _settings(backbone_path: str | Path | None, arch: str, cfg: EmbedConfig, tiles: dict[str, Any],
@@ -125,7 +132,8 @@ def _settings(backbone_path: str | Path | None, arch: str, cfg: EmbedConfig, til
                      "arch": arch, "weights_format": cfg.weights_format,
                      "model": dict(cfg.model),
                      "seed": cfg.seed if backbone is None else None, "token": cfg.token},
-        "tiles": {"um": TILE_UM, "px": TILE_PX, "mpp_override": tiles.get("mpp_override"),
+        "tiles": {"um": TILE_UM, "px": TILE_PX, "size": cfg.size,
+                  "mpp_override": tiles.get("mpp_override"),
                   "num_rows": num_rows, "fingerprint": fingerprint,
                   "normalisation": {"mean": list(mean), "std": list(std)}},
         "dim": dim,
@@ -146,6 +154,7 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
     from dinov2_patho.backbones.hub import check_token, normalisation
     from dinov2_patho.backbones.load import backbone_label, load_backbone
     from dinov2_patho.backbones.preprocess import normalise_on_device
+    from dinov2_patho.data.readers import TILE_PX
     from dinov2_patho.dirlock import exclusive_directory
     from dinov2_patho.distributed import broadcast_object, distributed_context, ranks_agree
 
@@ -157,7 +166,7 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
     if slides is None:
         raise UserError(f"--tiles {tiles_arg}: no {SETTINGS} of `curate tiles` naming the slides; "
                         "pass --slides")
-    dataset = tile_dataset(index_dir, str(slides), tiles.get("mpp_override"), tiles)
+    dataset = tile_dataset(index_dir, str(slides), tiles.get("mpp_override"), tiles, cfg.size)
     index = dataset.index
     n = len(index)
     with distributed_context(cfg.device, "embed.device") as ctx:
@@ -168,7 +177,8 @@ def embed_tiles(tiles: str | Path, out: str | Path, *, slides: str | Path | None
         check_token(model, cfg.token, "embed.token")
         mean, std = normalisation(model)
         on_device = normalise_on_device(mean, std)
-        dim = feature_dim(model, on_device(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))[0], cfg.token)
+        side = cfg.size or TILE_PX
+        dim = feature_dim(model, on_device(torch.zeros(1, 3, side, side, dtype=torch.uint8))[0], cfg.token)
         fingerprint = broadcast_object(tile_list_fingerprint(index_dir) if ctx.is_main else None, ctx)
         settings = _settings(backbone, arch, cfg, tiles, n, dim, fingerprint, mean, std)
         if check_settings(out, settings):

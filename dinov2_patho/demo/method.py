@@ -36,7 +36,9 @@ log = get_logger(__name__)
 TISSUE_MIX = (0.60, 0.25, 0.11, 0.04, 0.0)
 POSITIVE_FRACTION = 0.5
 # The curation embedding: a real ViT at random init (no weights can be downloaded). Its patch-token
-# mean, as a random-init CLS token is near constant. The teacher trained on its tree re-curates.
+# mean, as a random-init CLS token is near constant. The teacher trained on its tree re-curates. Both embed
+# the tiles at the crop size the backbones train and are probed at (at 224 px, 4x the tokens, the first
+# curation took 2 of the demo's 6 minutes).
 EMBED_ARCH = "timm/vit_tiny_patch16_224"
 EMBED_OVERRIDES = ("embed.token=patch_mean",)
 SAMPLER_LEVEL = 3  # the top of the cpu_smoke tree (4 clusters): 4 tiles per cluster in a batch of 16
@@ -86,14 +88,16 @@ def make_demo_cohort(out: Path, num_slides: int, seed: int, grid: int = DEMO_GRI
                        positive_fraction=POSITIVE_FRACTION, lesion_tiles=lesion_tiles)
 
 
-def curate_cohort(cohort, out: Path, *, progress: bool = True, backbone: Path | None = None,
+def curate_cohort(cohort, out: Path, size: int, *, progress: bool = True, backbone: Path | None = None,
                   tiles: Path | None = None):
-    """The cohort's slides curated into `out` with the cpu_smoke tree (see curation.pipeline.curate)."""
+    """The cohort's slides curated into `out` with the cpu_smoke tree (see curation.pipeline.curate), their
+    tiles embedded at `size` px: by `backbone`, or EMBED_ARCH at random init built for that size."""
     from dinov2_patho.curation.pipeline import curate
 
+    overrides = (f"embed.size={size}",) if backbone else (*EMBED_OVERRIDES, f"embed.size={size}",
+                                                          f"embed.model.img_size={size}")
     return curate(cohort.slides_dir, out, config_file=packaged_config("curation/cpu_smoke.yaml"),
-                  backbone=backbone, arch=EMBED_ARCH, overrides=() if backbone else EMBED_OVERRIDES,
-                  tiles=tiles, progress=progress)
+                  backbone=backbone, arch=EMBED_ARCH, overrides=overrides, tiles=tiles, progress=progress)
 
 
 def train_config(index: Path, slides: Path, seed: int, overrides: list[str] | tuple[str, ...] = (),
@@ -192,10 +196,11 @@ def run_demo(output_dir: str | Path, *, num_slides: int = DEMO_SLIDES, grid: int
         raise UserError(f"--num-slides {num_slides}: the demo's {FOLDS}-fold cross-validation by slide needs "
                         f"at least {FOLDS} slides")
     cohort = make_demo_cohort(out / "cohort", num_slides, seed, grid, lesion_tiles)
-    write_learning_curve_config(curve, cohort.root, cfg.crops.global_crops_size)
-    curation = curate_cohort(cohort, out / "curation", progress=progress)
+    size = cfg.crops.global_crops_size
+    write_learning_curve_config(curve, cohort.root, size)
+    curation = curate_cohort(cohort, out / "curation", size, progress=progress)
     round_1 = run_training(cfg_1, out / ROUND_1, progress=progress)
-    recuration = curate_cohort(cohort, out / "recuration", progress=progress, backbone=out / ROUND_1,
+    recuration = curate_cohort(cohort, out / "recuration", size, progress=progress, backbone=out / ROUND_1,
                                tiles=curation.tiles)
     summary = run_training(cfg, out / ROUND_2, progress=progress)
     agreement = {"random-init ViT-Ti": tree_agreement(curation.index, cohort.labels_csv),
@@ -204,7 +209,7 @@ def run_demo(output_dir: str | Path, *, num_slides: int = DEMO_SLIDES, grid: int
     backbones = {"trained": teacher_backbone(summary["checkpoint"]), "random_init": random_init(cfg)}
     results = {"summary": summary, "round_1": round_1, "agreement": agreement,
                "groups": class_groups(cohort.labels_csv),
-               **evaluate(backbones, cohort, cfg.crops.global_crops_size, out / "eval", progress),
+               **evaluate(backbones, cohort, size, out / "eval", progress),
                "report": None}
     if report:
         from dinov2_patho.report import write_report
