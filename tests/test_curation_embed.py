@@ -189,6 +189,34 @@ def test_two_gloo_ranks_equal_one(tiles_dir, clean_run, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
 
 
+def test_embed_size_gives_the_features_of_the_resized_tiles(tiles_dir, clean_run, tmp_path):
+    from dinov2_patho.backbones.load import load_backbone
+    from dinov2_patho.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from dinov2_patho.data.augment import resize
+
+    out, dynamic = tmp_path / "emb112", "embed.model.dynamic_img_size=true"
+    assert curate_embed(tiles_dir, out, "embed.size=112", dynamic) == 0
+    rows = tile_rows(tiles_dir)
+    emb = np.load(out / "embeddings.npy")
+    model = load_backbone(None, ARCH, seed=0, dynamic_img_size=True, **TINY)
+    slides = json.loads((tiles_dir / "tiles.json").read_text())["slides"]
+    source = SlideTileSource(SlideRegistry.from_spec(slides))
+    picks = [0, len(rows) - 1]
+    tiles = torch.stack([resize(torch.from_numpy(source.read(*rows[i]).copy()).permute(2, 0, 1), 112)
+                         for i in picks])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model.forward_features((tiles.float() / 255 - mean) / std)[:, 0].numpy()
+    np.testing.assert_allclose(emb[picks].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    assert json.loads((out / "manifest.json").read_text())["settings"]["tiles"]["size"] == 112
+    # the same backbone at another size is other embeddings: refused, as for any other setting
+    for size, recorded, now in (([], 112, None), (["embed.size=96"], 112, 96)):
+        with pytest.raises(UserError, match=rf"manifest\.json: .*tiles\.size \({recorded} there, {now} now"):
+            curate_embed(tiles_dir, out, dynamic, *size)
+    with pytest.raises(UserError, match=r"embed\.size=0"):
+        curate_embed(tiles_dir, tmp_path / "bad", "embed.size=0")
+
+
 def test_stale_manifest_or_unfinished_run_is_refused(tiles_dir, clean_run, tmp_path):
     before = {p.name: p.read_bytes() for p in clean_run.iterdir()}
     with pytest.raises(UserError, match=r"manifest\.json: embeddings of different settings "
