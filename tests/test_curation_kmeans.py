@@ -531,3 +531,29 @@ def test_passes_that_search_only_moved_centroids_follow_full_lloyd(seed, k, iter
         own_moved = moved[last_labels]
         pairs += int(own_moved.sum()) * k + int((~own_moved).sum()) * int(moved.sum())
     assert sum(searched) == pairs
+
+
+@pytest.mark.parametrize("ids", [False, True])  # all rows of the memmap; a resampling step's subset
+def test_a_run_reads_its_rows_once_when_they_fit_and_gives_the_same_result(tmp_path, monkeypatch, ids):
+    from dinov2_patho.curation import kmeans as km
+
+    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float16)
+    np.save(tmp_path / "x.npy", x)
+    array = np.load(tmp_path / "x.npy", mmap_mode="r")
+    subset = np.sort(np.random.default_rng(1).choice(3000, 2000, replace=False)) if ids else None
+    reads = []
+    read_rows = km.read_rows
+    monkeypatch.setattr(km, "read_rows", lambda a, rows: reads.append(rows) or read_rows(a, rows))
+    options = km.LloydOptions(iterations=8, chunk_rows=500)
+    runs = {}
+    for budget in (0, km.RESIDENT_BYTES):
+        monkeypatch.setattr(km, "RESIDENT_BYTES", budget)
+        reads.clear()
+        runs[budget] = km.kmeans(Points(array, subset), 12, seed=3, options=options)
+        runs[budget].reads = len(reads)
+    streamed, held = runs[0], runs[km.RESIDENT_BYTES]
+    assert held.reads == 2 < streamed.reads  # the init's sample, then the shard once
+    assert streamed.iterations == held.iterations == 8
+    np.testing.assert_array_equal(streamed.centroids, held.centroids)
+    np.testing.assert_array_equal(streamed.assignment, held.assignment)
+    np.testing.assert_array_equal(streamed.distances, held.distances)

@@ -2,7 +2,8 @@
 
 Storage may be float16 (the embeddings memmap); compute is float32; centroid sums are float32 over
 blocks of at most SUM_BLOCK_ROWS rows, accumulated in float64.
-Points are read in chunks, never loaded whole. Under torch.distributed each rank holds a
+Points are read in chunks, never loaded whole (a k-means run reads a shard of at most RESIDENT_BYTES once
+and keeps it, where a pass would read it again). Under torch.distributed each rank holds a
 contiguous shard of the points: assignment is local, centroid sums and counts are
 all-reduced, the init is computed from a sample every rank holds and broadcast from rank 0,
 so one job over many GPUs equals the one-process result.
@@ -36,6 +37,9 @@ from dinov2_patho.progress import progress_bar
 ENGINES = ("faiss", "torch")  # nearest-centroid kernels (kmeans.engine)
 ASSIGN_BLOCK_ELEMENTS = 1 << 25  # rows x centroids per distance block of the torch kernel (128 MB)
 SUM_BLOCK_ROWS = 8192  # rows summed in float32 before the float64 total (5x faster than all in float64)
+# A Lloyd run reads its points every pass: a shard of at most this many float32 bytes is read once and kept
+# (a resampling step's points are scattered rows of a memmap whose pages each read releases)
+RESIDENT_BYTES = 1 << 28
 
 
 # --- points --------------------------------------------------------------------------------
@@ -69,6 +73,17 @@ class Points:
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         self.start, self.stop = self.total * rank // world, self.total * (rank + 1) // world
         self.dim = array.shape[1]
+        self.rows: np.ndarray | None = None  # this shard's float32 rows, once `resident`
+
+    def resident(self, max_bytes: int) -> Points:
+        """These points, with this shard's rows read into memory once when they take at most `max_bytes`
+        as float32 (else themselves): the same rows in the same chunks, without reading them again."""
+        if self.rows is not None or len(self) * self.dim * 4 > max_bytes:
+            return self
+        held = Points(self.array, self.ids, self.distributed)
+        held.rows = read_rows(self.array, slice(self.start, self.stop) if self.ids is None
+                              else self.ids[self.start:self.stop])
+        return held
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -85,7 +100,11 @@ class Points:
         """(local offset, float32 rows) over this rank's shard."""
         for a in range(self.start, self.stop, chunk_rows):
             b = min(a + chunk_rows, self.stop)
-            yield a - self.start, read_rows(self.array, slice(a, b) if self.ids is None else self.ids[a:b])
+            if self.rows is not None:
+                yield a - self.start, self.rows[a - self.start:b - self.start]
+            else:
+                yield a - self.start, read_rows(self.array,
+                                                slice(a, b) if self.ids is None else self.ids[a:b])
 
     def sample(self, positions: np.ndarray) -> np.ndarray:
         """float32 rows at sorted global `positions`, on every rank (each contributes its shard)."""
@@ -356,10 +375,10 @@ def kmeans(points: Points, k: int, seed: int = 0, options: LloydOptions = LloydO
     rng = np.random.default_rng(seed)
     if centroids is None:
         centroids = init_centroids(points, k, o.init, rng, o.init_points_per_centroid, o.device)
-    train = points
-    if o.max_points_per_centroid is not None and points.total > k * o.max_points_per_centroid:
+    sampled = o.max_points_per_centroid is not None and points.total > k * o.max_points_per_centroid
+    if sampled:
         positions = np.sort(rng.choice(points.total, k * o.max_points_per_centroid, replace=False))
-        train = points.subset(positions)
+    train = (points.subset(positions) if sampled else points).resident(RESIDENT_BYTES)
     last, objective, done, fixed = None, math.inf, 0, False
     for _ in progress_bar(range(o.iterations), desc=desc, disable=not progress, leave=False):
         assignment, distances, sums, counts = assign(train, centroids, o.engine, o.device, o.chunk_rows,
@@ -377,9 +396,9 @@ def kmeans(points: Points, k: int, seed: int = 0, options: LloydOptions = LloydO
         objective = mean_distance(train, distances)
         if previous_objective - objective <= o.tol * objective:
             break
-    if fixed and train is points:  # this pass's assignment is the one to these centroids
-        distances = exact_distances(points, centroids, assignment, o.chunk_rows)
+    if fixed and not sampled:  # this pass's assignment is the one to these centroids
+        distances = exact_distances(train, centroids, assignment, o.chunk_rows)
     else:
-        assignment, distances, _, _ = assign(points, centroids, o.engine, o.device, o.chunk_rows,
-                                             last=last if train is points else None)
+        assignment, distances, _, _ = assign(points if sampled else train, centroids, o.engine, o.device,
+                                             o.chunk_rows, last=None if sampled else last)
     return KMeansResult(centroids, assignment, distances, mean_distance(points, distances), done)
