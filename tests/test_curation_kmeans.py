@@ -557,3 +557,15 @@ def test_a_run_reads_its_rows_once_when_they_fit_and_gives_the_same_result(tmp_p
     np.testing.assert_array_equal(streamed.centroids, held.centroids)
     np.testing.assert_array_equal(streamed.assignment, held.assignment)
     np.testing.assert_array_equal(streamed.distances, held.distances)
+
+
+def test_kmeans_plus_plus_breaks_a_float32_tie_of_potentials_in_float64():
+    import torch
+
+    from dinov2_patho.curation.kmeans import _lowest_potential
+
+    # 2^24 + 1 and 2^24 + 0.75 both round to 2^24 in float32; in float64 the second row is lower
+    tie = torch.tensor([[2.0**24, 1.0], [2.0**24, 0.75]], dtype=torch.float32)
+    assert tie.sum(1).tolist() == [2.0**24, 2.0**24] and _lowest_potential(tie) == 1
+    assert _lowest_potential(torch.tensor([[3.0, 1.0], [2.0, 1.0], [5.0, 0.0]])) == 1
+    assert _lowest_potential(torch.tensor([[3.0, 1.0]])) == 0
