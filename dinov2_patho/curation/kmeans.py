@@ -329,7 +329,7 @@ def assign(points: Points, centroids: np.ndarray, engine: str = "faiss", device:
                 labels[full], dist_sq[full] = nearest(x[full], exact=False)
             if nearest_moved is not None and not full.all():
                 rest = np.flatnonzero(~full)
-                found, dist_found = nearest_moved(x[rest], exact=False)
+                found, dist_found = nearest_moved(x[rest] if len(rest) < len(x) else x, exact=False)
                 closer = dist_found < dist_sq[rest]
                 labels[rest[closer]], dist_sq[rest[closer]] = moved_ids[found[closer]], dist_found[closer]
             if not sums:
