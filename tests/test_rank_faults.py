@@ -73,10 +73,10 @@ def kmeans_argv(tmp_path) -> list[str]:
 
 
 def test_curate_kmeans_a_rank_killed_in_a_resampling_step_stops_the_other(tmp_path):
-    # read_rows: every chunk of every pass; rank 1 holds 200 points (4 chunks a pass): its calls 8-52 are
-    # level 1's step 0, 53-65 its step 1 (counted): the 60th is mid-Lloyd in the first resampled step
+    # assign: one call a Lloyd pass, the same on every rank; calls 1-10 are level 1's step 0, 11-18 its
+    # step 1 (counted): the 14th is mid-Lloyd in the first resampled step
     outcome = rank_faults.launch(kmeans_argv(tmp_path), tmp_path, rank=1,
-                                 target="dinov2_patho.curation.kmeans:read_rows", at=60, kind="sigkill")
+                                 target="dinov2_patho.curation.kmeans:assign", at=14, kind="sigkill")
     assert outcome.ranks[1].code == -9
     rank_faults.check(outcome, 1, "no sign of life for ")
     assert not (tmp_path / "tree" / "manifest.json").exists() and not half_written(tmp_path / "tree")
