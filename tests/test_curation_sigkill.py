@@ -18,10 +18,11 @@ from dinov2_patho.cli import main
 from dinov2_patho.curation import hierarchy
 
 SEED = 25
-# the functions whose calls are the kill points: every chunk read of every k-means pass (init, Lloyd,
-# reassignment), every tile read, every atomic write's rename, every file or directory removal
+# the functions whose calls are the kill points: every read of k-means points (the init's sample, a run's
+# rows), every Lloyd pass and reassignment, every tile read, every atomic write's rename, every file or
+# directory removal
 WRITES = ["os:replace", "pathlib:Path.unlink", "shutil:rmtree"]
-KMEANS_TARGETS = ["dinov2_patho.curation.kmeans:read_rows", *WRITES]
+KMEANS_TARGETS = ["dinov2_patho.curation.kmeans:read_rows", "dinov2_patho.curation.kmeans:assign", *WRITES]
 EMBED_TARGETS = ["dinov2_patho.data.dataset:TileDataset._item", *WRITES]
 pytestmark = pytest.mark.slow  # a child interpreter per kill point
 
@@ -67,7 +68,7 @@ def test_curate_kmeans_killed_anywhere_resumes_byte_identical(tmp_path, monkeypa
     labels = sigkill.calls(lambda: main(argv(tmp_path / "clean")), KMEANS_TARGETS,
                            lambda target: f"{step[0]} {target}")
     monkeypatch.undo()
-    points = pick(labels, {"mid-Lloyd in a resampled step": r"step [1-9]\d* \S+read_rows",
+    points = pick(labels, {"mid-Lloyd in a resampled step": r"step [1-9]\d* \S+:assign$",
                            "an atomic write": r"os:replace", "a clean-up": r"unlink|rmtree"},
                   random.Random(SEED))
     # and the clean-up right after level 1's done.json: its step checkpoints' removal
