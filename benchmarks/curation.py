@@ -188,7 +188,7 @@ def main() -> None:
     b.add_argument("--dim", type=int, default=384)
     b.add_argument("overrides", nargs="*", help="kmeans config overrides, e.g. kmeans.tol=1e-4")
     for p in (a, b):
-        p.add_argument("--engine", default="faiss")
+        p.add_argument("--engine", default="torch")
         p.add_argument("--tmp", default="/tmp")
     args = parser.parse_args()
     compare(args) if args.part == "compare" else scale(args)

@@ -55,7 +55,7 @@ class KmeansConfig:
     resampling (Vo et al. 2024); L2 Lloyd, fp32 compute on fp16 storage."""
 
     seed: int = 0
-    engine: str = "faiss"             # nearest-centroid kernel: faiss (IndexFlatL2; GPU: faiss-gpu) | torch
+    engine: str = "torch"             # nearest centroid: torch (a BLAS product + argmin) | faiss
     device: str = "auto"              # auto | cpu | cuda; under torchrun every level is sharded over ranks
     chunk_rows: int = 65536           # rows read from the memmap per step (memory stays bounded)
     init_points_per_centroid: int = 64  # k-means++/random init draws from min(M, k * this) sampled points

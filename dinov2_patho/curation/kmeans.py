@@ -10,9 +10,11 @@ so one job over many GPUs equals the one-process result.
 
 Why not `faiss.Kmeans`: it trains on a subsample of k * max_points_per_centroid points
 (256 by default) without saying so, it re-seeds empty clusters by splitting large ones
-(the reference keeps their centroid), and it cannot shard points over ranks. Faiss is the
-nearest-centroid kernel here (`IndexFlatL2`, on GPU when faiss-gpu is installed); the Lloyd
-loop is ours. Subsampling is a stated option, `max_points_per_centroid` (off by default).
+(the reference keeps their centroid), and it cannot shard points over ranks. The Lloyd loop is
+ours; its nearest-centroid kernel is a matrix product and an argmin (engine `torch`: OpenBLAS and
+numpy on CPU, 3x faiss's `IndexFlatL2` search on the benchmark's 2 cores; torch on GPU), or faiss's
+`IndexFlatL2` (engine `faiss`, on GPU when faiss-gpu is installed). Subsampling is a stated option,
+`max_points_per_centroid` (off by default).
 Lloyd stops early only when no assignment changed: the centroids are then a fixed point,
 so further iterations would reproduce them exactly. Every pass is a full Lloyd pass, but after
 the first it searches a point whose centroid did not move against the moved centroids only (the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +38,7 @@ import torch.distributed as dist
 from dinov2_patho.progress import progress_bar
 
 ENGINES = ("faiss", "torch")  # nearest-centroid kernels (kmeans.engine)
-ASSIGN_BLOCK_ELEMENTS = 1 << 25  # rows x centroids per distance block of the torch kernel (128 MB)
+ASSIGN_BLOCK_ELEMENTS = 1 << 22  # rows x centroids per score block, torch engine (16 MB; 64 MB: 2x slower)
 SUM_BLOCK_ROWS = 8192  # rows summed in float32 before the float64 total (5x faster than all in float64)
 # A Lloyd run reads its points every pass: a shard of at most this many float32 bytes is read once and kept
 # (a resampling step's points are scattered rows of a memmap whose pages each read releases)
@@ -145,6 +148,18 @@ def _comm_device() -> torch.device:
 
 # --- nearest centroid ----------------------------------------------------------------------
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block (None: left as they are)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,7 +175,7 @@ class NearestCentroid:
     passes skip that (a fifth of a pass at 1,000 centroids): they need the distances only for the
     objective's early stop, and their last assignment is recomputed exactly."""
 
-    def __init__(self, centroids: np.ndarray, engine: str = "faiss", device: str = "cpu"):
+    def __init__(self, centroids: np.ndarray, engine: str = "torch", device: str = "cpu"):
         self.engine, self.device = engine, resolve_device(device)
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         if engine == "faiss":
@@ -174,7 +189,9 @@ class NearestCentroid:
             self.index, self.host_centroids = index, centroids
         elif engine == "torch":
             self.centroids = torch.from_numpy(centroids).to(self.device)
-            self.sq_norms = (self.centroids * self.centroids).sum(1)
+            # [-2c, |c|^2] as columns: one product with the rows [x, 1] gives |x - c|^2 - |x|^2
+            sq_norms = (self.centroids * self.centroids).sum(1, keepdim=True)
+            self.augmented = torch.cat([-2 * self.centroids, sq_norms], 1).T.contiguous()
         else:
             raise ValueError(f"unknown k-means engine {engine!r} ({', '.join(ENGINES)})")
 
@@ -184,17 +201,25 @@ class NearestCentroid:
             found, labels = self.index.search(np.ascontiguousarray(x), 1)
             labels = labels[:, 0].astype(np.int64)
             return labels, squared_distances(x, self.host_centroids, labels) if exact else found[:, 0]
-        block = max(1, ASSIGN_BLOCK_ELEMENTS // len(self.centroids))
-        labels, distances = [], []
+        k, dim = self.centroids.shape
+        block = min(len(x), max(1, ASSIGN_BLOCK_ELEMENTS // k))
+        rows = torch.ones(block, dim + 1, device=self.device)
+        scores = torch.empty(block, k, device=self.device)
+        labels, distances = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
         for a in range(0, len(x), block):
-            xb = torch.from_numpy(x[a:a + block]).to(self.device)
-            found, label = (self.sq_norms - 2 * xb @ self.centroids.T).min(1)  # |x|^2: the same for all c
-            labels.append(label.cpu().numpy())
-            if exact:
-                distances.append(((xb - self.centroids[label]) ** 2).sum(1))
+            n = min(block, len(x) - a)
+            rows[:n, :dim] = torch.from_numpy(x[a:a + n])
+            if scores.device.type == "cpu":  # OpenBLAS, numpy argmin: 40 ms against torch 100 (RESULTS.md)
+                found = np.matmul(rows[:n].numpy(), self.augmented.numpy(), out=scores[:n].numpy())
+                label = found.argmin(1)
+                value = torch.from_numpy(np.take_along_axis(found, label[:, None], 1)[:, 0])
+                label = torch.from_numpy(label)
             else:
-                distances.append(found + (xb * xb).sum(1))
-        return np.concatenate(labels), torch.cat(distances).cpu().numpy()
+                value, label = torch.mm(rows[:n], self.augmented, out=scores[:n]).min(1)
+            xb = rows[:n, :dim]
+            value = ((xb - self.centroids[label]) ** 2).sum(1) if exact else value + (xb * xb).sum(1)
+            labels[a:a + n], distances[a:a + n] = label.cpu().numpy(), value.cpu().numpy()
+        return labels, distances
 
 
 def squared_distances(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -227,27 +252,10 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, device: st
     """Greedy k-means++ (2 + ln k candidates per centre, as scikit-learn): indices of k rows of x.
 
     Each step scores its candidates with one product of augmented rows, [-2c, 1, |c|^2] . [x, |x|^2, 1]
-    = |x - c|^2, so the step is one GEMM and three passes over the candidates' rows. On CPU the GEMM
-    runs on numpy's OpenBLAS, which uses every core and is faster at this skinny shape than torch's
-    (measured for 8 x 66 x 50,000: 0.6 ms on 2 threads, against torch's 1.0 ms on 2 and 1.7 on 1);
-    torch's own small elementwise ops stay on one thread (two threads that wait on each other when the
-    cores are shared took 41 s of CPU against 6 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _kmeans_plus_plus(x, k, rng, resolve_device(device))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    if out.device.type == "cpu":
-        np.matmul(a.numpy(), b.numpy(), out=out.numpy())
-    else:
-        torch.mm(a, b, out=out)
-
-
-def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, device: str) -> np.ndarray:
+    = |x - c|^2, so the step is one GEMM and three passes over the candidates' rows, all in torch (on
+    CPU its MKL runs this skinny 8 x 66 x 50,000 product in 0.33-0.39 ms on 2 threads, OpenBLAS in
+    0.63-0.74 ms; RESULTS.md)."""
+    device = resolve_device(device)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     n = len(xt)
     sq = (xt * xt).sum(1)
@@ -258,13 +266,13 @@ def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, device: s
     d = torch.empty(trials, n, device=device)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(n)
-    _matmul(centres[chosen[:1]], points, d[:1])
+    torch.mm(centres[chosen[:1]], points, out=d[:1])
     closest = d[0].clamp_min(0)
     for c in range(1, k):
         cumulative = torch.cumsum(closest, 0, dtype=torch.float64)
         targets = torch.from_numpy(rng.random(trials)).to(device) * cumulative[-1]
         candidates = torch.searchsorted(cumulative, targets).clamp_(max=n - 1).cpu().numpy()
-        _matmul(centres[candidates], points, d)
+        torch.mm(centres[candidates], points, out=d)
         torch.minimum(d, closest, out=d)
         best = _lowest_potential(d)
         chosen[c], closest = candidates[best], d[best].clamp_min(0)
@@ -300,7 +308,7 @@ def init_centroids(points: Points, k: int, init: str, rng: np.random.Generator,
     return points.broadcast(np.ascontiguousarray(x[rows]))
 
 
-def assign(points: Points, centroids: np.ndarray, engine: str = "faiss", device: str = "cpu",
+def assign(points: Points, centroids: np.ndarray, engine: str = "torch", device: str = "cpu",
            chunk_rows: int = 65536, sums: bool = False, last: LastPass | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Nearest centroid of every local point: (assignment int32, distances float32, and with
@@ -311,7 +319,17 @@ def assign(points: Points, centroids: np.ndarray, engine: str = "faiss", device:
     `last.moved`), a point whose own centroid did not move is searched against the moved ones only:
     every other centroid is where it was when that point's distance was found, so the nearest is
     its own or a moved one. Points of moved centroids are searched against all. The result is a
-    full pass's, for a fraction of its work once few centroids move."""
+    full pass's, for a fraction of its work once few centroids move.
+
+    With the torch engine on CPU, torch runs on one thread here: the pass's products are OpenBLAS's, on
+    every core, and torch's threads spinning between them beside OpenBLAS's made the benchmark's passes
+    twice as slow (RESULTS.md). Faiss shares torch's OpenMP threads, so its engine keeps them."""
+    with torch_threads(1 if engine == "torch" and resolve_device(device) == "cpu" else None):
+        return _assign(points, centroids, engine, device, chunk_rows, sums, last)
+
+
+def _assign(points: Points, centroids: np.ndarray, engine: str, device: str, chunk_rows: int, sums: bool,
+            last: LastPass | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     nearest = NearestCentroid(centroids, engine, device)
     moved_ids = None if last is None else np.flatnonzero(last.moved)
     nearest_moved = NearestCentroid(centroids[moved_ids], engine, device) if last and len(moved_ids) else None
@@ -366,7 +384,7 @@ def mean_distance(points: Points, distances: np.ndarray) -> float:
 class LloydOptions:
     iterations: int = 50
     init: str = "kmeans++"  # kmeans++ | random
-    engine: str = "faiss"  # faiss | torch
+    engine: str = "torch"  # torch | faiss
     device: str = "cpu"
     chunk_rows: int = 65536
     init_points_per_centroid: int = 64
