@@ -569,3 +569,29 @@ def test_kmeans_plus_plus_breaks_a_float32_tie_of_potentials_in_float64():
     assert tie.sum(1).tolist() == [2.0**24, 2.0**24] and _lowest_potential(tie) == 1
     assert _lowest_potential(torch.tensor([[3.0, 1.0], [2.0, 1.0], [5.0, 0.0]])) == 1
     assert _lowest_potential(torch.tensor([[3.0, 1.0]])) == 0
+
+
+@pytest.mark.parametrize("engine, inside", [("torch", 1), ("faiss", None)])
+def test_torch_engine_passes_run_torch_on_one_thread_and_restore_it(engine, inside, monkeypatch):
+    import torch
+
+    from dinov2_patho.curation import kmeans as km
+
+    seen, search = [], km.NearestCentroid.__call__
+
+    def recording(self, x, exact=True):
+        seen.append(torch.get_num_threads())
+        return search(self, x, exact)
+
+    monkeypatch.setattr(km.NearestCentroid, "__call__", recording)
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = km.kmeans(Points(x), 6, seed=0, options=km.LloydOptions(iterations=5, engine=engine))
+        # faiss shares torch's OpenMP threads: its passes keep them
+        assert set(seen) == {1 if inside else 2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    expected = np.argmin(((x[:, None] - result.centroids[None]) ** 2).sum(-1), 1)
+    np.testing.assert_array_equal(result.assignment, expected)
