@@ -16,6 +16,8 @@
 
     nice -n 5 .venv/bin/python benchmarks/curation.py compare --reference /tmp/ssl-data-curation
     nice -n 5 .venv/bin/python benchmarks/curation.py scale --rows 1000000
+(c) kernels: the two products k-means spends its time in, timed each engine's way on this machine.
+    .venv/bin/python benchmarks/curation.py kernels
 """
 
 from __future__ import annotations
@@ -135,6 +137,51 @@ def compare(args: argparse.Namespace) -> None:
                   f"{obj[1]:.4f} | {ratio} |")
 
 
+def kernels(args: argparse.Namespace) -> None:
+    """The two products k-means spends its time in, each engine's way, on this machine: one nearest-centroid
+    search (50,000 x 64 rows against 1,000 centroids: a resampling step's pass) and one greedy k-means++
+    step (8 candidates' augmented rows against 50,000 points)."""
+    import faiss
+    import torch
+
+    from dinov2_patho.curation.kmeans import NearestCentroid, torch_threads
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50_000, 64)).astype(np.float32)
+    centroids = rng.standard_normal((1000, 64)).astype(np.float32)
+
+    def ms(fn, repeats: int) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    torch_nearest, faiss_nearest = NearestCentroid(centroids, "torch"), NearestCentroid(centroids, "faiss")
+    agree = np.mean(torch_nearest(x, exact=False)[0] == faiss_nearest(x, exact=False)[0])
+    threads = faiss.omp_get_max_threads()
+    with torch_threads(1):  # as a Lloyd pass runs it (kmeans.assign)
+        torch_ms = ms(lambda: torch_nearest(x, exact=False), 20)
+    search = {"torch engine (OpenBLAS product, numpy argmin; torch on 1 thread)": torch_ms,
+              f"the same, torch on {torch.get_num_threads()} threads (its threads spin beside OpenBLAS's)":
+                  ms(lambda: torch_nearest(x, exact=False), 20),
+              f"faiss IndexFlatL2 ({threads} threads)": ms(lambda: faiss_nearest(x, exact=False), 20)}
+    points = rng.standard_normal((66, 50_000)).astype(np.float32)
+    candidates = rng.standard_normal((8, 66)).astype(np.float32)
+    out = np.empty((8, 50_000), np.float32)
+    p, c, o = torch.from_numpy(points), torch.from_numpy(candidates), torch.from_numpy(out)
+    step = {f"torch.mm ({torch.get_num_threads()} threads)": ms(lambda: torch.mm(c, p, out=o), 500),
+            "numpy matmul (OpenBLAS)": ms(lambda: np.matmul(candidates, points, out=out), 500)}
+    print(f"nearest centroid, 50,000 x 64 against 1,000 (labels agree on {100 * agree:.2f} %); {load()}")
+    for name, value in search.items():
+        print(f"  {name}: {value:.1f} ms")
+    print("k-means++ step, 8 x 66 by 66 x 50,000:")
+    for name, value in step.items():
+        print(f"  {name}: {value * 1e3:.0f} us")
+    first, *_, last = search.values()
+    print(f"faiss / torch engine search: {last / first:.1f}x")
+
+
 def make_memmap(path: Path, rows: int, dim: int, chunk: int = 1 << 18) -> None:
     """Gaussian float16 rows around 4,096 random centres (a clustered cohort), written chunk by chunk."""
     rng = np.random.default_rng(0)
@@ -183,6 +230,7 @@ def main() -> None:
     a.add_argument("--skip-reference", action="store_true", help="compare against --reference-seconds only")
     a.add_argument("--reference-seconds", type=float, default=304.0,
                    help="DESIGN.md's anchor on this machine")
+    sub.add_parser("kernels", help="(c) the nearest-centroid search and k-means++ step, each engine's way")
     b = sub.add_parser("scale", help="(b) ROWS x DIM float16 through a scaled t1")
     b.add_argument("--rows", type=int, default=10_000_000)
     b.add_argument("--dim", type=int, default=384)
@@ -191,7 +239,7 @@ def main() -> None:
         p.add_argument("--engine", default="torch")
         p.add_argument("--tmp", default="/tmp")
     args = parser.parse_args()
-    compare(args) if args.part == "compare" else scale(args)
+    {"compare": compare, "kernels": kernels, "scale": scale}[args.part](args)
 
 
 if __name__ == "__main__":
