@@ -12,7 +12,7 @@ Why not `faiss.Kmeans`: it trains on a subsample of k * max_points_per_centroid 
 (256 by default) without saying so, it re-seeds empty clusters by splitting large ones
 (the reference keeps their centroid), and it cannot shard points over ranks. The Lloyd loop is
 ours; its nearest-centroid kernel is a matrix product and an argmin (engine `torch`: OpenBLAS and
-numpy on CPU, 3x faiss's `IndexFlatL2` search on the benchmark's 2 cores; torch on GPU), or faiss's
+numpy on CPU, 2.6-3.3x faster than faiss's `IndexFlatL2` search on 2 cores; torch on GPU), or faiss's
 `IndexFlatL2` (engine `faiss`, on GPU when faiss-gpu is installed). Subsampling is a stated option,
 `max_points_per_centroid` (off by default).
 Lloyd stops early only when no assignment changed: the centroids are then a fixed point,
@@ -209,7 +209,7 @@ class NearestCentroid:
         for a in range(0, len(x), block):
             n = min(block, len(x) - a)
             rows[:n, :dim] = torch.from_numpy(x[a:a + n])
-            if scores.device.type == "cpu":  # OpenBLAS, numpy argmin: 40 ms against torch 100 (RESULTS.md)
+            if scores.device.type == "cpu":  # OpenBLAS + numpy argmin: 42-45 ms, faiss 116-138 (RESULTS.md)
                 found = np.matmul(rows[:n].numpy(), self.augmented.numpy(), out=scores[:n].numpy())
                 label = found.argmin(1)
                 value = torch.from_numpy(np.take_along_axis(found, label[:, None], 1)[:, 0])
@@ -253,8 +253,8 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, device: st
 
     Each step scores its candidates with one product of augmented rows, [-2c, 1, |c|^2] . [x, |x|^2, 1]
     = |x - c|^2, so the step is one GEMM and three passes over the candidates' rows, all in torch (on
-    CPU its MKL runs this skinny 8 x 66 x 50,000 product in 0.33-0.39 ms on 2 threads, OpenBLAS in
-    0.63-0.74 ms; RESULTS.md)."""
+    CPU its MKL runs this skinny 8 x 66 x 50,000 product in 0.31-0.41 ms on 2 threads, OpenBLAS in
+    0.60-0.74 ms; RESULTS.md)."""
     device = resolve_device(device)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     n = len(xt)
