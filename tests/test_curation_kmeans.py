@@ -447,17 +447,46 @@ def greedy_kmeans_plus_plus_float64(x: np.ndarray, k: int, rng: np.random.Genera
 
 # float32 against float64: fixed cases. Random ones found a rare case (about 1 in 2,000: seed 171, k 30,
 # row 23) where the expanded float32 distances, from either BLAS, sample another candidate than float64's
+@pytest.mark.parametrize("mkl", [True, False])  # either product, whichever this machine's CPU picks
 @settings(max_examples=15, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), k=st.integers(2, 40))
-def test_kmeans_plus_plus_picks_the_rows_of_textbook_greedy_kmeans_plus_plus(seed, k):
-    from dinov2_patho.curation.kmeans import kmeans_plus_plus
+def test_kmeans_plus_plus_picks_the_rows_of_textbook_greedy_kmeans_plus_plus(mkl, seed, k):
+    from unittest import mock
+
+    from dinov2_patho.curation import kmeans as km
 
     # well-separated blobs: two candidates' potentials are rarely within float32 rounding of each other
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((k, 6)) * 50)[rng.integers(0, k, 600)] + rng.standard_normal((600, 6))
     x = x.astype(np.float32)
-    ours = kmeans_plus_plus(x, k, np.random.default_rng(seed + 1))
+    with mock.patch.object(km, "mkl_is_fast", lambda: mkl):
+        ours = km.kmeans_plus_plus(x, k, np.random.default_rng(seed + 1))
     assert np.array_equal(ours, greedy_kmeans_plus_plus_float64(x, k, np.random.default_rng(seed + 1)))
+
+
+@pytest.mark.parametrize("mkl", [True, False])
+def test_kmeans_plus_plus_runs_torch_on_one_thread_beside_openblas_and_restores_it(mkl, monkeypatch):
+    import torch
+
+    from dinov2_patho.curation import kmeans as km
+
+    seen, lowest = [], km._lowest_potential
+
+    def recording(d):
+        seen.append(torch.get_num_threads())
+        return lowest(d)
+
+    monkeypatch.setattr(km, "mkl_is_fast", lambda: mkl)
+    monkeypatch.setattr(km, "_lowest_potential", recording)
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        km.kmeans_plus_plus(x, 5, np.random.default_rng(0))
+        # OpenBLAS's threads compute the product: torch's, spinning beside them, would slow it
+        assert set(seen) == {2 if mkl else 1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("engine", ["faiss", "torch"])

@@ -24,9 +24,11 @@ move, cost a fraction of a full search.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
-from collections.abc import Iterator
+import platform
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -248,14 +250,40 @@ class KMeansResult:
     iterations: int  # Lloyd iterations run (fewer than asked when assignments stopped changing)
 
 
+@functools.cache
+def mkl_is_fast() -> bool:
+    """Whether torch's MKL runs k-means++'s skinny product faster than numpy's OpenBLAS: on Intel CPUs only.
+    8 x 66 by 66 x 50,000 on 2 cores: MKL 306-413 us, OpenBLAS 600-744 us on an Intel Xeon; MKL 1,564 us,
+    OpenBLAS 494 us on an AMD EPYC, where MKL takes its generic path (RESULTS.md). Decided by the CPU, not
+    timed, so a machine always runs the same kernel (the products of the two libraries round differently)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return "Intel" in platform.processor()
+
+
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, device: str = "cpu") -> np.ndarray:
     """Greedy k-means++ (2 + ln k candidates per centre, as scikit-learn): indices of k rows of x.
 
     Each step scores its candidates with one product of augmented rows, [-2c, 1, |c|^2] . [x, |x|^2, 1]
-    = |x - c|^2, so the step is one GEMM and three passes over the candidates' rows, all in torch (on
-    CPU its MKL runs this skinny 8 x 66 x 50,000 product in 0.31-0.41 ms on 2 threads, OpenBLAS in
-    0.60-0.74 ms; RESULTS.md)."""
+    = |x - c|^2, so the step is one GEMM and three passes over the candidates' rows. On CPU the GEMM is
+    torch's (MKL) on Intel CPUs, else numpy's (OpenBLAS) with torch's small ops on one thread, as in a
+    Lloyd pass (see `mkl_is_fast` and `assign`)."""
     device = resolve_device(device)
+    openblas = device == "cpu" and not mkl_is_fast()
+    with torch_threads(1 if openblas else None):
+        return _kmeans_plus_plus(x, k, rng, device, _numpy_mm if openblas else torch.mm)
+
+
+def _numpy_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+
+
+def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, device: str,
+                      mm: Callable[..., Any]) -> np.ndarray:
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     n = len(xt)
     sq = (xt * xt).sum(1)
@@ -266,13 +294,13 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, device: st
     d = torch.empty(trials, n, device=device)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(n)
-    torch.mm(centres[chosen[:1]], points, out=d[:1])
+    mm(centres[chosen[:1]], points, out=d[:1])
     closest = d[0].clamp_min(0)
     for c in range(1, k):
         cumulative = torch.cumsum(closest, 0, dtype=torch.float64)
         targets = torch.from_numpy(rng.random(trials)).to(device) * cumulative[-1]
         candidates = torch.searchsorted(cumulative, targets).clamp_(max=n - 1).cpu().numpy()
-        torch.mm(centres[candidates], points, out=d)
+        mm(centres[candidates], points, out=d)
         torch.minimum(d, closest, out=d)
         best = _lowest_potential(d)
         chosen[c], closest = candidates[best], d[best].clamp_min(0)
