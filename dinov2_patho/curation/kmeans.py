@@ -12,7 +12,8 @@ Why not `faiss.Kmeans`: it trains on a subsample of k * max_points_per_centroid 
 (256 by default) without saying so, it re-seeds empty clusters by splitting large ones
 (the reference keeps their centroid), and it cannot shard points over ranks. The Lloyd loop is
 ours; its nearest-centroid kernel is a matrix product and an argmin (engine `torch`: OpenBLAS and
-numpy on CPU, 2.6-3.3x faster than faiss's `IndexFlatL2` search on 2 cores; torch on GPU), or faiss's
+numpy on CPU, 2.6-3.3x faster than faiss's `IndexFlatL2` search on 2 Intel cores, as fast on 2 AMD ones;
+torch on GPU), or faiss's
 `IndexFlatL2` (engine `faiss`, on GPU when faiss-gpu is installed). Subsampling is a stated option,
 `max_points_per_centroid` (off by default).
 Lloyd stops early only when no assignment changed: the centroids are then a fixed point,
